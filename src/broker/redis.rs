@@ -1,0 +1,308 @@
+//! The Redis broker: one multiplexed command connection and one pub/sub connection per
+//! process.
+//!
+//! [`Subscriber`] owns the pub/sub connection. It applies the registry's change log in
+//! order (coalescing a burst of changes into one SUBSCRIBE and one UNSUBSCRIBE), hands
+//! every message to the registry without waiting on any socket, and watches the link:
+//! when the connection drops, or when a probe published on a service channel does not
+//! come back in time (a connection that died silently), it reconnects with capped
+//! exponential backoff and subscribes every key the registry still holds. Sockets stay
+//! open meanwhile; `/health` reports the outage.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use log::{debug, info, warn};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
+use tokio::sync::mpsc;
+use tokio::time::{sleep, timeout, Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::{deliver, BrokerError};
+use crate::channel::KeySpace;
+use crate::config::Config;
+use crate::publisher::publish_pipeline;
+use crate::registry::{Change, Registry};
+
+/// The first pause after a failed connect; doubled up to `redis.reconnect_max`.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Bound on one connect or one SUBSCRIBE/UNSUBSCRIBE round trip.
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Channels per SUBSCRIBE/UNSUBSCRIBE command when many change at once.
+const CHUNK: usize = 1024;
+
+/// Whether the pub/sub link is up, shared by the subscriber and `/health`.
+#[derive(Debug)]
+struct Link(Mutex<Result<(), String>>);
+
+impl Link {
+    fn set(&self, state: Result<(), String>) {
+        // unwrap: nothing panics while the link state is locked.
+        *self.0.lock().unwrap() = state;
+    }
+
+    fn get(&self) -> Result<(), String> {
+        // unwrap: see `set`.
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// The handle used by connections and the HTTP API.
+pub struct RedisBroker {
+    commands: ConnectionManager,
+    link: Arc<Link>,
+}
+
+impl RedisBroker {
+    /// Creates the broker and its subscriber task (to be spawned once). Nothing connects
+    /// yet, so the gateway starts even when Redis is down.
+    pub fn new(
+        config: &Config,
+        url: &str,
+        registry: Arc<Registry>,
+        changes: mpsc::UnboundedReceiver<Change>,
+        shutdown: CancellationToken,
+    ) -> redis::RedisResult<(RedisBroker, Subscriber)> {
+        let client = redis::Client::open(url)?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(OP_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
+        let commands = client.get_connection_manager_lazy(manager)?;
+        let link = Arc::new(Link(Mutex::new(Err("connecting to redis".into()))));
+        let probe_channel = KeySpace::new(config.redis.prefix.as_deref())
+            .internal(&format!("probe:{}", uuid::Uuid::new_v4()));
+        let subscriber = Subscriber {
+            client,
+            registry,
+            changes,
+            commands: commands.clone(),
+            link: link.clone(),
+            probe_channel,
+            heartbeat: config.heartbeat.clone(),
+            reconnect_max: config.reconnect_max(),
+            probe_interval: config.probe_interval(),
+            shutdown,
+        };
+        Ok((RedisBroker { commands, link }, subscriber))
+    }
+
+    pub async fn publish(
+        &self,
+        keys: &[Arc<str>],
+        payload: &Bytes,
+        expire: u64,
+    ) -> Result<(), BrokerError> {
+        let pipe = publish_pipeline(keys.iter().map(|k| &**k), payload, expire);
+        let mut conn = self.commands.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    pub async fn fetch(&self, keys: &[Arc<str>]) -> Result<Vec<Option<Bytes>>, BrokerError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.commands.clone();
+        let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+            .arg(keys.iter().map(|k| &**k).collect::<Vec<_>>())
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(values.into_iter().map(|v| v.map(Bytes::from)).collect())
+    }
+
+    pub fn health(&self) -> Result<(), String> {
+        self.link.get()
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+/// The background task that owns the pub/sub connection.
+pub struct Subscriber {
+    client: redis::Client,
+    registry: Arc<Registry>,
+    changes: mpsc::UnboundedReceiver<Change>,
+    commands: ConnectionManager,
+    link: Arc<Link>,
+    probe_channel: String,
+    heartbeat: Option<String>,
+    reconnect_max: Duration,
+    probe_interval: Duration,
+    shutdown: CancellationToken,
+}
+
+impl Subscriber {
+    /// Runs until shutdown: connect, serve, and on any failure wait and reconnect.
+    pub async fn run(mut self) {
+        let mut backoff = MIN_BACKOFF;
+        let mut failures = 0u64;
+        while !self.shutdown.is_cancelled() {
+            let reason = match self.serve().await {
+                Ok(()) => return,
+                Err(Failure::Connect(reason)) => {
+                    failures += 1;
+                    if failures == 1 {
+                        warn!("redis: cannot connect ({reason}); retrying, backoff up to {:?}", self.reconnect_max);
+                    } else {
+                        debug!("redis: connect attempt {failures} failed: {reason}");
+                    }
+                    reason
+                }
+                Err(Failure::Lost(reason)) => {
+                    warn!("redis: pub/sub link lost ({reason}); sockets stay open, reconnecting");
+                    failures = 0;
+                    backoff = MIN_BACKOFF;
+                    reason
+                }
+            };
+            self.link.set(Err(format!("redis unavailable: {reason}")));
+            self.wait_disconnected(backoff).await;
+            backoff = (backoff * 2).min(self.reconnect_max);
+        }
+    }
+
+    /// While disconnected, changes are dropped (the registry is resubscribed whole on the
+    /// next connect) and barriers are answered `false` at once.
+    async fn wait_disconnected(&mut self, pause: Duration) {
+        let deadline = sleep(pause);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => return,
+                _ = self.shutdown.cancelled() => return,
+                change = self.changes.recv() => match change {
+                    Some(Change::Barrier(done)) => { let _ = done.send(false); }
+                    Some(_) => {}
+                    None => return,
+                },
+            }
+        }
+    }
+
+    /// Connects, resubscribes every live key, then relays until the link fails.
+    async fn serve(&mut self) -> Result<(), Failure> {
+        let pubsub = timeout(OP_TIMEOUT, self.client.get_async_pubsub())
+            .await
+            .map_err(|_| Failure::Connect("connect timed out".into()))?
+            .map_err(|e| Failure::Connect(e.to_string()))?;
+        let (mut sink, mut stream) = pubsub.split();
+
+        // Every change logged so far is superseded by the snapshot taken after it.
+        let mut barriers = Vec::new();
+        while let Ok(change) = self.changes.try_recv() {
+            if let Change::Barrier(done) = change {
+                barriers.push(done);
+            }
+        }
+        let mut keys: Vec<Arc<str>> = self.registry.keys();
+        keys.push(Arc::from(self.probe_channel.as_str()));
+        for chunk in keys.chunks(CHUNK) {
+            let names: Vec<&str> = chunk.iter().map(|k| &**k).collect();
+            round_trip(sink.subscribe(names)).await.map_err(Failure::Connect)?;
+        }
+        info!("redis: pub/sub connected, {} keys subscribed", keys.len() - 1);
+        self.link.set(Ok(()));
+        for done in barriers {
+            let _ = done.send(true);
+        }
+
+        let mut probe = tokio::time::interval_at(Instant::now() + self.probe_interval, self.probe_interval);
+        let mut probe_pending = false;
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Ok(()),
+                message = stream.next() => {
+                    let Some(message) = message else {
+                        return Err(Failure::Lost("connection closed".into()));
+                    };
+                    let channel = message.get_channel_name();
+                    if channel == self.probe_channel {
+                        probe_pending = false;
+                        continue;
+                    }
+                    let payload = Bytes::copy_from_slice(message.get_payload_bytes());
+                    deliver(&self.registry, self.heartbeat.as_deref(), channel, payload);
+                }
+                change = self.changes.recv() => {
+                    let Some(change) = change else { return Ok(()) };
+                    self.apply(&mut sink, change).await.map_err(Failure::Lost)?;
+                }
+                _ = probe.tick() => {
+                    if probe_pending {
+                        return Err(Failure::Lost(format!("probe not received within {:?}", self.probe_interval)));
+                    }
+                    probe_pending = true;
+                    self.send_probe();
+                }
+            }
+        }
+    }
+
+    /// Applies `first` and every change already queued behind it, as one SUBSCRIBE and
+    /// one UNSUBSCRIBE: the registry alternates transitions per key, so the last change
+    /// of a key is its state.
+    async fn apply(&mut self, sink: &mut PubSubSink, first: Change) -> Result<(), String> {
+        let mut wanted: HashMap<Arc<str>, bool> = HashMap::new();
+        let mut barriers = Vec::new();
+        let mut next = Some(first);
+        while let Some(change) = next {
+            match change {
+                Change::Subscribe(key) => { wanted.insert(key, true); }
+                Change::Unsubscribe(key) => { wanted.insert(key, false); }
+                Change::Barrier(done) => barriers.push(done),
+            }
+            next = self.changes.try_recv().ok();
+        }
+        let (subscribe, unsubscribe): (Vec<_>, Vec<_>) = wanted.into_iter().partition(|(_, on)| *on);
+        for chunk in subscribe.chunks(CHUNK) {
+            let names: Vec<&str> = chunk.iter().map(|(k, _)| &**k).collect();
+            round_trip(sink.subscribe(names)).await?;
+        }
+        for chunk in unsubscribe.chunks(CHUNK) {
+            let names: Vec<&str> = chunk.iter().map(|(k, _)| &**k).collect();
+            round_trip(sink.unsubscribe(names)).await?;
+        }
+        for done in barriers {
+            let _ = done.send(true);
+        }
+        Ok(())
+    }
+
+    /// Publishes a probe through the command connection; the pub/sub connection must
+    /// receive it before the next tick. Runs aside so a slow reply never stalls relaying.
+    fn send_probe(&self) {
+        let mut conn = self.commands.clone();
+        let channel = self.probe_channel.clone();
+        tokio::spawn(async move {
+            let sent: redis::RedisResult<()> = redis::cmd("PUBLISH").arg(channel).arg("probe").query_async(&mut conn).await;
+            if let Err(e) = sent {
+                debug!("redis: probe publish failed: {e}");
+            }
+        });
+    }
+}
+
+enum Failure {
+    /// Never got to a working link.
+    Connect(String),
+    /// Had a working link and lost it.
+    Lost(String),
+}
+
+async fn round_trip(
+    op: impl std::future::Future<Output = redis::RedisResult<()>>,
+) -> Result<(), String> {
+    match timeout(OP_TIMEOUT, op).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("subscribe timed out".into()),
+    }
+}

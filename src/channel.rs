@@ -1,0 +1,255 @@
+//! Facilities, audiences and the Redis keys they make.
+//!
+//! This is the wire contract of ws4redis, in one place: a socket asks for a *facility*
+//! (the rest of the URL path) and a set of *audiences* (query flags); each audience of a
+//! facility is one Redis key, which names both the pub/sub channel and the stored last
+//! message:
+//!
+//! | audience  | key                                    |
+//! |-----------|----------------------------------------|
+//! | broadcast | `{p}broadcast:{facility}`              |
+//! | user      | `{p}user:{username}:{facility}`        |
+//! | group     | `{p}group:{group}:{facility}`          |
+//! | session   | `{p}session:{session_key}:{facility}`  |
+//!
+//! `{p}` is `{prefix}:` when a prefix is configured. Every name that becomes part of a
+//! key is checked by [`validate_name`] first, so no client-controlled string can add a
+//! `:` separator, a glob wildcard or a control character to a key.
+
+use std::fmt;
+
+/// The longest facility, user, group or session name accepted, in bytes.
+pub const MAX_NAME_LEN: usize = 256;
+
+/// What kind of name is being checked; used in error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameKind {
+    Facility,
+    User,
+    Group,
+    Session,
+}
+
+impl fmt::Display for NameKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NameKind::Facility => "facility",
+            NameKind::User => "user name",
+            NameKind::Group => "group name",
+            NameKind::Session => "session key",
+        })
+    }
+}
+
+/// Why a name cannot become part of a Redis key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("{0} is empty")]
+    Empty(NameKind),
+    #[error("{0} is longer than {MAX_NAME_LEN} bytes")]
+    TooLong(NameKind),
+    #[error("{0} contains {1:?}; allowed are letters, digits and . _ - ~ @ + = ,{slash}", slash = if *.0 == NameKind::Facility { " /" } else { "" })]
+    BadChar(NameKind, char),
+    #[error("facility has an empty, '.' or '..' path segment")]
+    BadSegment,
+}
+
+/// Checks that `name` is safe inside a Redis key.
+///
+/// Accepted: Unicode letters and digits and `. _ - ~ @ + = ,` (Django user names such as
+/// `jane.doe+test@example.com` pass); facilities may also contain `/` between non-empty
+/// segments (`chat/room1`), as ws4redis takes the rest of the URL path as the facility.
+/// Refused: `:` (the key separator), `* ? [ ]` (pattern characters), whitespace,
+/// control characters, anything else, and names longer than [`MAX_NAME_LEN`].
+pub fn validate_name(kind: NameKind, name: &str) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty(kind));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(NameError::TooLong(kind));
+    }
+    let slash_ok = kind == NameKind::Facility;
+    if let Some(c) = name
+        .chars()
+        .find(|&c| !(c.is_alphanumeric() || ".-_~@+=,".contains(c) || (slash_ok && c == '/')))
+    {
+        return Err(NameError::BadChar(kind, c));
+    }
+    if slash_ok && name.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+        return Err(NameError::BadSegment);
+    }
+    Ok(())
+}
+
+/// One audience of a facility. The name inside `User`, `Group` and `Session` has been
+/// validated when the value was built through [`Audience::user`] and friends.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Audience {
+    Broadcast,
+    User(String),
+    Group(String),
+    Session(String),
+}
+
+impl Audience {
+    pub fn user(name: impl Into<String>) -> Result<Self, NameError> {
+        let name = name.into();
+        validate_name(NameKind::User, &name)?;
+        Ok(Audience::User(name))
+    }
+
+    pub fn group(name: impl Into<String>) -> Result<Self, NameError> {
+        let name = name.into();
+        validate_name(NameKind::Group, &name)?;
+        Ok(Audience::Group(name))
+    }
+
+    pub fn session(key: impl Into<String>) -> Result<Self, NameError> {
+        let key = key.into();
+        validate_name(NameKind::Session, &key)?;
+        Ok(Audience::Session(key))
+    }
+}
+
+/// The prefix part of every key; cheap to clone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeySpace {
+    /// `"{prefix}:"`, or empty.
+    prefix: String,
+}
+
+impl KeySpace {
+    /// `prefix` as configured (`redis.prefix`); `None` or `""` means no prefix.
+    pub fn new(prefix: Option<&str>) -> Self {
+        let prefix = match prefix {
+            Some(p) if !p.is_empty() => format!("{p}:"),
+            _ => String::new(),
+        };
+        KeySpace { prefix }
+    }
+
+    /// The Redis key of `audience` on `facility` (which must be validated).
+    pub fn key(&self, audience: &Audience, facility: &str) -> String {
+        let p = &self.prefix;
+        match audience {
+            Audience::Broadcast => format!("{p}broadcast:{facility}"),
+            Audience::User(u) => format!("{p}user:{u}:{facility}"),
+            Audience::Group(g) => format!("{p}group:{g}:{facility}"),
+            Audience::Session(s) => format!("{p}session:{s}:{facility}"),
+        }
+    }
+
+    /// A key of wsrelay's own (identity records, probes). It starts with `wsrelay:`,
+    /// which no audience key does, so the two can never collide.
+    pub fn internal(&self, rest: &str) -> String {
+        format!("{}wsrelay:{rest}", self.prefix)
+    }
+}
+
+/// Which of the four audience kinds a socket asked for, in one direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AudienceKinds {
+    pub broadcast: bool,
+    pub user: bool,
+    pub group: bool,
+    pub session: bool,
+}
+
+impl AudienceKinds {
+    pub fn any(&self) -> bool {
+        self.broadcast || self.user || self.group || self.session
+    }
+}
+
+/// The query flags of a WebSocket request (`?subscribe-broadcast&publish-user&echo`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flags {
+    pub subscribe: AudienceKinds,
+    pub publish: AudienceKinds,
+    pub echo: bool,
+}
+
+impl Flags {
+    /// Parses a query string. Flag names are case-insensitive, values are ignored and
+    /// unknown parameters are skipped, as ws4redis does.
+    pub fn parse(query: &str) -> Flags {
+        let mut flags = Flags::default();
+        for param in query.split('&') {
+            let name = param.split_once('=').map_or(param, |(n, _)| n);
+            let name = name.to_ascii_lowercase();
+            let (kinds, audience) = if let Some(a) = name.strip_prefix("subscribe-") {
+                (&mut flags.subscribe, a)
+            } else if let Some(a) = name.strip_prefix("publish-") {
+                (&mut flags.publish, a)
+            } else {
+                flags.echo |= name == "echo";
+                continue;
+            };
+            match audience {
+                "broadcast" => kinds.broadcast = true,
+                "user" => kinds.user = true,
+                "group" => kinds.group = true,
+                "session" => kinds.session = true,
+                _ => {}
+            }
+        }
+        flags
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_names_match_ws4redis() {
+        let plain = KeySpace::new(None);
+        assert_eq!(plain.key(&Audience::Broadcast, "chat"), "broadcast:chat");
+        let ks = KeySpace::new(Some("app"));
+        assert_eq!(ks.key(&Audience::Broadcast, "chat"), "app:broadcast:chat");
+        assert_eq!(
+            ks.key(&Audience::user("john").unwrap(), "chat"),
+            "app:user:john:chat"
+        );
+        assert_eq!(
+            ks.key(&Audience::group("staff").unwrap(), "a/b"),
+            "app:group:staff:a/b"
+        );
+        assert_eq!(
+            ks.key(&Audience::session("k1").unwrap(), "chat"),
+            "app:session:k1:chat"
+        );
+        assert_eq!(ks.internal("identity:k1"), "app:wsrelay:identity:k1");
+        assert_eq!(KeySpace::new(Some("")), plain);
+    }
+
+    #[test]
+    fn names_refuse_what_could_collide_or_inject() {
+        use NameKind::*;
+        assert!(validate_name(Facility, "chat/room1").is_ok());
+        assert!(validate_name(User, "jane.doe+x@example.com").is_ok());
+        assert!(validate_name(User, "jürgen").is_ok());
+        for bad in ["a:b", "a*", "a?", "a[1]", "a b", "a\nb", "a\u{0}", "a\\b"] {
+            assert!(validate_name(Facility, bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(validate_name(User, "a/b"), Err(NameError::BadChar(User, '/')));
+        for bad in ["/chat", "chat/", "a//b", "a/../b", "./a"] {
+            assert_eq!(validate_name(Facility, bad), Err(NameError::BadSegment));
+        }
+        assert_eq!(validate_name(Group, ""), Err(NameError::Empty(Group)));
+        let long = "x".repeat(MAX_NAME_LEN + 1);
+        assert_eq!(validate_name(Session, &long), Err(NameError::TooLong(Session)));
+        assert!(validate_name(Session, &long[1..]).is_ok());
+    }
+
+    #[test]
+    fn flags_are_case_insensitive_and_ignore_values_and_unknowns() {
+        let f = Flags::parse("Subscribe-Broadcast&subscribe-user=1&publish-group&echo&x=y&subscribe-nope");
+        assert!(f.subscribe.broadcast && f.subscribe.user && !f.subscribe.group);
+        assert!(!f.subscribe.session);
+        assert!(f.publish.group && !f.publish.broadcast);
+        assert!(f.echo);
+        assert_eq!(Flags::parse(""), Flags::default());
+        assert!(!Flags::parse("echoes").echo);
+    }
+}

@@ -1,0 +1,298 @@
+//! Settings: built-in defaults < TOML file (`--config PATH`) < environment.
+//!
+//! Environment variables are `WSRELAY__{KEY}` with `__` between sections, for example
+//! `WSRELAY__LISTEN=0.0.0.0:8080` or `WSRELAY__REDIS__URL=redis://127.0.0.1:6379/0`.
+//! Every setting, its default and its meaning is listed in the README; the defaults live
+//! here as `DEFAULT_*` constants. [`Config::load`] fails with a message that names the
+//! offending setting, so a bad configuration stops the process at start.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// ws4redis's `WEBSOCKET_URL`.
+pub const DEFAULT_WEBSOCKET_URL: &str = "/ws/";
+/// ws4redis's `WS4REDIS_EXPIRE`: how long the last message of a key is kept, in seconds.
+pub const DEFAULT_EXPIRE: u64 = 3600;
+/// How often the ws4redis heartbeat string is sent to an idle socket, in seconds.
+pub const DEFAULT_HEARTBEAT_INTERVAL: f64 = 4.0;
+/// WebSocket ping period, in seconds; 0 disables pings. Keep it below nginx's
+/// `proxy_read_timeout` (60 s by default).
+pub const DEFAULT_PING_INTERVAL: f64 = 30.0;
+/// How long a peer may stay silent after a ping before it is closed, in seconds.
+pub const DEFAULT_PING_TIMEOUT: f64 = 10.0;
+/// Largest frame (or fragmented message) accepted from a client, in bytes.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 * 1024;
+/// Outbound bytes a socket may have pending before it is closed as a slow consumer.
+pub const DEFAULT_QUEUE_BYTES: usize = 256 * 1024;
+/// Django's `SESSION_COOKIE_NAME`.
+pub const DEFAULT_SESSION_COOKIE: &str = "sessionid";
+/// Longest pause between two Redis reconnect attempts, in seconds.
+pub const DEFAULT_RECONNECT_MAX: f64 = 5.0;
+/// Period of the probe that detects a silently dead pub/sub connection, in seconds.
+pub const DEFAULT_PROBE_INTERVAL: f64 = 5.0;
+/// How long a stop may take to close every socket, in seconds.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: f64 = 10.0;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub websocket_url: String,
+    /// Worker threads; 0 means one per CPU.
+    pub workers: usize,
+    pub heartbeat: Option<String>,
+    pub heartbeat_interval: f64,
+    pub ping_interval: f64,
+    pub ping_timeout: f64,
+    pub max_message_size: usize,
+    pub queue_bytes: usize,
+    /// Bearer token of `POST /api/publish`; absent turns the endpoint off.
+    pub publish_token: Option<String>,
+    pub shutdown_timeout: f64,
+    pub redis: RedisConfig,
+    pub session: SessionConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Absent: the embedded in-memory broker serves this process alone.
+    pub url: Option<String>,
+    pub prefix: Option<String>,
+    pub expire: u64,
+    pub reconnect_max: f64,
+    pub probe_interval: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionConfig {
+    pub cookie: String,
+}
+
+/// A configuration that cannot be used; the message names the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Source(#[from] config::ConfigError),
+    #[error("setting `{0}`: {1}")]
+    Invalid(&'static str, String),
+}
+
+fn seconds(value: f64) -> Duration {
+    Duration::from_secs_f64(value)
+}
+
+impl Config {
+    /// Reads defaults, then the TOML file at `path` (if any), then `WSRELAY__*` variables.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_from(path, config::Environment::with_prefix("WSRELAY"))
+    }
+
+    fn load_from(
+        path: Option<&Path>,
+        env: config::Environment,
+    ) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder()
+            .set_default("listen", DEFAULT_LISTEN)?
+            .set_default("websocket_url", DEFAULT_WEBSOCKET_URL)?
+            .set_default("workers", 0)?
+            .set_default("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL)?
+            .set_default("ping_interval", DEFAULT_PING_INTERVAL)?
+            .set_default("ping_timeout", DEFAULT_PING_TIMEOUT)?
+            .set_default("max_message_size", DEFAULT_MAX_MESSAGE_SIZE as u64)?
+            .set_default("queue_bytes", DEFAULT_QUEUE_BYTES as u64)?
+            .set_default("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)?
+            .set_default("redis.expire", DEFAULT_EXPIRE)?
+            .set_default("redis.reconnect_max", DEFAULT_RECONNECT_MAX)?
+            .set_default("redis.probe_interval", DEFAULT_PROBE_INTERVAL)?
+            .set_default("session.cookie", DEFAULT_SESSION_COOKIE)?;
+        if let Some(path) = path {
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        let env = env
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true);
+        let config: Config = builder.add_source(env).build()?.try_deserialize()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Cross-field and range checks that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |name, why: &str| Err(ConfigError::Invalid(name, why.to_string()));
+        let url = &self.websocket_url;
+        if !url.starts_with('/') || !url.ends_with('/') {
+            return bad("websocket_url", "must start and end with '/' (like /ws/)");
+        }
+        for (name, value, zero_ok) in [
+            ("heartbeat_interval", self.heartbeat_interval, false),
+            ("ping_interval", self.ping_interval, true),
+            ("ping_timeout", self.ping_timeout, false),
+            ("shutdown_timeout", self.shutdown_timeout, true),
+            ("redis.reconnect_max", self.redis.reconnect_max, false),
+            ("redis.probe_interval", self.redis.probe_interval, false),
+        ] {
+            if !value.is_finite() || value < 0.0 || (value == 0.0 && !zero_ok) || value > 86400.0
+            {
+                return bad(name, "must be a number of seconds, above 0 and at most 86400");
+            }
+        }
+        if self.max_message_size == 0 {
+            return bad("max_message_size", "must be at least 1 byte");
+        }
+        if self.queue_bytes < self.max_message_size {
+            return bad("queue_bytes", "must be at least max_message_size");
+        }
+        if let Some(h) = &self.heartbeat {
+            if h.is_empty() || h.len() > self.max_message_size {
+                return bad("heartbeat", "must be non-empty and fit in max_message_size");
+            }
+        }
+        if let Some(t) = &self.publish_token {
+            if t.len() < 16 {
+                return bad("publish_token", "must be at least 16 characters");
+            }
+        }
+        if let Some(url) = &self.redis.url {
+            if let Err(e) = redis::Client::open(url.as_str()) {
+                // The error text of the redis crate never contains the password.
+                return bad("redis.url", &e.to_string());
+            }
+        }
+        if let Some(p) = &self.redis.prefix {
+            if p.contains(|c: char| c == ':' || c.is_whitespace() || c.is_control() || "*?[]".contains(c)) {
+                return bad("redis.prefix", "must not contain ':', spaces, control or pattern characters");
+            }
+        }
+        let cookie = &self.session.cookie;
+        if cookie.is_empty() || !cookie.chars().all(|c| c.is_ascii_graphic() && !";,=".contains(c)) {
+            return bad("session.cookie", "must be a valid cookie name");
+        }
+        Ok(())
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        seconds(self.heartbeat_interval)
+    }
+
+    /// `None` when pings are off.
+    pub fn ping_interval(&self) -> Option<Duration> {
+        (self.ping_interval > 0.0).then(|| seconds(self.ping_interval))
+    }
+
+    pub fn ping_timeout(&self) -> Duration {
+        seconds(self.ping_timeout)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        seconds(self.shutdown_timeout)
+    }
+
+    pub fn reconnect_max(&self) -> Duration {
+        seconds(self.redis.reconnect_max)
+    }
+
+    pub fn probe_interval(&self) -> Duration {
+        seconds(self.redis.probe_interval)
+    }
+
+    /// A one-line summary for the start-up log; never shows secrets.
+    pub fn summary(&self) -> String {
+        let broker = match &self.redis.url {
+            Some(url) => redis_url_without_password(url),
+            None => "embedded in-memory broker".into(),
+        };
+        format!(
+            "listen={} websocket_url={} broker={} prefix={:?} expire={}s heartbeat={:?} publish_api={}",
+            self.listen,
+            self.websocket_url,
+            broker,
+            self.redis.prefix.as_deref().unwrap_or(""),
+            self.redis.expire,
+            self.heartbeat.as_deref().unwrap_or(""),
+            if self.publish_token.is_some() { "on" } else { "off" },
+        )
+    }
+}
+
+/// `redis://:secret@host/0` → `redis://***@host/0`.
+fn redis_url_without_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load_from(None, config::Environment::with_prefix("WSRELAY").source(Some(map)))
+    }
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.websocket_url, "/ws/");
+        assert!(c.redis.url.is_none() && c.redis.prefix.is_none());
+        assert_eq!(c.redis.expire, 3600);
+        assert_eq!(c.session.cookie, "sessionid");
+        assert!(c.heartbeat.is_none() && c.publish_token.is_none());
+    }
+
+    #[test]
+    fn environment_overrides_nested_settings() {
+        let c = load(&[
+            ("WSRELAY__REDIS__URL", "redis://127.0.0.1:7000/2"),
+            ("WSRELAY__REDIS__PREFIX", "app"),
+            ("WSRELAY__PING_INTERVAL", "0.5"),
+            ("WSRELAY__HEARTBEAT", "--heartbeat--"),
+            ("WSRELAY__SESSION__COOKIE", "sid"),
+        ])
+        .unwrap();
+        assert_eq!(c.redis.url.as_deref(), Some("redis://127.0.0.1:7000/2"));
+        assert_eq!(c.redis.prefix.as_deref(), Some("app"));
+        assert_eq!(c.ping_interval(), Some(Duration::from_millis(500)));
+        assert_eq!(c.heartbeat.as_deref(), Some("--heartbeat--"));
+        assert_eq!(c.session.cookie, "sid");
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let cases = [
+            ("WSRELAY__LISTEN", "nowhere", "listen"),
+            ("WSRELAY__PING_TIMEOUT", "-1", "ping_timeout"),
+            ("WSRELAY__WEBSOCKET_URL", "ws", "websocket_url"),
+            ("WSRELAY__REDIS__URL", "http://x", "redis.url"),
+            ("WSRELAY__REDIS__PREFIX", "a:b", "redis.prefix"),
+            ("WSRELAY__PUBLISH_TOKEN", "short", "publish_token"),
+            ("WSRELAY__QUEUE_BYTES", "10", "queue_bytes"),
+        ];
+        for (var, value, setting) in cases {
+            let err = load(&[(var, value)]).unwrap_err().to_string();
+            assert!(err.contains(setting), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_hidden_in_the_summary() {
+        assert_eq!(
+            redis_url_without_password("redis://:pw@h:1/0"),
+            "redis://***@h:1/0"
+        );
+        assert_eq!(redis_url_without_password("redis://h/0"), "redis://h/0");
+    }
+}

@@ -1,0 +1,477 @@
+//! One task per socket: relay the outbox to the socket, publish what the client sends,
+//! keep the link alive, and close with a documented code.
+//!
+//! Close codes sent by the gateway (the reason text is always set):
+//!
+//! | code | when | should the client reconnect |
+//! |------|------|-----------------------------|
+//! | 1000 | the client closed; its code is echoed | no |
+//! | 1001 | the gateway is stopping ("server shutting down"), or the peer did not answer a ping in time ("ping timeout") | yes |
+//! | 1002 | a WebSocket protocol error from the client | after fixing the client |
+//! | 1007 | a text frame that is not UTF-8 | after fixing the client |
+//! | 1009 | a message over `max_message_size` | after fixing the client |
+//! | 1011 | an unexpected server error | yes, with backoff |
+//! | 1013 | a client publication failed because the broker is unavailable | yes, with backoff |
+//! | 4000 | slow consumer: more than `queue_bytes` were waiting for this socket | yes |
+//!
+//! Setup order matters for late joiners: the socket is registered first, then the task
+//! waits until Redis confirmed the subscriptions, and only then reads the stored last
+//! messages. A message published in between arrives live and may also be the stored
+//! one, so it can be delivered twice; it is never lost.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_ws::{CloseCode, Item, Message, MessageStream, ProtocolError, Session};
+use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
+use log::{debug, info};
+use tokio::time::{timeout, Instant};
+
+use crate::outbox::{Frame, Outbox};
+use crate::Gateway;
+
+/// Bound on sending a Close frame before the socket is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Bound on the setup (subscription confirmation and stored messages).
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The application close code for slow consumers.
+pub const CLOSE_SLOW_CONSUMER: u16 = 4000;
+
+/// What the handshake decided for this socket.
+#[derive(Debug)]
+pub struct ConnParams {
+    pub id: uuid::Uuid,
+    pub peer: String,
+    pub facility: String,
+    pub user: Option<String>,
+    /// Keys this socket listens to.
+    pub subscribe: Vec<Arc<str>>,
+    /// Keys that frames from this socket are published to.
+    pub publish: Vec<Arc<str>>,
+    pub echo: bool,
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    Shutdown,
+    PingTimeout,
+    SlowConsumer,
+    BrokerUnavailable,
+    InvalidUtf8,
+    TooBig,
+    Protocol(String),
+    /// The client sent a Close frame (its code, if any).
+    ClientClosed(Option<actix_ws::CloseReason>),
+    /// The transport ended without a Close frame.
+    ClientGone,
+}
+
+impl CloseReason {
+    /// The Close frame to send, if any.
+    pub fn frame(&self) -> Option<actix_ws::CloseReason> {
+        let (code, text) = match self {
+            CloseReason::Shutdown => (CloseCode::Away, "server shutting down"),
+            CloseReason::PingTimeout => (CloseCode::Away, "ping timeout"),
+            CloseReason::SlowConsumer => (
+                CloseCode::Other(CLOSE_SLOW_CONSUMER),
+                "slow consumer: outbound queue full",
+            ),
+            CloseReason::BrokerUnavailable => (CloseCode::Again, "broker unavailable, try again later"),
+            CloseReason::InvalidUtf8 => (CloseCode::Invalid, "text frame is not valid UTF-8"),
+            CloseReason::TooBig => (CloseCode::Size, "message too big"),
+            CloseReason::Protocol(why) => {
+                return Some((CloseCode::Protocol, why.as_str()).into());
+            }
+            CloseReason::ClientClosed(theirs) => {
+                let code = theirs.as_ref().map_or(CloseCode::Normal, |r| r.code);
+                return Some(code.into());
+            }
+            CloseReason::ClientGone => return None,
+        };
+        Some((code, text).into())
+    }
+
+    fn from_protocol_error(e: ProtocolError) -> CloseReason {
+        match e {
+            ProtocolError::Overflow => CloseReason::TooBig,
+            ProtocolError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                CloseReason::InvalidUtf8
+            }
+            ProtocolError::Io(_) => CloseReason::ClientGone,
+            other => CloseReason::Protocol(other.to_string()),
+        }
+    }
+}
+
+/// Unregisters the socket from the registry however the task ends.
+struct Registration<'a> {
+    gateway: &'a Gateway,
+    keys: &'a [Arc<str>],
+    outbox: Arc<Outbox>,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.gateway.registry.unregister(self.keys, &self.outbox);
+        self.gateway.sockets.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves one socket until it closes.
+pub async fn run(gateway: Arc<Gateway>, params: ConnParams, session: Session, stream: MessageStream) {
+    let started = Instant::now();
+    let outbox = Arc::new(Outbox::new(gateway.config.queue_bytes));
+    gateway.registry.register(&params.subscribe, &outbox);
+    gateway.sockets.fetch_add(1, Ordering::Relaxed);
+    let _registration = Registration {
+        gateway: &gateway,
+        keys: &params.subscribe,
+        outbox: outbox.clone(),
+    };
+    debug!(
+        "conn {} open: peer={} facility={} user={} subscribe={:?} publish={:?}",
+        params.id,
+        params.peer,
+        params.facility,
+        params.user.as_deref().unwrap_or("-"),
+        params.subscribe,
+        params.publish
+    );
+    if timeout(SETUP_TIMEOUT, send_stored(&gateway, &params, &outbox)).await.is_err() {
+        debug!("conn {}: stored messages skipped (setup timed out)", params.id);
+    }
+    let max = gateway.config.max_message_size;
+    let mut conn = Conn {
+        gateway: &gateway,
+        params: &params,
+        outbox: &outbox,
+        session,
+        fragments: Fragments::new(max),
+        last_published: None,
+    };
+    let reason = conn.serve(stream.max_frame_size(max)).await;
+    if let Some(frame) = reason.frame() {
+        let _ = timeout(CLOSE_TIMEOUT, conn.session.close(Some(frame))).await;
+    }
+    if reason == CloseReason::SlowConsumer {
+        gateway.slow_closes.fetch_add(1, Ordering::Relaxed);
+    }
+    info!(
+        "conn {} closed: peer={} facility={} user={} after {:.1}s: {:?}",
+        params.id,
+        params.peer,
+        params.facility,
+        params.user.as_deref().unwrap_or("-"),
+        started.elapsed().as_secs_f64(),
+        reason
+    );
+}
+
+/// Queues each subscribed key's stored message, once the subscriptions are live.
+async fn send_stored(gateway: &Gateway, params: &ConnParams, outbox: &Outbox) {
+    if params.subscribe.is_empty() || !gateway.registry.barrier().await {
+        return;
+    }
+    match gateway.broker.fetch(&params.subscribe).await {
+        Ok(values) => {
+            for value in values.into_iter().flatten() {
+                if gateway.config.heartbeat.as_deref().map(str::as_bytes) != Some(&value[..]) {
+                    outbox.push(&Frame::from_payload(value));
+                }
+            }
+        }
+        Err(e) => debug!("conn {}: stored messages skipped: {e}", params.id),
+    }
+}
+
+struct Conn<'a> {
+    gateway: &'a Gateway,
+    params: &'a ConnParams,
+    outbox: &'a Outbox,
+    session: Session,
+    fragments: Fragments,
+    /// The last frame this client published; with `echo` off, an equal message coming
+    /// back from the broker is not sent to it (ws4redis behaviour).
+    last_published: Option<Bytes>,
+}
+
+/// When the next keep-alive action is due.
+struct Timers {
+    ping_interval: Option<Duration>,
+    ping_timeout: Duration,
+    heartbeat_interval: Option<Duration>,
+    next_ping: Instant,
+    pong_deadline: Option<Instant>,
+    last_write: Instant,
+}
+
+impl Timers {
+    fn next(&self) -> Instant {
+        let far = Instant::now() + Duration::from_secs(86400);
+        let ping = self.ping_interval.map_or(far, |_| self.next_ping);
+        let pong = self.pong_deadline.unwrap_or(far);
+        let heartbeat = self.heartbeat_interval.map_or(far, |i| self.last_write + i);
+        ping.min(pong).min(heartbeat)
+    }
+}
+
+enum Inbound {
+    Continue,
+    Close(CloseReason),
+}
+
+impl Conn<'_> {
+    async fn serve(&mut self, mut stream: MessageStream) -> CloseReason {
+        let config = &self.gateway.config;
+        let now = Instant::now();
+        let mut timers = Timers {
+            ping_interval: config.ping_interval(),
+            ping_timeout: config.ping_timeout(),
+            heartbeat_interval: config.heartbeat.as_ref().map(|_| config.heartbeat_interval()),
+            next_ping: now + config.ping_interval().unwrap_or_default(),
+            pong_deadline: None,
+            last_write: now,
+        };
+        let mut batch = VecDeque::new();
+        let wake = tokio::time::sleep_until(timers.next());
+        tokio::pin!(wake);
+        let shutdown = self.gateway.shutdown.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return CloseReason::Shutdown,
+                _ = self.outbox.ready() => {
+                    if let Err(reason) = self.flush(&mut batch).await {
+                        return reason;
+                    }
+                    timers.last_write = Instant::now();
+                }
+                message = stream.recv() => {
+                    if timers.pong_deadline.is_some() {
+                        // Any frame proves the peer alive, not only the pong.
+                        timers.pong_deadline = None;
+                    }
+                    if let Inbound::Close(reason) = self.on_inbound(message, &mut timers).await {
+                        return reason;
+                    }
+                }
+                _ = &mut wake => {
+                    if let Err(reason) = self.on_timer(&mut timers).await {
+                        return reason;
+                    }
+                }
+            }
+            let next = timers.next();
+            if next != wake.deadline() {
+                wake.as_mut().reset(next);
+            }
+        }
+    }
+
+    /// Writes everything queued, until the outbox is empty.
+    async fn flush(&mut self, batch: &mut VecDeque<Frame>) -> Result<(), CloseReason> {
+        loop {
+            if !self.outbox.take_into(batch) {
+                return Err(CloseReason::SlowConsumer);
+            }
+            if batch.is_empty() {
+                return Ok(());
+            }
+            while let Some(frame) = batch.pop_front() {
+                let len = frame.len();
+                let echo_of_own = !self.params.echo
+                    && self.last_published.as_deref() == Some(frame.as_bytes());
+                if !echo_of_own {
+                    self.write(frame).await?;
+                }
+                self.outbox.written(len);
+            }
+        }
+    }
+
+    /// Sends one frame; a shutdown or an overflow while the socket is stuck wins.
+    async fn write(&mut self, frame: Frame) -> Result<(), CloseReason> {
+        let shutdown = &self.gateway.shutdown;
+        let outbox = self.outbox;
+        let session = &mut self.session;
+        let send = async move {
+            match frame {
+                Frame::Text(t) => session.text(t).await,
+                Frame::Binary(b) => session.binary(b).await,
+            }
+        };
+        tokio::pin!(send);
+        loop {
+            tokio::select! {
+                sent = &mut send => return sent.map_err(|_| CloseReason::ClientGone),
+                _ = shutdown.cancelled() => return Err(CloseReason::Shutdown),
+                _ = outbox.ready() => {
+                    if outbox.overflowed() {
+                        return Err(CloseReason::SlowConsumer);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_timer(&mut self, timers: &mut Timers) -> Result<(), CloseReason> {
+        let now = Instant::now();
+        if timers.pong_deadline.is_some_and(|d| d <= now) {
+            return Err(CloseReason::PingTimeout);
+        }
+        if let Some(interval) = timers.ping_interval {
+            if timers.next_ping <= now {
+                self.session.ping(b"").await.map_err(|_| CloseReason::ClientGone)?;
+                timers.next_ping = now + interval;
+                timers.pong_deadline.get_or_insert(now + timers.ping_timeout);
+            }
+        }
+        if let (Some(interval), Some(heartbeat)) = (timers.heartbeat_interval, &self.gateway.config.heartbeat) {
+            if timers.last_write + interval <= now {
+                self.session.text(heartbeat.clone()).await.map_err(|_| CloseReason::ClientGone)?;
+                timers.last_write = now;
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_inbound(
+        &mut self,
+        message: Option<Result<Message, ProtocolError>>,
+        timers: &mut Timers,
+    ) -> Inbound {
+        let message = match message {
+            None => return Inbound::Close(CloseReason::ClientGone),
+            Some(Err(e)) => return Inbound::Close(CloseReason::from_protocol_error(e)),
+            Some(Ok(m)) => m,
+        };
+        let result = match message {
+            Message::Text(text) => self.on_frame(Frame::Text(text), timers).await,
+            Message::Binary(bytes) => self.on_frame(Frame::Binary(bytes), timers).await,
+            Message::Continuation(item) => match self.fragments.push(item) {
+                Ok(Some(frame)) => self.on_frame(frame, timers).await,
+                Ok(None) => Ok(()),
+                Err(reason) => Err(reason),
+            },
+            Message::Ping(payload) => self.session.pong(&payload).await.map_err(|_| CloseReason::ClientGone),
+            Message::Pong(_) | Message::Nop => Ok(()),
+            Message::Close(theirs) => Err(CloseReason::ClientClosed(theirs)),
+        };
+        match result {
+            Ok(()) => Inbound::Continue,
+            Err(reason) => Inbound::Close(reason),
+        }
+    }
+
+    /// A complete message from the client: answer a heartbeat, publish anything else.
+    async fn on_frame(&mut self, frame: Frame, timers: &mut Timers) -> Result<(), CloseReason> {
+        if let (Frame::Text(text), Some(heartbeat)) = (&frame, &self.gateway.config.heartbeat) {
+            if **text == **heartbeat {
+                self.session.text(heartbeat.clone()).await.map_err(|_| CloseReason::ClientGone)?;
+                timers.last_write = Instant::now();
+                return Ok(());
+            }
+        }
+        if self.params.publish.is_empty() {
+            debug!("conn {}: frame ignored, no publish flag", self.params.id);
+            return Ok(());
+        }
+        let payload = frame.payload();
+        let expire = self.gateway.config.redis.expire;
+        if let Err(e) = self.gateway.broker.publish(&self.params.publish, &payload, expire).await {
+            debug!("conn {}: publish failed: {e}", self.params.id);
+            return Err(CloseReason::BrokerUnavailable);
+        }
+        self.last_published = Some(payload);
+        Ok(())
+    }
+}
+
+/// Reassembles a fragmented message, bounded by `max_message_size`.
+struct Fragments {
+    parts: BytesMut,
+    text: Option<bool>,
+    limit: usize,
+}
+
+impl Fragments {
+    fn new(limit: usize) -> Self {
+        Fragments {
+            parts: BytesMut::new(),
+            text: None,
+            limit,
+        }
+    }
+
+    fn push(&mut self, item: Item) -> Result<Option<Frame>, CloseReason> {
+        let (data, first, last) = match item {
+            Item::FirstText(d) => (d, Some(true), false),
+            Item::FirstBinary(d) => (d, Some(false), false),
+            Item::Continue(d) => (d, None, false),
+            Item::Last(d) => (d, None, true),
+        };
+        match (first, self.text) {
+            (Some(_), Some(_)) => return Err(CloseReason::Protocol("new message inside a fragmented one".into())),
+            (None, None) => return Err(CloseReason::Protocol("continuation without a first fragment".into())),
+            (Some(kind), None) => self.text = Some(kind),
+            (None, Some(_)) => {}
+        }
+        if self.parts.len() + data.len() > self.limit {
+            return Err(CloseReason::TooBig);
+        }
+        self.parts.extend_from_slice(&data);
+        if !last {
+            return Ok(None);
+        }
+        let payload = std::mem::take(&mut self.parts).freeze();
+        match self.text.take() {
+            Some(true) => ByteString::try_from(payload)
+                .map(|t| Some(Frame::Text(t)))
+                .map_err(|_| CloseReason::InvalidUtf8),
+            _ => Ok(Some(Frame::Binary(payload))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fragments_reassemble_within_the_bound() {
+        let mut f = Fragments::new(6);
+        assert_eq!(f.push(Item::FirstText(Bytes::from_static(b"ab"))), Ok(None));
+        assert_eq!(f.push(Item::Continue(Bytes::from_static(b"cd"))), Ok(None));
+        assert_eq!(
+            f.push(Item::Last(Bytes::from_static(b"ef"))),
+            Ok(Some(Frame::Text("abcdef".into())))
+        );
+        assert_eq!(f.push(Item::FirstBinary(Bytes::from_static(b"1234"))), Ok(None));
+        assert_eq!(f.push(Item::Last(Bytes::from_static(b"567"))), Err(CloseReason::TooBig));
+    }
+
+    #[test]
+    fn bad_fragment_sequences_are_protocol_errors() {
+        let mut f = Fragments::new(100);
+        assert!(matches!(f.push(Item::Continue(Bytes::new())), Err(CloseReason::Protocol(_))));
+        let mut f = Fragments::new(100);
+        f.push(Item::FirstText(Bytes::from_static(b"\xff"))).unwrap();
+        assert_eq!(f.push(Item::Last(Bytes::new())), Err(CloseReason::InvalidUtf8));
+    }
+
+    #[test]
+    fn close_reasons_carry_documented_codes() {
+        let code = |r: CloseReason| r.frame().map(|f| u16::from(f.code));
+        assert_eq!(code(CloseReason::Shutdown), Some(1001));
+        assert_eq!(code(CloseReason::SlowConsumer), Some(4000));
+        assert_eq!(code(CloseReason::InvalidUtf8), Some(1007));
+        assert_eq!(code(CloseReason::TooBig), Some(1009));
+        assert_eq!(code(CloseReason::BrokerUnavailable), Some(1013));
+        assert_eq!(code(CloseReason::ClientClosed(None)), Some(1000));
+        assert_eq!(code(CloseReason::ClientGone), None);
+    }
+}

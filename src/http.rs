@@ -1,0 +1,286 @@
+//! HTTP routes: the WebSocket handshake, `/health` and `POST /api/publish`.
+//!
+//! Everything about a socket is decided here, before the upgrade: facility and flags
+//! from the URL, identity from the request, and from those the exact Redis keys. A
+//! request that cannot be served gets a plain-text reason and a 4xx/5xx status, never an
+//! upgrade.
+
+use std::sync::Arc;
+
+use actix_web::http::{header, Method, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use serde::Deserialize;
+
+use crate::channel::{validate_name, Audience, AudienceKinds, Flags, NameError, NameKind};
+use crate::conn::{self, ConnParams};
+use crate::identity::{Identity, IdentityError};
+use crate::Gateway;
+
+/// Most keys one `POST /api/publish` may name.
+pub const MAX_PUBLISH_KEYS: usize = 1024;
+/// Room for the JSON around the message in a publish request.
+const PUBLISH_ENVELOPE: usize = 64 * 1024;
+
+/// Mounts every route; `websocket_url` is the configured prefix (`/ws/`).
+pub fn configure(cfg: &mut web::ServiceConfig, websocket_url: &str, max_message_size: usize) {
+    cfg.service(web::resource(format!("{websocket_url}{{facility:.*}}")).to(websocket))
+        .service(web::resource("/health").get(health))
+        .service(
+            web::resource("/api/publish")
+                .app_data(web::PayloadConfig::new(max_message_size * 6 + PUBLISH_ENVELOPE))
+                .post(publish),
+        );
+}
+
+/// Why a handshake was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("HTTP method must be a GET")]
+    MethodNotGet,
+    #[error("Client does not wish to upgrade to a websocket")]
+    NotUpgrade,
+    #[error("invalid WebSocket handshake: {0}")]
+    Handshake(String),
+    #[error("facility is not valid percent-encoded UTF-8")]
+    BadPath,
+    #[error("{0}")]
+    Facility(NameError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("server is shutting down")]
+    ShuttingDown,
+}
+
+impl ResponseError for HandshakeError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            HandshakeError::Identity(IdentityError::Unavailable(_)) | HandshakeError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        plain(self.status_code(), self.to_string())
+    }
+}
+
+fn plain(status: StatusCode, reason: String) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type("text/plain; charset=utf-8")
+        .body(reason)
+}
+
+async fn websocket(
+    req: HttpRequest,
+    body: web::Payload,
+    gateway: web::Data<Gateway>,
+) -> Result<HttpResponse, HandshakeError> {
+    if gateway.shutdown.is_cancelled() {
+        return Err(HandshakeError::ShuttingDown);
+    }
+    if req.method() != Method::GET {
+        return Err(HandshakeError::MethodNotGet);
+    }
+    let upgrade = req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok());
+    if !upgrade.is_some_and(|v| v.eq_ignore_ascii_case("websocket")) {
+        return Err(HandshakeError::NotUpgrade);
+    }
+    let facility = facility_from_path(req.path(), &gateway.config.websocket_url)?;
+    let flags = Flags::parse(req.query_string());
+    let identity = gateway.resolver.resolve(&req).await?;
+    let subscribe = keys_for(&gateway, &facility, flags.subscribe, &identity);
+    let publish = keys_for(&gateway, &facility, flags.publish, &identity);
+    let protocol = first_requested_protocol(&req);
+    let (response, session, stream) =
+        actix_ws::handle_with_protocols(&req, body, protocol.as_slice())
+            .map_err(|e| HandshakeError::Handshake(e.to_string()))?;
+    let params = ConnParams {
+        id: uuid::Uuid::new_v4(),
+        peer: req.peer_addr().map_or_else(|| "-".into(), |a| a.to_string()),
+        facility,
+        user: identity.user,
+        subscribe,
+        publish,
+        echo: flags.echo,
+    };
+    let gateway = gateway.into_inner();
+    let task = gateway.tracker.track_future(conn::run(gateway.clone(), params, session, stream));
+    actix_web::rt::spawn(task);
+    Ok(response)
+}
+
+/// The facility is the rest of the path after `websocket_url`, percent-decoded and
+/// validated (it becomes part of Redis keys).
+fn facility_from_path(path: &str, websocket_url: &str) -> Result<String, HandshakeError> {
+    let raw = path.strip_prefix(websocket_url).unwrap_or("");
+    let facility = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| HandshakeError::BadPath)?;
+    validate_name(NameKind::Facility, &facility).map_err(HandshakeError::Facility)?;
+    Ok(facility.into_owned())
+}
+
+/// The first subprotocol the client offered; it is echoed, as ws4redis did.
+fn first_requested_protocol(req: &HttpRequest) -> Option<&str> {
+    req.headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find(|p| !p.is_empty())
+}
+
+/// The keys of the requested audience kinds that this identity has: user and group
+/// need a user, session needs a session key; the others are skipped.
+fn keys_for(gateway: &Gateway, facility: &str, kinds: AudienceKinds, identity: &Identity) -> Vec<Arc<str>> {
+    let mut audiences = Vec::new();
+    if kinds.broadcast {
+        audiences.push(Audience::Broadcast);
+    }
+    if let (true, Some(user)) = (kinds.user, &identity.user) {
+        audiences.push(Audience::User(user.clone()));
+    }
+    if kinds.group && identity.user.is_some() {
+        audiences.extend(identity.groups.iter().cloned().map(Audience::Group));
+    }
+    if let (true, Some(session)) = (kinds.session, &identity.session) {
+        audiences.push(Audience::Session(session.clone()));
+    }
+    audiences
+        .iter()
+        .map(|a| Arc::from(gateway.keys.key(a, facility)))
+        .collect()
+}
+
+async fn health(gateway: web::Data<Gateway>) -> HttpResponse {
+    let stats = gateway.stats_json();
+    match gateway.broker.health() {
+        Ok(()) => HttpResponse::Ok().json(stats),
+        Err(reason) => {
+            let mut body = stats;
+            body["status"] = "unavailable".into();
+            body["reason"] = reason.into();
+            HttpResponse::ServiceUnavailable().json(body)
+        }
+    }
+}
+
+/// The body of `POST /api/publish`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishRequest {
+    facility: String,
+    audiences: Audiences,
+    message: String,
+    /// Seconds to keep the message for late joiners; default `redis.expire`, 0 = not kept.
+    expire: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Audiences {
+    #[serde(default)]
+    broadcast: bool,
+    #[serde(default)]
+    users: Vec<String>,
+    #[serde(default)]
+    groups: Vec<String>,
+    #[serde(default)]
+    sessions: Vec<String>,
+}
+
+impl PublishRequest {
+    fn audiences(&self) -> Result<Vec<Audience>, NameError> {
+        let a = &self.audiences;
+        let mut out = Vec::new();
+        if a.broadcast {
+            out.push(Audience::Broadcast);
+        }
+        for u in &a.users {
+            out.push(Audience::user(u.as_str())?);
+        }
+        for g in &a.groups {
+            out.push(Audience::group(g.as_str())?);
+        }
+        for s in &a.sessions {
+            out.push(Audience::session(s.as_str())?);
+        }
+        Ok(out)
+    }
+}
+
+async fn publish(req: HttpRequest, body: web::Bytes, gateway: web::Data<Gateway>) -> HttpResponse {
+    let Some(token) = &gateway.config.publish_token else {
+        return plain(StatusCode::NOT_FOUND, "publish API is off: no publish_token is configured".into());
+    };
+    if !bearer_matches(&req, token) {
+        return HttpResponse::Unauthorized()
+            .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
+            .content_type("text/plain; charset=utf-8")
+            .body("missing or wrong bearer token");
+    }
+    let request: PublishRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return plain(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")),
+    };
+    let bad = |why: String| plain(StatusCode::BAD_REQUEST, why);
+    if let Err(e) = validate_name(NameKind::Facility, &request.facility) {
+        return bad(e.to_string());
+    }
+    let audiences = match request.audiences() {
+        Ok(a) if a.is_empty() => return bad("audiences: name at least one audience".into()),
+        Ok(a) if a.len() > MAX_PUBLISH_KEYS => {
+            return bad(format!("audiences: at most {MAX_PUBLISH_KEYS} per request"))
+        }
+        Ok(a) => a,
+        Err(e) => return bad(format!("audiences: {e}")),
+    };
+    if request.message.len() > gateway.config.max_message_size {
+        return bad(format!("message is longer than max_message_size ({} bytes)", gateway.config.max_message_size));
+    }
+    let keys: Vec<Arc<str>> = audiences
+        .iter()
+        .map(|a| Arc::from(gateway.keys.key(a, &request.facility)))
+        .collect();
+    let expire = request.expire.unwrap_or(gateway.config.redis.expire);
+    let payload = web::Bytes::from(request.message);
+    match gateway.broker.publish(&keys, &payload, expire).await {
+        Ok(()) => {
+            let keys: Vec<&str> = keys.iter().map(|k| &**k).collect();
+            HttpResponse::Ok().json(serde_json::json!({ "keys": keys }))
+        }
+        Err(e) => plain(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// Compares the bearer token in constant time.
+fn bearer_matches(req: &HttpRequest, token: &str) -> bool {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn facility_is_the_decoded_rest_of_the_path() {
+        assert_eq!(facility_from_path("/ws/chat/room1", "/ws/").unwrap(), "chat/room1");
+        assert_eq!(facility_from_path("/ws/caf%C3%A9", "/ws/").unwrap(), "café");
+        assert!(matches!(facility_from_path("/ws/a%3Ab", "/ws/"), Err(HandshakeError::Facility(_))));
+        assert!(matches!(facility_from_path("/ws/%FF", "/ws/"), Err(HandshakeError::BadPath)));
+        assert!(matches!(facility_from_path("/ws/", "/ws/"), Err(HandshakeError::Facility(NameError::Empty(_)))));
+    }
+}

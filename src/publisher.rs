@@ -1,0 +1,241 @@
+//! Publishing from Rust web applications, the counterpart of ws4redis's Python
+//! `RedisPublisher`.
+//!
+//! Any Redis client can publish (the key names in [`crate::channel`] are the whole
+//! protocol); this type does it in one atomic round trip per message and validates
+//! every name first.
+//!
+//! ```no_run
+//! use wsrelay::publisher::{PublishError, Recipients, RedisPublisher};
+//!
+//! # async fn example() -> Result<(), PublishError> {
+//! let publisher = RedisPublisher::connect("redis://127.0.0.1:6379/0", Some("myapp")).await?;
+//!
+//! // At login: tell the gateway who owns this session.
+//! publisher.set_identity("k2x8sessionkey", Some("jane"), &["staff"], 14 * 86400).await?;
+//!
+//! // Push to everybody on "chat" and to Jane's other tabs, kept one hour for late joiners.
+//! let to = Recipients::new("chat")?.broadcast().user("jane")?;
+//! publisher.publish_message(&to, "hello", None).await?;
+//!
+//! // Read back what a late joiner of the broadcast would receive.
+//! let last = publisher.fetch_message("chat", &wsrelay::channel::Audience::Broadcast).await?;
+//! assert_eq!(last.as_deref(), Some(&b"hello"[..]));
+//! # Ok(())
+//! # }
+//! ```
+
+use bytes::Bytes;
+use redis::aio::ConnectionManager;
+
+use crate::channel::{validate_name, Audience, KeySpace, NameError, NameKind};
+use crate::config::DEFAULT_EXPIRE;
+
+/// Why a publication failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// A facility and the audiences a message goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recipients {
+    facility: String,
+    audiences: Vec<Audience>,
+}
+
+impl Recipients {
+    pub fn new(facility: impl Into<String>) -> Result<Self, NameError> {
+        let facility = facility.into();
+        validate_name(NameKind::Facility, &facility)?;
+        Ok(Recipients {
+            facility,
+            audiences: Vec::new(),
+        })
+    }
+
+    /// Everybody subscribed to the facility.
+    pub fn broadcast(mut self) -> Self {
+        self.audiences.push(Audience::Broadcast);
+        self
+    }
+
+    pub fn user(mut self, name: &str) -> Result<Self, NameError> {
+        self.audiences.push(Audience::user(name)?);
+        Ok(self)
+    }
+
+    pub fn group(mut self, name: &str) -> Result<Self, NameError> {
+        self.audiences.push(Audience::group(name)?);
+        Ok(self)
+    }
+
+    /// A browser session, by its session key.
+    pub fn session(mut self, key: &str) -> Result<Self, NameError> {
+        self.audiences.push(Audience::session(key)?);
+        Ok(self)
+    }
+
+    pub fn users<'a>(self, names: impl IntoIterator<Item = &'a str>) -> Result<Self, NameError> {
+        names.into_iter().try_fold(self, Recipients::user)
+    }
+
+    pub fn groups<'a>(self, names: impl IntoIterator<Item = &'a str>) -> Result<Self, NameError> {
+        names.into_iter().try_fold(self, Recipients::group)
+    }
+
+    pub fn sessions<'a>(self, keys: impl IntoIterator<Item = &'a str>) -> Result<Self, NameError> {
+        keys.into_iter().try_fold(self, Recipients::session)
+    }
+
+    /// The Redis keys these recipients map to.
+    pub fn keys(&self, space: &KeySpace) -> Vec<String> {
+        self.audiences
+            .iter()
+            .map(|a| space.key(a, &self.facility))
+            .collect()
+    }
+}
+
+/// `PUBLISH` on every key and, when `expire > 0`, `SETEX` of the same value, as one
+/// MULTI/EXEC transaction: a reader never sees a stored value older than a publication.
+pub fn publish_pipeline<'a>(
+    keys: impl IntoIterator<Item = &'a str>,
+    payload: &[u8],
+    expire: u64,
+) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for key in keys {
+        if expire > 0 {
+            pipe.set_ex(key, payload, expire).ignore();
+        }
+        pipe.publish(key, payload).ignore();
+    }
+    pipe
+}
+
+/// Publishes to wsrelay (and ws4redis) subscribers through Redis.
+#[derive(Clone)]
+pub struct RedisPublisher {
+    conn: ConnectionManager,
+    keys: KeySpace,
+    expire: u64,
+}
+
+impl RedisPublisher {
+    /// Connects to `url`; `prefix` must match the gateway's `redis.prefix`.
+    pub async fn connect(url: &str, prefix: Option<&str>) -> Result<Self, PublishError> {
+        let conn = redis::Client::open(url)?.get_connection_manager().await?;
+        Ok(RedisPublisher {
+            conn,
+            keys: KeySpace::new(prefix),
+            expire: DEFAULT_EXPIRE,
+        })
+    }
+
+    /// The default expiry of stored messages, in seconds (3600 unless changed).
+    pub fn with_expire(mut self, seconds: u64) -> Self {
+        self.expire = seconds;
+        self
+    }
+
+    /// Publishes `message` to every recipient in one round trip. `expire`: seconds to
+    /// keep it for late joiners (`None`: the default; `Some(0)`: not kept).
+    pub async fn publish_message(
+        &self,
+        to: &Recipients,
+        message: impl AsRef<[u8]>,
+        expire: Option<u64>,
+    ) -> Result<(), PublishError> {
+        let keys = to.keys(&self.keys);
+        let pipe = publish_pipeline(
+            keys.iter().map(String::as_str),
+            message.as_ref(),
+            expire.unwrap_or(self.expire),
+        );
+        pipe.query_async::<()>(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    /// The stored message of one audience of `facility`, if it has not expired.
+    pub async fn fetch_message(
+        &self,
+        facility: &str,
+        audience: &Audience,
+    ) -> Result<Option<Bytes>, PublishError> {
+        validate_name(NameKind::Facility, facility)?;
+        let key = self.keys.key(audience, facility);
+        let value: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(value.map(Bytes::from))
+    }
+
+    /// Writes the identity record the gateway reads for `session_key` (see
+    /// [`crate::identity`]), kept `ttl` seconds; call it at login.
+    pub async fn set_identity(
+        &self,
+        session_key: &str,
+        user: Option<&str>,
+        groups: &[&str],
+        ttl: u64,
+    ) -> Result<(), PublishError> {
+        validate_name(NameKind::Session, session_key)?;
+        if let Some(user) = user {
+            validate_name(NameKind::User, user)?;
+        }
+        for group in groups {
+            validate_name(NameKind::Group, group)?;
+        }
+        let record = serde_json::json!({ "user": user, "groups": groups }).to_string();
+        let key = self.keys.internal(&format!("identity:{session_key}"));
+        redis::cmd("SET")
+            .arg(key)
+            .arg(record)
+            .arg("EX")
+            .arg(ttl.max(1))
+            .query_async::<()>(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// Removes the identity record of `session_key`; call it at logout.
+    pub async fn clear_identity(&self, session_key: &str) -> Result<(), PublishError> {
+        validate_name(NameKind::Session, session_key)?;
+        let key = self.keys.internal(&format!("identity:{session_key}"));
+        redis::cmd("DEL")
+            .arg(key)
+            .query_async::<()>(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recipients_map_to_every_audience_key() {
+        let to = Recipients::new("chat")
+            .unwrap()
+            .broadcast()
+            .users(["a", "b"])
+            .unwrap()
+            .group("g")
+            .unwrap()
+            .session("s")
+            .unwrap();
+        assert_eq!(
+            to.keys(&KeySpace::new(Some("p"))),
+            ["p:broadcast:chat", "p:user:a:chat", "p:user:b:chat", "p:group:g:chat", "p:session:s:chat"]
+        );
+        assert!(Recipients::new("a:b").is_err());
+        assert!(Recipients::new("chat").unwrap().user("x y").is_err());
+    }
+}
