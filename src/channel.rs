@@ -75,7 +75,11 @@ pub fn validate_name(kind: NameKind, name: &str) -> Result<(), NameError> {
     {
         return Err(NameError::BadChar(kind, c));
     }
-    if slash_ok && name.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+    if slash_ok
+        && name
+            .split('/')
+            .any(|s| s.is_empty() || s == "." || s == "..")
+    {
         return Err(NameError::BadSegment);
     }
     Ok(())
@@ -232,19 +236,27 @@ mod tests {
         for bad in ["a:b", "a*", "a?", "a[1]", "a b", "a\nb", "a\u{0}", "a\\b"] {
             assert!(validate_name(Facility, bad).is_err(), "{bad:?}");
         }
-        assert_eq!(validate_name(User, "a/b"), Err(NameError::BadChar(User, '/')));
+        assert_eq!(
+            validate_name(User, "a/b"),
+            Err(NameError::BadChar(User, '/'))
+        );
         for bad in ["/chat", "chat/", "a//b", "a/../b", "./a"] {
             assert_eq!(validate_name(Facility, bad), Err(NameError::BadSegment));
         }
         assert_eq!(validate_name(Group, ""), Err(NameError::Empty(Group)));
         let long = "x".repeat(MAX_NAME_LEN + 1);
-        assert_eq!(validate_name(Session, &long), Err(NameError::TooLong(Session)));
+        assert_eq!(
+            validate_name(Session, &long),
+            Err(NameError::TooLong(Session))
+        );
         assert!(validate_name(Session, &long[1..]).is_ok());
     }
 
     #[test]
     fn flags_are_case_insensitive_and_ignore_values_and_unknowns() {
-        let f = Flags::parse("Subscribe-Broadcast&subscribe-user=1&publish-group&echo&x=y&subscribe-nope");
+        let f = Flags::parse(
+            "Subscribe-Broadcast&subscribe-user=1&publish-group&echo&x=y&subscribe-nope",
+        );
         assert!(f.subscribe.broadcast && f.subscribe.user && !f.subscribe.group);
         assert!(!f.subscribe.session);
         assert!(f.publish.group && !f.publish.broadcast);

@@ -93,10 +93,7 @@ impl Config {
         Self::load_from(path, config::Environment::with_prefix("WSRELAY"))
     }
 
-    fn load_from(
-        path: Option<&Path>,
-        env: config::Environment,
-    ) -> Result<Config, ConfigError> {
+    fn load_from(path: Option<&Path>, env: config::Environment) -> Result<Config, ConfigError> {
         let mut builder = config::Config::builder()
             .set_default("listen", DEFAULT_LISTEN)?
             .set_default("websocket_url", DEFAULT_WEBSOCKET_URL)?
@@ -114,11 +111,19 @@ impl Config {
         if let Some(path) = path {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
-        let env = env
-            .prefix_separator("__")
-            .separator("__")
-            .try_parsing(true);
-        let config: Config = builder.add_source(env).build()?.try_deserialize()?;
+        let env = env.prefix_separator("__").separator("__").try_parsing(true);
+        let mut config: Config = builder.add_source(env).build()?.try_deserialize()?;
+        // An empty value (`WSRELAY__PUBLISH_TOKEN=`) means "not set".
+        for optional in [
+            &mut config.publish_token,
+            &mut config.heartbeat,
+            &mut config.redis.url,
+            &mut config.redis.prefix,
+        ] {
+            if optional.as_deref() == Some("") {
+                *optional = None;
+            }
+        }
         config.validate()?;
         Ok(config)
     }
@@ -138,9 +143,11 @@ impl Config {
             ("redis.reconnect_max", self.redis.reconnect_max, false),
             ("redis.probe_interval", self.redis.probe_interval, false),
         ] {
-            if !value.is_finite() || value < 0.0 || (value == 0.0 && !zero_ok) || value > 86400.0
-            {
-                return bad(name, "must be a number of seconds, above 0 and at most 86400");
+            if !value.is_finite() || value < 0.0 || (value == 0.0 && !zero_ok) || value > 86400.0 {
+                return bad(
+                    name,
+                    "must be a number of seconds, above 0 and at most 86400",
+                );
             }
         }
         if self.max_message_size == 0 {
@@ -166,12 +173,21 @@ impl Config {
             }
         }
         if let Some(p) = &self.redis.prefix {
-            if p.contains(|c: char| c == ':' || c.is_whitespace() || c.is_control() || "*?[]".contains(c)) {
-                return bad("redis.prefix", "must not contain ':', spaces, control or pattern characters");
+            if p.contains(|c: char| {
+                c == ':' || c.is_whitespace() || c.is_control() || "*?[]".contains(c)
+            }) {
+                return bad(
+                    "redis.prefix",
+                    "must not contain ':', spaces, control or pattern characters",
+                );
             }
         }
         let cookie = &self.session.cookie;
-        if cookie.is_empty() || !cookie.chars().all(|c| c.is_ascii_graphic() && !";,=".contains(c)) {
+        if cookie.is_empty()
+            || !cookie
+                .chars()
+                .all(|c| c.is_ascii_graphic() && !";,=".contains(c))
+        {
             return bad("session.cookie", "must be a valid cookie name");
         }
         Ok(())
@@ -239,7 +255,10 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Config::load_from(None, config::Environment::with_prefix("WSRELAY").source(Some(map)))
+        Config::load_from(
+            None,
+            config::Environment::with_prefix("WSRELAY").source(Some(map)),
+        )
     }
 
     #[test]

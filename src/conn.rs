@@ -80,7 +80,9 @@ impl CloseReason {
                 CloseCode::Other(CLOSE_SLOW_CONSUMER),
                 "slow consumer: outbound queue full",
             ),
-            CloseReason::BrokerUnavailable => (CloseCode::Again, "broker unavailable, try again later"),
+            CloseReason::BrokerUnavailable => {
+                (CloseCode::Again, "broker unavailable, try again later")
+            }
             CloseReason::InvalidUtf8 => (CloseCode::Invalid, "text frame is not valid UTF-8"),
             CloseReason::TooBig => (CloseCode::Size, "message too big"),
             CloseReason::Protocol(why) => {
@@ -122,7 +124,12 @@ impl Drop for Registration<'_> {
 }
 
 /// Serves one socket until it closes.
-pub async fn run(gateway: Arc<Gateway>, params: ConnParams, session: Session, stream: MessageStream) {
+pub async fn run(
+    gateway: Arc<Gateway>,
+    params: ConnParams,
+    session: Session,
+    stream: MessageStream,
+) {
     let started = Instant::now();
     let outbox = Arc::new(Outbox::new(gateway.config.queue_bytes));
     gateway.registry.register(&params.subscribe, &outbox);
@@ -141,8 +148,14 @@ pub async fn run(gateway: Arc<Gateway>, params: ConnParams, session: Session, st
         params.subscribe,
         params.publish
     );
-    if timeout(SETUP_TIMEOUT, send_stored(&gateway, &params, &outbox)).await.is_err() {
-        debug!("conn {}: stored messages skipped (setup timed out)", params.id);
+    if timeout(SETUP_TIMEOUT, send_stored(&gateway, &params, &outbox))
+        .await
+        .is_err()
+    {
+        debug!(
+            "conn {}: stored messages skipped (setup timed out)",
+            params.id
+        );
     }
     let max = gateway.config.max_message_size;
     let mut conn = Conn {
@@ -231,7 +244,10 @@ impl Conn<'_> {
         let mut timers = Timers {
             ping_interval: config.ping_interval(),
             ping_timeout: config.ping_timeout(),
-            heartbeat_interval: config.heartbeat.as_ref().map(|_| config.heartbeat_interval()),
+            heartbeat_interval: config
+                .heartbeat
+                .as_ref()
+                .map(|_| config.heartbeat_interval()),
             next_ping: now + config.ping_interval().unwrap_or_default(),
             pong_deadline: None,
             last_write: now,
@@ -283,8 +299,8 @@ impl Conn<'_> {
             }
             while let Some(frame) = batch.pop_front() {
                 let len = frame.len();
-                let echo_of_own = !self.params.echo
-                    && self.last_published.as_deref() == Some(frame.as_bytes());
+                let echo_of_own =
+                    !self.params.echo && self.last_published.as_deref() == Some(frame.as_bytes());
                 if !echo_of_own {
                     self.write(frame).await?;
                 }
@@ -325,14 +341,24 @@ impl Conn<'_> {
         }
         if let Some(interval) = timers.ping_interval {
             if timers.next_ping <= now {
-                self.session.ping(b"").await.map_err(|_| CloseReason::ClientGone)?;
+                self.session
+                    .ping(b"")
+                    .await
+                    .map_err(|_| CloseReason::ClientGone)?;
                 timers.next_ping = now + interval;
-                timers.pong_deadline.get_or_insert(now + timers.ping_timeout);
+                timers
+                    .pong_deadline
+                    .get_or_insert(now + timers.ping_timeout);
             }
         }
-        if let (Some(interval), Some(heartbeat)) = (timers.heartbeat_interval, &self.gateway.config.heartbeat) {
+        if let (Some(interval), Some(heartbeat)) =
+            (timers.heartbeat_interval, &self.gateway.config.heartbeat)
+        {
             if timers.last_write + interval <= now {
-                self.session.text(heartbeat.clone()).await.map_err(|_| CloseReason::ClientGone)?;
+                self.session
+                    .text(heartbeat.clone())
+                    .await
+                    .map_err(|_| CloseReason::ClientGone)?;
                 timers.last_write = now;
             }
         }
@@ -357,7 +383,11 @@ impl Conn<'_> {
                 Ok(None) => Ok(()),
                 Err(reason) => Err(reason),
             },
-            Message::Ping(payload) => self.session.pong(&payload).await.map_err(|_| CloseReason::ClientGone),
+            Message::Ping(payload) => self
+                .session
+                .pong(&payload)
+                .await
+                .map_err(|_| CloseReason::ClientGone),
             Message::Pong(_) | Message::Nop => Ok(()),
             Message::Close(theirs) => Err(CloseReason::ClientClosed(theirs)),
         };
@@ -371,7 +401,10 @@ impl Conn<'_> {
     async fn on_frame(&mut self, frame: Frame, timers: &mut Timers) -> Result<(), CloseReason> {
         if let (Frame::Text(text), Some(heartbeat)) = (&frame, &self.gateway.config.heartbeat) {
             if **text == **heartbeat {
-                self.session.text(heartbeat.clone()).await.map_err(|_| CloseReason::ClientGone)?;
+                self.session
+                    .text(heartbeat.clone())
+                    .await
+                    .map_err(|_| CloseReason::ClientGone)?;
                 timers.last_write = Instant::now();
                 return Ok(());
             }
@@ -382,7 +415,12 @@ impl Conn<'_> {
         }
         let payload = frame.payload();
         let expire = self.gateway.config.redis.expire;
-        if let Err(e) = self.gateway.broker.publish(&self.params.publish, &payload, expire).await {
+        if let Err(e) = self
+            .gateway
+            .broker
+            .publish(&self.params.publish, &payload, expire)
+            .await
+        {
             debug!("conn {}: publish failed: {e}", self.params.id);
             return Err(CloseReason::BrokerUnavailable);
         }
@@ -415,8 +453,16 @@ impl Fragments {
             Item::Last(d) => (d, None, true),
         };
         match (first, self.text) {
-            (Some(_), Some(_)) => return Err(CloseReason::Protocol("new message inside a fragmented one".into())),
-            (None, None) => return Err(CloseReason::Protocol("continuation without a first fragment".into())),
+            (Some(_), Some(_)) => {
+                return Err(CloseReason::Protocol(
+                    "new message inside a fragmented one".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(CloseReason::Protocol(
+                    "continuation without a first fragment".into(),
+                ))
+            }
             (Some(kind), None) => self.text = Some(kind),
             (None, Some(_)) => {}
         }
@@ -450,17 +496,30 @@ mod tests {
             f.push(Item::Last(Bytes::from_static(b"ef"))),
             Ok(Some(Frame::Text("abcdef".into())))
         );
-        assert_eq!(f.push(Item::FirstBinary(Bytes::from_static(b"1234"))), Ok(None));
-        assert_eq!(f.push(Item::Last(Bytes::from_static(b"567"))), Err(CloseReason::TooBig));
+        assert_eq!(
+            f.push(Item::FirstBinary(Bytes::from_static(b"1234"))),
+            Ok(None)
+        );
+        assert_eq!(
+            f.push(Item::Last(Bytes::from_static(b"567"))),
+            Err(CloseReason::TooBig)
+        );
     }
 
     #[test]
     fn bad_fragment_sequences_are_protocol_errors() {
         let mut f = Fragments::new(100);
-        assert!(matches!(f.push(Item::Continue(Bytes::new())), Err(CloseReason::Protocol(_))));
+        assert!(matches!(
+            f.push(Item::Continue(Bytes::new())),
+            Err(CloseReason::Protocol(_))
+        ));
         let mut f = Fragments::new(100);
-        f.push(Item::FirstText(Bytes::from_static(b"\xff"))).unwrap();
-        assert_eq!(f.push(Item::Last(Bytes::new())), Err(CloseReason::InvalidUtf8));
+        f.push(Item::FirstText(Bytes::from_static(b"\xff")))
+            .unwrap();
+        assert_eq!(
+            f.push(Item::Last(Bytes::new())),
+            Err(CloseReason::InvalidUtf8)
+        );
     }
 
     #[test]

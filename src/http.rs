@@ -27,7 +27,9 @@ pub fn configure(cfg: &mut web::ServiceConfig, websocket_url: &str, max_message_
         .service(web::resource("/health").get(health))
         .service(
             web::resource("/api/publish")
-                .app_data(web::PayloadConfig::new(max_message_size * 6 + PUBLISH_ENVELOPE))
+                .app_data(web::PayloadConfig::new(
+                    max_message_size * 6 + PUBLISH_ENVELOPE,
+                ))
                 .post(publish),
         );
 }
@@ -54,9 +56,8 @@ pub enum HandshakeError {
 impl ResponseError for HandshakeError {
     fn status_code(&self) -> StatusCode {
         match self {
-            HandshakeError::Identity(IdentityError::Unavailable(_)) | HandshakeError::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            HandshakeError::Identity(IdentityError::Unavailable(_))
+            | HandshakeError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_REQUEST,
         }
     }
@@ -83,7 +84,10 @@ async fn websocket(
     if req.method() != Method::GET {
         return Err(HandshakeError::MethodNotGet);
     }
-    let upgrade = req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok());
+    let upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok());
     if !upgrade.is_some_and(|v| v.eq_ignore_ascii_case("websocket")) {
         return Err(HandshakeError::NotUpgrade);
     }
@@ -98,7 +102,9 @@ async fn websocket(
             .map_err(|e| HandshakeError::Handshake(e.to_string()))?;
     let params = ConnParams {
         id: uuid::Uuid::new_v4(),
-        peer: req.peer_addr().map_or_else(|| "-".into(), |a| a.to_string()),
+        peer: req
+            .peer_addr()
+            .map_or_else(|| "-".into(), |a| a.to_string()),
         facility,
         user: identity.user,
         subscribe,
@@ -106,7 +112,9 @@ async fn websocket(
         echo: flags.echo,
     };
     let gateway = gateway.into_inner();
-    let task = gateway.tracker.track_future(conn::run(gateway.clone(), params, session, stream));
+    let task = gateway
+        .tracker
+        .track_future(conn::run(gateway.clone(), params, session, stream));
     actix_web::rt::spawn(task);
     Ok(response)
 }
@@ -134,7 +142,12 @@ fn first_requested_protocol(req: &HttpRequest) -> Option<&str> {
 
 /// The keys of the requested audience kinds that this identity has: user and group
 /// need a user, session needs a session key; the others are skipped.
-fn keys_for(gateway: &Gateway, facility: &str, kinds: AudienceKinds, identity: &Identity) -> Vec<Arc<str>> {
+fn keys_for(
+    gateway: &Gateway,
+    facility: &str,
+    kinds: AudienceKinds,
+    identity: &Identity,
+) -> Vec<Arc<str>> {
     let mut audiences = Vec::new();
     if kinds.broadcast {
         audiences.push(Audience::Broadcast);
@@ -213,7 +226,10 @@ impl PublishRequest {
 
 async fn publish(req: HttpRequest, body: web::Bytes, gateway: web::Data<Gateway>) -> HttpResponse {
     let Some(token) = &gateway.config.publish_token else {
-        return plain(StatusCode::NOT_FOUND, "publish API is off: no publish_token is configured".into());
+        return plain(
+            StatusCode::NOT_FOUND,
+            "publish API is off: no publish_token is configured".into(),
+        );
     };
     if !bearer_matches(&req, token) {
         return HttpResponse::Unauthorized()
@@ -238,7 +254,10 @@ async fn publish(req: HttpRequest, body: web::Bytes, gateway: web::Data<Gateway>
         Err(e) => return bad(format!("audiences: {e}")),
     };
     if request.message.len() > gateway.config.max_message_size {
-        return bad(format!("message is longer than max_message_size ({} bytes)", gateway.config.max_message_size));
+        return bad(format!(
+            "message is longer than max_message_size ({} bytes)",
+            gateway.config.max_message_size
+        ));
     }
     let keys: Vec<Arc<str>> = audiences
         .iter()
@@ -277,10 +296,22 @@ mod tests {
 
     #[test]
     fn facility_is_the_decoded_rest_of_the_path() {
-        assert_eq!(facility_from_path("/ws/chat/room1", "/ws/").unwrap(), "chat/room1");
+        assert_eq!(
+            facility_from_path("/ws/chat/room1", "/ws/").unwrap(),
+            "chat/room1"
+        );
         assert_eq!(facility_from_path("/ws/caf%C3%A9", "/ws/").unwrap(), "café");
-        assert!(matches!(facility_from_path("/ws/a%3Ab", "/ws/"), Err(HandshakeError::Facility(_))));
-        assert!(matches!(facility_from_path("/ws/%FF", "/ws/"), Err(HandshakeError::BadPath)));
-        assert!(matches!(facility_from_path("/ws/", "/ws/"), Err(HandshakeError::Facility(NameError::Empty(_)))));
+        assert!(matches!(
+            facility_from_path("/ws/a%3Ab", "/ws/"),
+            Err(HandshakeError::Facility(_))
+        ));
+        assert!(matches!(
+            facility_from_path("/ws/%FF", "/ws/"),
+            Err(HandshakeError::BadPath)
+        ));
+        assert!(matches!(
+            facility_from_path("/ws/", "/ws/"),
+            Err(HandshakeError::Facility(NameError::Empty(_)))
+        ));
     }
 }

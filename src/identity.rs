@@ -142,15 +142,20 @@ pub fn identity_from_record(raw: &[u8]) -> Identity {
             return Identity::default();
         }
     };
-    let user = record.user.filter(|u| match validate_name(NameKind::User, u) {
-        Ok(()) => true,
-        Err(e) => {
-            warn!("identity record: {e}; user audience skipped");
-            false
-        }
-    });
+    let user = record
+        .user
+        .filter(|u| match validate_name(NameKind::User, u) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!("identity record: {e}; user audience skipped");
+                false
+            }
+        });
     if record.groups.len() > MAX_GROUPS {
-        warn!("identity record has {} groups; only the first {MAX_GROUPS} are used", record.groups.len());
+        warn!(
+            "identity record has {} groups; only the first {MAX_GROUPS} are used",
+            record.groups.len()
+        );
     }
     let groups = record
         .groups
@@ -181,7 +186,10 @@ mod tests {
         let req = TestRequest::default()
             .insert_header((header::COOKIE, "csrftoken=x; sessionid=abc123; theme=dark"))
             .to_http_request();
-        assert_eq!(session_key(&req, "sessionid").unwrap().as_deref(), Some("abc123"));
+        assert_eq!(
+            session_key(&req, "sessionid").unwrap().as_deref(),
+            Some("abc123")
+        );
         assert_eq!(session_key(&req, "sid").unwrap(), None);
     }
 
@@ -198,7 +206,8 @@ mod tests {
 
     #[test]
     fn records_are_validated_name_by_name() {
-        let id = identity_from_record(br#"{"user": "jane", "groups": ["staff", "bad:group", "ops"]}"#);
+        let id =
+            identity_from_record(br#"{"user": "jane", "groups": ["staff", "bad:group", "ops"]}"#);
         assert_eq!(id.user.as_deref(), Some("jane"));
         assert_eq!(id.groups, ["staff", "ops"]);
         let id = identity_from_record(br#"{"user": "x*", "groups": []}"#);
@@ -206,6 +215,9 @@ mod tests {
         assert_eq!(identity_from_record(b"not json"), Identity::default());
         let many: Vec<String> = (0..100).map(|i| format!("g{i}")).collect();
         let raw = serde_json::json!({ "user": "u", "groups": many }).to_string();
-        assert_eq!(identity_from_record(raw.as_bytes()).groups.len(), MAX_GROUPS);
+        assert_eq!(
+            identity_from_record(raw.as_bytes()).groups.len(),
+            MAX_GROUPS
+        );
     }
 }

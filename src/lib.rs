@@ -167,8 +167,14 @@ pub async fn run(
     gateway.shutdown.cancel();
     gateway.tracker.close();
     let grace = gateway.config.shutdown_timeout();
-    if tokio::time::timeout(grace, gateway.tracker.wait()).await.is_err() {
-        warn!("{} sockets still open after {grace:?}; dropping them", gateway.tracker.len());
+    if tokio::time::timeout(grace, gateway.tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            "{} sockets still open after {grace:?}; dropping them",
+            gateway.tracker.len()
+        );
     }
     handle.stop(true).await;
     let _ = serving.await;

@@ -233,7 +233,13 @@ mod tests {
             .unwrap();
         assert_eq!(
             to.keys(&KeySpace::new(Some("p"))),
-            ["p:broadcast:chat", "p:user:a:chat", "p:user:b:chat", "p:group:g:chat", "p:session:s:chat"]
+            [
+                "p:broadcast:chat",
+                "p:user:a:chat",
+                "p:user:b:chat",
+                "p:group:g:chat",
+                "p:session:s:chat"
+            ]
         );
         assert!(Recipients::new("a:b").is_err());
         assert!(Recipients::new("chat").unwrap().user("x y").is_err());

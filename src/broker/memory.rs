@@ -49,7 +49,12 @@ impl MemoryBroker {
             }
         }
         for key in keys {
-            deliver(&self.registry, self.heartbeat.as_deref(), key, payload.clone());
+            deliver(
+                &self.registry,
+                self.heartbeat.as_deref(),
+                key,
+                payload.clone(),
+            );
         }
     }
 

@@ -149,7 +149,10 @@ impl Subscriber {
                 Err(Failure::Connect(reason)) => {
                     failures += 1;
                     if failures == 1 {
-                        warn!("redis: cannot connect ({reason}); retrying, backoff up to {:?}", self.reconnect_max);
+                        warn!(
+                            "redis: cannot connect ({reason}); retrying, backoff up to {:?}",
+                            self.reconnect_max
+                        );
                     } else {
                         debug!("redis: connect attempt {failures} failed: {reason}");
                     }
@@ -205,15 +208,21 @@ impl Subscriber {
         keys.push(Arc::from(self.probe_channel.as_str()));
         for chunk in keys.chunks(CHUNK) {
             let names: Vec<&str> = chunk.iter().map(|k| &**k).collect();
-            round_trip(sink.subscribe(names)).await.map_err(Failure::Connect)?;
+            round_trip(sink.subscribe(names))
+                .await
+                .map_err(Failure::Connect)?;
         }
-        info!("redis: pub/sub connected, {} keys subscribed", keys.len() - 1);
+        info!(
+            "redis: pub/sub connected, {} keys subscribed",
+            keys.len() - 1
+        );
         self.link.set(Ok(()));
         for done in barriers {
             let _ = done.send(true);
         }
 
-        let mut probe = tokio::time::interval_at(Instant::now() + self.probe_interval, self.probe_interval);
+        let mut probe =
+            tokio::time::interval_at(Instant::now() + self.probe_interval, self.probe_interval);
         let mut probe_pending = false;
         loop {
             tokio::select! {
@@ -255,13 +264,18 @@ impl Subscriber {
         let mut next = Some(first);
         while let Some(change) = next {
             match change {
-                Change::Subscribe(key) => { wanted.insert(key, true); }
-                Change::Unsubscribe(key) => { wanted.insert(key, false); }
+                Change::Subscribe(key) => {
+                    wanted.insert(key, true);
+                }
+                Change::Unsubscribe(key) => {
+                    wanted.insert(key, false);
+                }
                 Change::Barrier(done) => barriers.push(done),
             }
             next = self.changes.try_recv().ok();
         }
-        let (subscribe, unsubscribe): (Vec<_>, Vec<_>) = wanted.into_iter().partition(|(_, on)| *on);
+        let (subscribe, unsubscribe): (Vec<_>, Vec<_>) =
+            wanted.into_iter().partition(|(_, on)| *on);
         for chunk in subscribe.chunks(CHUNK) {
             let names: Vec<&str> = chunk.iter().map(|(k, _)| &**k).collect();
             round_trip(sink.subscribe(names)).await?;
@@ -282,7 +296,11 @@ impl Subscriber {
         let mut conn = self.commands.clone();
         let channel = self.probe_channel.clone();
         tokio::spawn(async move {
-            let sent: redis::RedisResult<()> = redis::cmd("PUBLISH").arg(channel).arg("probe").query_async(&mut conn).await;
+            let sent: redis::RedisResult<()> = redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg("probe")
+                .query_async(&mut conn)
+                .await;
             if let Err(e) = sent {
                 debug!("redis: probe publish failed: {e}");
             }

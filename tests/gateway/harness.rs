@@ -1,0 +1,384 @@
+//! Real parts for the tests: a `redis-server` on a free port, the `wsrelay` binary as a
+//! child process, a WebSocket client and a tiny HTTP client.
+//!
+//! Every wait is bounded ([`WAIT`]); a bound that runs out fails the test. Nothing here
+//! asserts on timings.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use redis::AsyncCommands;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// The longest any single expected event may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+/// The publish token every test gateway is started with.
+pub const TOKEN: &str = "test-token-0123456789";
+
+pub fn free_port() -> u16 {
+    // The port is free once the probe listener is dropped; a race with another process
+    // is possible but harmless on a test machine (the start fails loudly).
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn signal(child: &Child, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status();
+}
+
+/// A `redis-server` of the test's own, on a free port, that can be killed and restarted.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts the server (again) on the same port and waits until it answers PING.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "redis is already running");
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (see .ci/run)");
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Ok(mut conn) = self.try_connect().await {
+                if redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    async fn try_connect(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        self.try_connect().await.expect("connect to test redis")
+    }
+
+    /// ws4redis's way to publish: PUBLISH, plus SETEX when `expire > 0`.
+    pub async fn publish(&self, key: &str, message: &[u8], expire: u64) {
+        let mut conn = self.conn().await;
+        if expire > 0 {
+            let _: () = conn.set_ex(key, message, expire).await.unwrap();
+        }
+        let _: i64 = conn.publish(key, message).await.unwrap();
+    }
+
+    pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.conn().await.get(key).await.unwrap()
+    }
+
+    pub async fn numsub(&self, key: &str) -> i64 {
+        let (_, n): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(key)
+            .query_async(&mut self.conn().await)
+            .await
+            .unwrap();
+        n
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The `wsrelay` binary, started on a free port with the given `WSRELAY__*` settings.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Gateway {
+    pub fn start(settings: &[(&str, &str)]) -> Gateway {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsrelay"));
+        cmd.env_clear()
+            .env("RUST_LOG", "info")
+            .env("WSRELAY__LISTEN", "127.0.0.1:0")
+            .env("WSRELAY__WORKERS", "2")
+            .env("WSRELAY__PUBLISH_TOKEN", TOKEN)
+            .env("WSRELAY__REDIS__RECONNECT_MAX", "0.5")
+            .env("WSRELAY__REDIS__PROBE_INTERVAL", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (name, value) in settings {
+            cmd.env(format!("WSRELAY__{}", name.to_uppercase()), value);
+        }
+        let mut child = cmd.spawn().expect("start wsrelay");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                    let _ = tx.send(addr);
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = match rx.recv_timeout(WAIT) {
+            Ok(addr) => addr.parse().expect("listening address"),
+            Err(_) => panic!("wsrelay did not start: {:?}", log.lock().unwrap()),
+        };
+        Gateway { addr, child, log }
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        signal(&self.child, "TERM");
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "wsrelay did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub async fn health(&self) -> (u16, serde_json::Value) {
+        let r = http(self.addr, "GET", "/health", &[], "").await;
+        (r.status, serde_json::from_str(&r.body).unwrap_or_default())
+    }
+
+    /// Waits until `/health` answers `status`.
+    pub async fn wait_health(&self, status: u16) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (got, body) = self.health().await;
+            if got == status {
+                return body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "health stayed {got}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `POST /api/publish` with the test token.
+    pub async fn api_publish(&self, body: serde_json::Value) -> HttpReply {
+        let auth = format!("Bearer {TOKEN}");
+        http(
+            self.addr,
+            "POST",
+            "/api/publish",
+            &[("Authorization", &auth)],
+            &body.to_string(),
+        )
+        .await
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- wsrelay log ---\n{}", self.log().join("\n"));
+        }
+    }
+}
+
+pub struct HttpReply {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> HttpReply {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        req.push_str(&format!("{name}: {value}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut raw))
+        .await
+        .expect("HTTP reply")
+        .unwrap();
+    let raw = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    HttpReply {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A WebSocket client with bounded waits.
+pub struct Client {
+    pub ws: Ws,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        Self::connect_with(url, &[]).await
+    }
+
+    pub async fn connect_with(url: &str, headers: &[(&str, &str)]) -> Client {
+        match Self::try_connect(url, headers).await {
+            Ok((client, _)) => client,
+            Err(e) => panic!("connect {url}: {e}"),
+        }
+    }
+
+    /// Connects; on success also returns the handshake response headers.
+    pub async fn try_connect(
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(Client, tungstenite::http::HeaderMap), tungstenite::Error> {
+        let mut request = url.into_client_request()?;
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        let (ws, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("handshake timed out")?;
+        Ok((Client { ws }, response.headers().clone()))
+    }
+
+    /// The next data or close message (pings and pongs are skipped).
+    pub async fn next(&mut self) -> Message {
+        loop {
+            let message = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("no message in time")
+                .expect("socket ended")
+                .expect("socket error");
+            if !matches!(message, Message::Ping(_) | Message::Pong(_)) {
+                return message;
+            }
+        }
+    }
+
+    pub async fn recv_text(&mut self) -> String {
+        match self.next().await {
+            Message::Text(t) => t.to_string(),
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.unwrap();
+    }
+
+    /// Reads until the server's Close frame and returns its code and reason. A transport
+    /// that ends without one returns `None`.
+    pub async fn closed(&mut self) -> Option<(u16, String)> {
+        loop {
+            let next = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("no close in time");
+            match next {
+                Some(Ok(Message::Close(frame))) => {
+                    return frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
