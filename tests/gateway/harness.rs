@@ -43,13 +43,26 @@ fn signal(child: &Child, sig: &str) {
 /// A `redis-server` of the test's own, on a free port, that can be killed and restarted.
 pub struct RedisServer {
     pub port: u16,
+    args: Vec<String>,
+    /// How the test itself reaches the server.
+    url: String,
     child: Option<Child>,
 }
 
 impl RedisServer {
     pub async fn start() -> RedisServer {
+        let port = free_port();
+        let args = vec!["--port".to_string(), port.to_string()];
+        Self::start_with(port, args, format!("redis://127.0.0.1:{port}/0")).await
+    }
+
+    /// A server with its own arguments (TLS, unix socket, password…); `url` is how the
+    /// test reaches it.
+    pub async fn start_with(port: u16, args: Vec<String>, url: String) -> RedisServer {
         let mut server = RedisServer {
-            port: free_port(),
+            port,
+            args,
+            url,
             child: None,
         };
         server.restart().await;
@@ -57,23 +70,15 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        self.url.clone()
     }
 
     /// Starts the server (again) on the same port and waits until it answers PING.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "redis is already running");
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -155,6 +160,11 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn start(settings: &[(&str, &str)]) -> Gateway {
+        Self::start_env(settings, &[])
+    }
+
+    /// Starts with `WSRELAY__*` settings and other environment variables.
+    pub fn start_env(settings: &[(&str, &str)], env: &[(&str, &str)]) -> Gateway {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsrelay"));
         cmd.env_clear()
             .env("RUST_LOG", "info")
@@ -168,6 +178,7 @@ impl Gateway {
         for (name, value) in settings {
             cmd.env(format!("WSRELAY__{}", name.to_uppercase()), value);
         }
+        cmd.envs(env.iter().copied());
         let mut child = cmd.spawn().expect("start wsrelay");
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -380,5 +391,71 @@ impl Client {
 
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;
+    }
+}
+
+/// A TCP proxy that can freeze the connections it carries: a frozen connection stays
+/// open but forwards nothing, like a peer behind a dead network path. Connections
+/// accepted after a freeze work normally.
+pub struct FreezingProxy {
+    pub port: u16,
+    accepted: Arc<std::sync::atomic::AtomicU64>,
+    frozen_before: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FreezingProxy {
+    pub async fn start(target: SocketAddr) -> FreezingProxy {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let frozen_before = Arc::new(AtomicU64::new(0));
+        let (count, frozen) = (accepted.clone(), frozen_before.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                let id = count.fetch_add(1, Ordering::SeqCst);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pump(cr, sw, id, frozen.clone()));
+                tokio::spawn(pump(sr, cw, id, frozen.clone()));
+            }
+        });
+        FreezingProxy {
+            port,
+            accepted,
+            frozen_before,
+        }
+    }
+
+    /// Freezes every connection accepted so far.
+    pub fn freeze(&self) {
+        use std::sync::atomic::Ordering;
+        let n = self.accepted.load(Ordering::SeqCst);
+        self.frozen_before.store(n, Ordering::SeqCst);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    id: u64,
+    frozen_before: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if id < frozen_before.load(std::sync::atomic::Ordering::SeqCst) {
+            // Hold both sockets open and forward nothing, until the test ends.
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }

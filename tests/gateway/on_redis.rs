@@ -293,3 +293,185 @@ async fn the_rust_publisher_reaches_sockets_and_stores() {
     publisher.clear_identity("k9").await.unwrap();
     assert_eq!(redis.get("site:wsrelay:identity:k9").await, None);
 }
+
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test CA and a server certificate for 127.0.0.1, in `dir`.
+fn make_certificates(dir: &std::path::Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        dir,
+        &[
+            &["req", "-x509"],
+            &ec[..],
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=wsrelay-test-ca",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        dir,
+        &[
+            &["req"],
+            &ec[..],
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_unix_socket_password_and_db_urls_all_work_and_share_publications() {
+    let dir = std::env::temp_dir().join(format!("wsrelay-tls-{}", crate::harness::free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    make_certificates(&dir);
+    let file = |name: &str| dir.join(name).to_string_lossy().to_string();
+    let (port, socket) = (crate::harness::free_port(), file("redis.sock"));
+    let args = [
+        "--port",
+        "0",
+        "--tls-port",
+        &port.to_string(),
+        "--tls-cert-file",
+        &file("server.pem"),
+        "--tls-key-file",
+        &file("server.key"),
+        "--tls-ca-cert-file",
+        &file("ca.pem"),
+        "--tls-auth-clients",
+        "no",
+        "--unixsocket",
+        &socket,
+        "--requirepass",
+        "s3cret",
+    ];
+    let unix_url = format!("redis+unix://{socket}?db=3&pass=s3cret");
+    let redis = RedisServer::start_with(
+        port,
+        args.iter().map(|a| a.to_string()).collect(),
+        unix_url.clone(),
+    )
+    .await;
+
+    let tls_url = format!("rediss://:s3cret@127.0.0.1:{port}/3");
+    let over_tls = Gateway::start_env(
+        &[("redis__url", &tls_url)],
+        &[("SSL_CERT_FILE", &file("ca.pem"))],
+    );
+    let over_unix = Gateway::start(&[("redis__url", &unix_url)]);
+    over_tls.wait_health(200).await;
+    over_unix.wait_health(200).await;
+
+    // A socket on one gateway receives what a socket on the other publishes.
+    let mut listener = ready_on(
+        &redis,
+        &over_tls,
+        "broadcast:chat",
+        "/ws/chat?subscribe-broadcast",
+        &[],
+    )
+    .await;
+    let mut talker = Client::connect(&over_unix.ws_url("/ws/chat?publish-broadcast")).await;
+    talker.send_text("across gateways").await;
+    assert_eq!(listener.recv_text().await, "across gateways");
+    // Stored in db 3, where both gateways read.
+    assert_eq!(
+        redis.get("broadcast:chat").await.as_deref(),
+        Some(&b"across gateways"[..])
+    );
+    let mut late = Client::connect(&over_tls.ws_url("/ws/chat?subscribe-broadcast")).await;
+    assert_eq!(late.recv_text().await, "across gateways");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_dead_pubsub_connection_is_detected_and_replaced() {
+    let redis = RedisServer::start().await;
+    let proxy = crate::harness::FreezingProxy::start(([127, 0, 0, 1], redis.port).into()).await;
+    let url = format!("redis://127.0.0.1:{}/0", proxy.port);
+    let gw = Gateway::start(&[("redis__url", &url), ("redis__probe_interval", "0.5")]);
+    gw.wait_health(200).await;
+    let mut c = ready_on(
+        &redis,
+        &gw,
+        "broadcast:chat",
+        "/ws/chat?subscribe-broadcast",
+        &[],
+    )
+    .await;
+    proxy.freeze();
+    gw.wait_health(503).await;
+    gw.wait_health(200).await;
+    // Publications flow again on the replacement connection; retry while the link settles.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        redis.publish("broadcast:chat", b"alive", 0).await;
+        if let Ok(text) = tokio::time::timeout(Duration::from_millis(300), c.recv_text()).await {
+            assert_eq!(text, "alive");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no publication after the freeze"
+        );
+    }
+    assert!(gw.log().iter().any(|l| l.contains("probe not received")));
+}
