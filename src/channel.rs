@@ -173,7 +173,45 @@ pub struct Flags {
     pub echo: bool,
 }
 
+impl fmt::Display for Flags {
+    /// The flags as a comma-separated list, in a fixed order.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut names = Vec::new();
+        for (dir, kinds) in [("subscribe", self.subscribe), ("publish", self.publish)] {
+            for (on, audience) in [
+                (kinds.broadcast, "broadcast"),
+                (kinds.user, "user"),
+                (kinds.group, "group"),
+                (kinds.session, "session"),
+            ] {
+                if on {
+                    names.push(format!("{dir}-{audience}"));
+                }
+            }
+        }
+        if self.echo {
+            names.push("echo".into());
+        }
+        f.write_str(&names.join(","))
+    }
+}
+
 impl Flags {
+    /// Keeps only the flags that `allowed` also has.
+    pub fn narrow(&self, allowed: &Flags) -> Flags {
+        let and = |a: AudienceKinds, b: AudienceKinds| AudienceKinds {
+            broadcast: a.broadcast && b.broadcast,
+            user: a.user && b.user,
+            group: a.group && b.group,
+            session: a.session && b.session,
+        };
+        Flags {
+            subscribe: and(self.subscribe, allowed.subscribe),
+            publish: and(self.publish, allowed.publish),
+            echo: self.echo,
+        }
+    }
+
     /// Parses a query string. Flag names are case-insensitive, values are ignored and
     /// unknown parameters are skipped, as ws4redis does.
     pub fn parse(query: &str) -> Flags {

@@ -12,6 +12,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::identity::callback::CallbackConfig;
+use crate::identity::django::DjangoConfig;
+use crate::identity::token::TokenConfig;
+use crate::policy::PolicyConfig;
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// ws4redis's `WEBSOCKET_URL`.
 pub const DEFAULT_WEBSOCKET_URL: &str = "/ws/";
@@ -51,10 +56,52 @@ pub struct Config {
     pub max_message_size: usize,
     pub queue_bytes: usize,
     /// Bearer token of `POST /api/publish`; absent turns the endpoint off.
-    pub publish_token: Option<String>,
+    pub publish_token: Option<Secret>,
     pub shutdown_timeout: f64,
     pub redis: RedisConfig,
     pub session: SessionConfig,
+    pub identity: IdentityConfig,
+    pub policy: PolicyConfig,
+}
+
+/// A setting that must never reach a log: `Debug` shows `***`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Where identities come from (see [`crate::identity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentitySource {
+    Record,
+    Django,
+    Callback,
+    Token,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    pub source: IdentitySource,
+    pub django: DjangoConfig,
+    pub callback: CallbackConfig,
+    pub token: TokenConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -107,21 +154,59 @@ impl Config {
             .set_default("redis.expire", DEFAULT_EXPIRE)?
             .set_default("redis.reconnect_max", DEFAULT_RECONNECT_MAX)?
             .set_default("redis.probe_interval", DEFAULT_PROBE_INTERVAL)?
-            .set_default("session.cookie", DEFAULT_SESSION_COOKIE)?;
+            .set_default("session.cookie", DEFAULT_SESSION_COOKIE)?
+            .set_default("identity.source", "record")?
+            .set_default("identity.django.engine", "redis_sessions")?
+            .set_default("identity.django.key_prefix", "")?
+            .set_default("identity.django.cache_version", 1)?
+            .set_default(
+                "identity.django.salt",
+                "django.contrib.sessions.SessionStore",
+            )?
+            .set_default("identity.django.user_field", "wsrelay:username")?
+            .set_default("identity.django.groups_field", "ws4redis:memberof")?
+            .set_default("identity.callback.timeout", 2.0)?
+            .set_default("identity.callback.cache_ttl", 5.0)?
+            .set_default("identity.callback.cache_size", 10_000)?
+            .set_default("identity.callback.forward_headers", Vec::<String>::new())?
+            .set_default("identity.token.leeway", 0)?
+            .set_default("policy.compat", false)?
+            .set_default("policy.allowed_origins", Vec::<String>::new())?
+            .set_default("policy.trusted_proxies", Vec::<String>::new())?
+            .set_default("policy.max_connections_per_ip", 1000)?
+            .set_default("policy.max_subscriptions", 128)?
+            .set_default("policy.max_cookie_bytes", 8192)?
+            .set_default("policy.handshake_timeout", 5.0)?
+            .set_default("policy.rules", Vec::<String>::new())?;
         if let Some(path) = path {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
-        let env = env.prefix_separator("__").separator("__").try_parsing(true);
+        let env = env
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("policy.allowed_origins")
+            .with_list_parse_key("policy.trusted_proxies")
+            .with_list_parse_key("identity.callback.forward_headers");
         let mut config: Config = builder.add_source(env).build()?.try_deserialize()?;
         // An empty value (`WSRELAY__PUBLISH_TOKEN=`) means "not set".
         for optional in [
-            &mut config.publish_token,
             &mut config.heartbeat,
             &mut config.redis.url,
             &mut config.redis.prefix,
         ] {
             if optional.as_deref() == Some("") {
                 *optional = None;
+            }
+        }
+        for secret in [
+            &mut config.publish_token,
+            &mut config.identity.django.secret_key,
+            &mut config.identity.token.secret,
+        ] {
+            if secret.as_ref().is_some_and(|s| s.expose().is_empty()) {
+                *secret = None;
             }
         }
         config.validate()?;
@@ -150,6 +235,12 @@ impl Config {
                 );
             }
         }
+        if self.redis.expire > crate::http::MAX_EXPIRE {
+            return bad(
+                "redis.expire",
+                "must be at most ten years (315360000 seconds)",
+            );
+        }
         if self.max_message_size == 0 {
             return bad("max_message_size", "must be at least 1 byte");
         }
@@ -162,7 +253,7 @@ impl Config {
             }
         }
         if let Some(t) = &self.publish_token {
-            if t.len() < 16 {
+            if t.expose().len() < 16 {
                 return bad("publish_token", "must be at least 16 characters");
             }
         }
@@ -181,6 +272,32 @@ impl Config {
                     "must not contain ':', spaces, control or pattern characters",
                 );
             }
+        }
+        let policy = &self.policy;
+        if !policy.handshake_timeout.is_finite() || policy.handshake_timeout <= 0.0 {
+            return bad(
+                "policy.handshake_timeout",
+                "must be a number of seconds above 0",
+            );
+        }
+        if policy.max_subscriptions == 0 {
+            return bad("policy.max_subscriptions", "must be at least 1");
+        }
+        for rule in &policy.rules {
+            if rule.facility.is_empty() {
+                return bad("policy.rules", "every rule needs a facility pattern");
+            }
+        }
+        let callback = &self.identity.callback;
+        if !callback.timeout.is_finite()
+            || callback.timeout <= 0.0
+            || !callback.cache_ttl.is_finite()
+            || callback.cache_ttl < 0.0
+        {
+            return bad(
+                "identity.callback",
+                "timeout must be above 0 and cache_ttl at least 0",
+            );
         }
         let cookie = &self.session.cookie;
         if cookie.is_empty()
@@ -270,6 +387,8 @@ mod tests {
         assert_eq!(c.redis.expire, 3600);
         assert_eq!(c.session.cookie, "sessionid");
         assert!(c.heartbeat.is_none() && c.publish_token.is_none());
+        assert!(!c.policy.compat && c.policy.rules.is_empty());
+        assert_eq!(c.identity.source, IdentitySource::Record);
     }
 
     #[test]

@@ -10,14 +10,17 @@
 //! | 1002 | a WebSocket protocol error from the client | after fixing the client |
 //! | 1007 | a text frame that is not UTF-8 | after fixing the client |
 //! | 1009 | a message over `max_message_size` | after fixing the client |
-//! | 1011 | an unexpected server error | yes, with backoff |
 //! | 1013 | a client publication failed because the broker is unavailable | yes, with backoff |
 //! | 4000 | slow consumer: more than `queue_bytes` were waiting for this socket | yes |
 //!
 //! Setup order matters for late joiners: the socket is registered first, then the task
 //! waits until Redis confirmed the subscriptions, and only then reads the stored last
-//! messages. A message published in between arrives live and may also be the stored
-//! one, so it can be delivered twice; it is never lost.
+//! messages, which go out ahead of any live message queued meanwhile. A message
+//! published in between arrives live and may also be the stored one, so it can be
+//! delivered twice; it is never lost, and the last frame a key delivers is its newest.
+//!
+//! Every write is bounded: a write still stuck after `ping_timeout` (the peer stopped
+//! reading) closes the socket as a slow consumer, like an overflowing outbox.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -52,6 +55,8 @@ pub struct ConnParams {
     /// Keys that frames from this socket are published to.
     pub publish: Vec<Arc<str>>,
     pub echo: bool,
+    /// Holds this socket's place in the per-address limit until the socket ends.
+    pub _slot: Option<crate::policy::IpSlot>,
 }
 
 /// Why a connection ended.
@@ -89,7 +94,12 @@ impl CloseReason {
                 return Some((CloseCode::Protocol, why.as_str()).into());
             }
             CloseReason::ClientClosed(theirs) => {
-                let code = theirs.as_ref().map_or(CloseCode::Normal, |r| r.code);
+                // Echo the client's code, except those that must never be sent.
+                let code = match theirs.as_ref().map(|r| r.code) {
+                    Some(CloseCode::Abnormal | CloseCode::Tls) | None => CloseCode::Normal,
+                    Some(CloseCode::Other(c)) if !(3000..5000).contains(&c) => CloseCode::Normal,
+                    Some(code) => code,
+                };
                 return Some(code.into());
             }
             CloseReason::ClientGone => return None,
@@ -191,11 +201,14 @@ async fn send_stored(gateway: &Gateway, params: &ConnParams, outbox: &Outbox) {
     }
     match gateway.broker.fetch(&params.subscribe).await {
         Ok(values) => {
-            for value in values.into_iter().flatten() {
-                if gateway.config.heartbeat.as_deref().map(str::as_bytes) != Some(&value[..]) {
-                    outbox.push(&Frame::from_payload(value));
-                }
-            }
+            let heartbeat = gateway.config.heartbeat.as_deref().map(str::as_bytes);
+            let stored = values
+                .into_iter()
+                .flatten()
+                .filter(|v| Some(&v[..]) != heartbeat)
+                .map(Frame::from_payload)
+                .collect();
+            outbox.push_front(stored);
         }
         Err(e) => debug!("conn {}: stored messages skipped: {e}", params.id),
     }
@@ -210,6 +223,14 @@ struct Conn<'a> {
     /// The last frame this client published; with `echo` off, an equal message coming
     /// back from the broker is not sent to it (ws4redis behaviour).
     last_published: Option<Bytes>,
+}
+
+/// Something to write to the socket.
+enum Outgoing {
+    Frame(Frame),
+    Text(String),
+    Ping,
+    Pong(Bytes),
 }
 
 /// When the next keep-alive action is due.
@@ -257,28 +278,28 @@ impl Conn<'_> {
         tokio::pin!(wake);
         let shutdown = self.gateway.shutdown.clone();
         loop {
+            // Inbound and timers before the outbox, so a busy stream of publications
+            // cannot starve pongs, client frames or the ping deadline.
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return CloseReason::Shutdown,
+                _ = &mut wake => {
+                    if let Err(reason) = self.on_timer(&mut timers).await {
+                        return reason;
+                    }
+                }
+                message = stream.recv() => {
+                    // Any frame proves the peer alive, not only the pong.
+                    timers.pong_deadline = None;
+                    if let Inbound::Close(reason) = self.on_inbound(message, &mut timers).await {
+                        return reason;
+                    }
+                }
                 _ = self.outbox.ready() => {
                     if let Err(reason) = self.flush(&mut batch).await {
                         return reason;
                     }
                     timers.last_write = Instant::now();
-                }
-                message = stream.recv() => {
-                    if timers.pong_deadline.is_some() {
-                        // Any frame proves the peer alive, not only the pong.
-                        timers.pong_deadline = None;
-                    }
-                    if let Inbound::Close(reason) = self.on_inbound(message, &mut timers).await {
-                        return reason;
-                    }
-                }
-                _ = &mut wake => {
-                    if let Err(reason) = self.on_timer(&mut timers).await {
-                        return reason;
-                    }
                 }
             }
             let next = timers.next();
@@ -302,36 +323,50 @@ impl Conn<'_> {
                 let echo_of_own =
                     !self.params.echo && self.last_published.as_deref() == Some(frame.as_bytes());
                 if !echo_of_own {
-                    self.write(frame).await?;
+                    self.send(Outgoing::Frame(frame)).await?;
                 }
                 self.outbox.written(len);
             }
         }
     }
 
-    /// Sends one frame; a shutdown or an overflow while the socket is stuck wins.
-    async fn write(&mut self, frame: Frame) -> Result<(), CloseReason> {
+    /// Sends one message. Every write goes through here: a shutdown, an overflow of the
+    /// outbox, or a write stuck longer than `ping_timeout` (the peer stopped reading)
+    /// ends the wait, so no peer can hold the task.
+    async fn send(&mut self, message: Outgoing) -> Result<(), CloseReason> {
         let shutdown = &self.gateway.shutdown;
         let outbox = self.outbox;
         let session = &mut self.session;
         let send = async move {
-            match frame {
-                Frame::Text(t) => session.text(t).await,
-                Frame::Binary(b) => session.binary(b).await,
+            match message {
+                Outgoing::Frame(Frame::Text(t)) => session.text(t).await,
+                Outgoing::Frame(Frame::Binary(b)) => session.binary(b).await,
+                Outgoing::Text(t) => session.text(t).await,
+                Outgoing::Ping => session.ping(b"").await,
+                Outgoing::Pong(p) => session.pong(&p).await,
             }
         };
-        tokio::pin!(send);
-        loop {
+        let stuck = tokio::time::sleep(self.gateway.config.ping_timeout());
+        tokio::pin!(send, stuck);
+        let mut rearm = false;
+        let result = loop {
             tokio::select! {
-                sent = &mut send => return sent.map_err(|_| CloseReason::ClientGone),
-                _ = shutdown.cancelled() => return Err(CloseReason::Shutdown),
+                sent = &mut send => break sent.map_err(|_| CloseReason::ClientGone),
+                _ = shutdown.cancelled() => break Err(CloseReason::Shutdown),
+                _ = &mut stuck => break Err(CloseReason::SlowConsumer),
                 _ = outbox.ready() => {
                     if outbox.overflowed() {
-                        return Err(CloseReason::SlowConsumer);
+                        break Err(CloseReason::SlowConsumer);
                     }
+                    // The wake-up was meant for the main loop; give it back.
+                    rearm = true;
                 }
             }
+        };
+        if rearm {
+            outbox.wake();
         }
+        result
     }
 
     async fn on_timer(&mut self, timers: &mut Timers) -> Result<(), CloseReason> {
@@ -341,10 +376,7 @@ impl Conn<'_> {
         }
         if let Some(interval) = timers.ping_interval {
             if timers.next_ping <= now {
-                self.session
-                    .ping(b"")
-                    .await
-                    .map_err(|_| CloseReason::ClientGone)?;
+                self.send(Outgoing::Ping).await?;
                 timers.next_ping = now + interval;
                 timers
                     .pong_deadline
@@ -355,10 +387,7 @@ impl Conn<'_> {
             (timers.heartbeat_interval, &self.gateway.config.heartbeat)
         {
             if timers.last_write + interval <= now {
-                self.session
-                    .text(heartbeat.clone())
-                    .await
-                    .map_err(|_| CloseReason::ClientGone)?;
+                self.send(Outgoing::Text(heartbeat.clone())).await?;
                 timers.last_write = now;
             }
         }
@@ -376,6 +405,9 @@ impl Conn<'_> {
             Some(Ok(m)) => m,
         };
         let result = match message {
+            Message::Text(_) | Message::Binary(_) if self.fragments.in_progress() => Err(
+                CloseReason::Protocol("new message inside a fragmented one".into()),
+            ),
             Message::Text(text) => self.on_frame(Frame::Text(text), timers).await,
             Message::Binary(bytes) => self.on_frame(Frame::Binary(bytes), timers).await,
             Message::Continuation(item) => match self.fragments.push(item) {
@@ -383,11 +415,7 @@ impl Conn<'_> {
                 Ok(None) => Ok(()),
                 Err(reason) => Err(reason),
             },
-            Message::Ping(payload) => self
-                .session
-                .pong(&payload)
-                .await
-                .map_err(|_| CloseReason::ClientGone),
+            Message::Ping(payload) => self.send(Outgoing::Pong(payload)).await,
             Message::Pong(_) | Message::Nop => Ok(()),
             Message::Close(theirs) => Err(CloseReason::ClientClosed(theirs)),
         };
@@ -399,12 +427,9 @@ impl Conn<'_> {
 
     /// A complete message from the client: answer a heartbeat, publish anything else.
     async fn on_frame(&mut self, frame: Frame, timers: &mut Timers) -> Result<(), CloseReason> {
-        if let (Frame::Text(text), Some(heartbeat)) = (&frame, &self.gateway.config.heartbeat) {
-            if **text == **heartbeat {
-                self.session
-                    .text(heartbeat.clone())
-                    .await
-                    .map_err(|_| CloseReason::ClientGone)?;
+        if let Some(heartbeat) = &self.gateway.config.heartbeat {
+            if frame.as_bytes() == heartbeat.as_bytes() {
+                self.send(Outgoing::Text(heartbeat.clone())).await?;
                 timers.last_write = Instant::now();
                 return Ok(());
             }
@@ -443,6 +468,10 @@ impl Fragments {
             text: None,
             limit,
         }
+    }
+
+    fn in_progress(&self) -> bool {
+        self.text.is_some()
     }
 
     fn push(&mut self, item: Item) -> Result<Option<Frame>, CloseReason> {

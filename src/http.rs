@@ -12,12 +12,16 @@ use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use serde::Deserialize;
 
 use crate::channel::{validate_name, Audience, AudienceKinds, Flags, NameError, NameKind};
+
 use crate::conn::{self, ConnParams};
-use crate::identity::{Identity, IdentityError};
+use crate::identity::{Handshake, Identity, IdentityError};
 use crate::Gateway;
+use log::debug;
 
 /// Most keys one `POST /api/publish` may name.
 pub const MAX_PUBLISH_KEYS: usize = 1024;
+/// Longest expiry accepted (ten years), in seconds.
+pub const MAX_EXPIRE: u64 = 315_360_000;
 /// Room for the JSON around the message in a publish request.
 const PUBLISH_ENVELOPE: usize = 64 * 1024;
 
@@ -47,17 +51,54 @@ pub enum HandshakeError {
     BadPath,
     #[error("{0}")]
     Facility(NameError),
+    #[error("cookie header is larger than {0} bytes")]
+    CookieTooLarge(usize),
+    #[error("{0}")]
+    Origin(String),
+    #[error("too many connections from {0}")]
+    PerIpLimit(std::net::IpAddr),
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error("{0}")]
+    Policy(String),
+    #[error("too many subscriptions: {0} keys, at most {1}")]
+    TooManySubscriptions(usize, usize),
     #[error("server is shutting down")]
     ShuttingDown,
 }
 
+impl HandshakeError {
+    /// The counter this refusal is counted under.
+    fn counter(&self) -> &'static str {
+        match self {
+            HandshakeError::CookieTooLarge(_) => "refused.cookie_size",
+            HandshakeError::Origin(_) => "refused.origin",
+            HandshakeError::PerIpLimit(_) => "refused.per_ip_limit",
+            HandshakeError::Identity(IdentityError::Unavailable(_)) => {
+                "refused.identity_unavailable"
+            }
+            HandshakeError::Identity(_) => "refused.identity",
+            HandshakeError::Policy(_) => "refused.policy",
+            HandshakeError::TooManySubscriptions(..) => "refused.subscriptions",
+            HandshakeError::ShuttingDown => "refused.shutting_down",
+            _ => "refused.bad_request",
+        }
+    }
+}
+
 impl ResponseError for HandshakeError {
     fn status_code(&self) -> StatusCode {
+        use HandshakeError::*;
         match self {
-            HandshakeError::Identity(IdentityError::Unavailable(_))
-            | HandshakeError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Identity(IdentityError::Unavailable(_)) | ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Identity(IdentityError::Refused(_))
+            | Origin(_)
+            | Policy(_)
+            | TooManySubscriptions(..) => StatusCode::FORBIDDEN,
+            CookieTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            PerIpLimit(_) => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::BAD_REQUEST,
         }
     }
@@ -78,6 +119,21 @@ async fn websocket(
     body: web::Payload,
     gateway: web::Data<Gateway>,
 ) -> Result<HttpResponse, HandshakeError> {
+    let accepted = accept(&req, body, &gateway).await;
+    if let Err(e) = &accepted {
+        gateway.counters.incr(e.counter());
+        debug!("handshake refused ({}): {e}", e.counter());
+    }
+    accepted
+}
+
+/// Checks a handshake in order (cheapest first), then upgrades and spawns the socket.
+async fn accept(
+    req: &HttpRequest,
+    body: web::Payload,
+    gateway: &web::Data<Gateway>,
+) -> Result<HttpResponse, HandshakeError> {
+    let policy = &gateway.config.policy;
     if gateway.shutdown.is_cancelled() {
         return Err(HandshakeError::ShuttingDown);
     }
@@ -91,14 +147,46 @@ async fn websocket(
     if !upgrade.is_some_and(|v| v.eq_ignore_ascii_case("websocket")) {
         return Err(HandshakeError::NotUpgrade);
     }
+    let cookie_bytes: usize = req.headers().get_all(header::COOKIE).map(|v| v.len()).sum();
+    if cookie_bytes > policy.max_cookie_bytes {
+        return Err(HandshakeError::CookieTooLarge(policy.max_cookie_bytes));
+    }
+    policy.check_origin(req).map_err(HandshakeError::Origin)?;
     let facility = facility_from_path(req.path(), &gateway.config.websocket_url)?;
-    let flags = Flags::parse(req.query_string());
-    let identity = gateway.resolver.resolve(&req).await?;
-    let subscribe = keys_for(&gateway, &facility, flags.subscribe, &identity);
-    let publish = keys_for(&gateway, &facility, flags.publish, &identity);
-    let protocol = first_requested_protocol(&req);
+    let slot = match policy.client_ip(req) {
+        Some(ip) => Some(
+            gateway
+                .per_ip
+                .acquire(ip, policy.max_connections_per_ip)
+                .ok_or(HandshakeError::PerIpLimit(ip))?,
+        ),
+        None => None,
+    };
+    let requested = Flags::parse(req.query_string());
+    let handshake = Handshake {
+        request: req,
+        facility: &facility,
+        flags: requested,
+    };
+    let identity = gateway.resolver.resolve(&handshake).await?;
+    let flags = match &identity.allowed {
+        Some(allowed) => requested.narrow(allowed),
+        None => requested,
+    };
+    policy
+        .check_flags(&facility, &flags, &identity)
+        .map_err(HandshakeError::Policy)?;
+    let subscribe = keys_for(gateway, &facility, flags.subscribe, &identity);
+    let publish = keys_for(gateway, &facility, flags.publish, &identity);
+    if subscribe.len() > policy.max_subscriptions {
+        return Err(HandshakeError::TooManySubscriptions(
+            subscribe.len(),
+            policy.max_subscriptions,
+        ));
+    }
+    let protocol = first_requested_protocol(req);
     let (response, session, stream) =
-        actix_ws::handle_with_protocols(&req, body, protocol.as_slice())
+        actix_ws::handle_with_protocols(req, body, protocol.as_slice())
             .map_err(|e| HandshakeError::Handshake(e.to_string()))?;
     let params = ConnParams {
         id: uuid::Uuid::new_v4(),
@@ -110,8 +198,9 @@ async fn websocket(
         subscribe,
         publish,
         echo: flags.echo,
+        _slot: slot,
     };
-    let gateway = gateway.into_inner();
+    let gateway = gateway.clone().into_inner();
     let task = gateway
         .tracker
         .track_future(conn::run(gateway.clone(), params, session, stream));
@@ -231,7 +320,7 @@ async fn publish(req: HttpRequest, body: web::Bytes, gateway: web::Data<Gateway>
             "publish API is off: no publish_token is configured".into(),
         );
     };
-    if !bearer_matches(&req, token) {
+    if !bearer_matches(&req, token.expose()) {
         return HttpResponse::Unauthorized()
             .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
             .content_type("text/plain; charset=utf-8")
@@ -264,6 +353,9 @@ async fn publish(req: HttpRequest, body: web::Bytes, gateway: web::Data<Gateway>
         .map(|a| Arc::from(gateway.keys.key(a, &request.facility)))
         .collect();
     let expire = request.expire.unwrap_or(gateway.config.redis.expire);
+    if expire > MAX_EXPIRE {
+        return bad(format!("expire: at most {MAX_EXPIRE} seconds"));
+    }
     let payload = web::Bytes::from(request.message);
     match gateway.broker.publish(&keys, &payload, expire).await {
         Ok(()) => {
@@ -280,8 +372,9 @@ fn bearer_matches(req: &HttpRequest, token: &str) -> bool {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, t)| t.trim());
     given.len() == token.len()
         && given
             .bytes()

@@ -5,7 +5,9 @@
 //!
 //! - [`config`]: settings (defaults < TOML file < `WSRELAY__*` environment).
 //! - [`channel`]: facilities, audiences, query flags and the Redis keys they make.
-//! - [`identity`]: who a socket belongs to (session key, user, groups), before the upgrade.
+//! - [`identity`]: who a socket belongs to (session key, user, groups), before the upgrade:
+//!   an identity record, Django's own sessions, an HTTP callback, or a signed token.
+//! - [`policy`]: which flags each socket may use, `Origin`, per-address and size limits.
 //! - [`http`]: the handshake, `/health` and `POST /api/publish`.
 //! - [`conn`]: one task per socket; close codes.
 //! - [`outbox`]: the per-socket queue, bounded in bytes.
@@ -14,6 +16,7 @@
 //!   embedded in-memory broker.
 //! - [`publisher`]: [`RedisPublisher`], for Rust web applications that publish.
 //! - [`shutdown`]: the stop signal.
+//! - [`stats`]: named counters (refusals by reason) shown by `/health`.
 //!
 //! # Data path
 //!
@@ -34,13 +37,16 @@ pub mod conn;
 pub mod http;
 pub mod identity;
 pub mod outbox;
+pub mod policy;
 pub mod publisher;
 pub mod registry;
 pub mod shutdown;
+pub mod stats;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::{web, App, HttpServer};
 use log::{info, warn};
@@ -50,9 +56,15 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, MemoryBroker, RedisBroker};
 use crate::channel::KeySpace;
-use crate::config::Config;
-use crate::identity::{IdentityResolver, RecordResolver};
+use crate::config::{Config, IdentitySource};
+use crate::identity::callback::CallbackResolver;
+use crate::identity::django::DjangoResolver;
+use crate::identity::record::RecordResolver;
+use crate::identity::token::TokenResolver;
+use crate::identity::IdentityResolver;
+use crate::policy::IpLimiter;
 use crate::registry::Registry;
+use crate::stats::Counters;
 
 pub use crate::publisher::RedisPublisher;
 
@@ -71,11 +83,44 @@ pub struct Gateway {
     pub sockets: AtomicU64,
     /// Sockets closed because their outbox overflowed.
     pub slow_closes: AtomicU64,
+    /// Refusals by reason and identity warnings.
+    pub counters: Arc<Counters>,
+    /// Open sockets per client address.
+    pub per_ip: Arc<IpLimiter>,
+}
+
+/// Builds the resolver `identity.source` names; an error names the setting.
+fn build_resolver(
+    config: &Config,
+    broker: &Arc<Broker>,
+    keys: &KeySpace,
+    counters: &Arc<Counters>,
+) -> Result<Box<dyn IdentityResolver>, String> {
+    let identity = &config.identity;
+    let cookie = config.session.cookie.clone();
+    let callback = || CallbackResolver::new(identity.callback.clone(), counters.clone());
+    Ok(match identity.source {
+        IdentitySource::Record => {
+            Box::new(RecordResolver::new(broker.clone(), keys.clone(), cookie))
+        }
+        IdentitySource::Callback => Box::new(callback()?),
+        IdentitySource::Token => Box::new(TokenResolver::new(identity.token.clone())?),
+        IdentitySource::Django => {
+            let fallback = identity.callback.url.is_some().then(callback).transpose()?;
+            Box::new(DjangoResolver::new(
+                identity.django.clone(),
+                config.redis.url.as_deref(),
+                cookie,
+                counters.clone(),
+                fallback,
+            )?)
+        }
+    })
 }
 
 impl Gateway {
     /// Builds the gateway and, with Redis, the subscriber task to spawn.
-    fn new(config: Config) -> std::io::Result<(Gateway, Option<broker::redis::Subscriber>)> {
+    pub fn new(config: Config) -> std::io::Result<(Gateway, Option<broker::redis::Subscriber>)> {
         let keys = KeySpace::new(config.redis.prefix.as_deref());
         let shutdown = CancellationToken::new();
         let (registry, broker, subscriber) = match &config.redis.url {
@@ -94,11 +139,9 @@ impl Gateway {
             }
         };
         let broker = Arc::new(broker);
-        let resolver = Box::new(RecordResolver::new(
-            broker.clone(),
-            keys.clone(),
-            config.session.cookie.clone(),
-        ));
+        let counters = Arc::new(Counters::default());
+        let resolver = build_resolver(&config, &broker, &keys, &counters)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let gateway = Gateway {
             config,
             keys,
@@ -109,6 +152,8 @@ impl Gateway {
             tracker: TaskTracker::new(),
             sockets: AtomicU64::new(0),
             slow_closes: AtomicU64::new(0),
+            counters,
+            per_ip: Arc::default(),
         };
         Ok((gateway, subscriber))
     }
@@ -121,6 +166,7 @@ impl Gateway {
             "sockets": self.sockets.load(Ordering::Relaxed),
             "delivered": self.registry.stats.delivered.load(Ordering::Relaxed),
             "slow_consumer_closes": self.slow_closes.load(Ordering::Relaxed),
+            "counters": self.counters.to_json(),
         })
     }
 }
@@ -143,9 +189,12 @@ pub async fn run(
     let mut server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
+            // The identity callback's HTTP client; one per worker thread.
+            .app_data(awc::Client::default())
             .configure(|cfg| http::configure(cfg, &url, max))
     })
     .disable_signals()
+    .client_request_timeout(Duration::from_secs_f64(config.policy.handshake_timeout))
     .shutdown_timeout(config.shutdown_timeout().as_secs().max(1));
     if config.workers > 0 {
         server = server.workers(config.workers);

@@ -62,6 +62,14 @@ fn main() -> ExitCode {
         }
     };
     if args.check_only {
+        // Building the gateway checks what the settings alone cannot (files, URLs); it
+        // connects to nothing.
+        let built = actix_web::rt::System::new()
+            .block_on(async { wsrelay::Gateway::new(config.clone()).map(|_| ()) });
+        if let Err(e) = built {
+            eprintln!("wsrelay: configuration error: {e}");
+            return ExitCode::from(2);
+        }
         println!("configuration ok: {}", config.summary());
         return ExitCode::SUCCESS;
     }

@@ -99,7 +99,9 @@ impl Outbox {
             return Pushed::Refused;
         }
         let len = frame.len();
-        if state.bytes + len > self.limit {
+        // One frame is always accepted when nothing is pending, so a message larger than
+        // the bound does not close every subscriber; the bound applies to a backlog.
+        if state.bytes > 0 && state.bytes + len > self.limit {
             state.overflowed = true;
             state.frames.clear();
             drop(state);
@@ -111,6 +113,24 @@ impl Outbox {
         drop(state);
         self.ready.notify_one();
         Pushed::Queued
+    }
+
+    /// Queues `frames` ahead of everything already queued, whatever the bound. Used once,
+    /// before the socket's first write, for the stored messages: everything queued by
+    /// then is a live publication at least as new, so it must come after them.
+    pub fn push_front(&self, frames: Vec<Frame>) {
+        let mut state = self.lock();
+        for frame in frames.into_iter().rev() {
+            state.bytes += frame.len();
+            state.frames.push_front(frame);
+        }
+        drop(state);
+        self.ready.notify_one();
+    }
+
+    /// Wakes the reader as a push would.
+    pub fn wake(&self) {
+        self.ready.notify_one();
     }
 
     /// Waits until frames are queued or the outbox overflowed.
@@ -173,6 +193,25 @@ mod tests {
         assert_eq!(outbox.push(&f), Pushed::Overflowed);
         assert_eq!(outbox.push(&f), Pushed::Refused);
         assert!(!outbox.take_into(&mut batch));
+    }
+
+    #[test]
+    fn one_oversized_frame_passes_when_nothing_is_pending() {
+        let outbox = Outbox::new(4);
+        let big = Frame::Text("123456".into());
+        assert_eq!(outbox.push(&big), Pushed::Queued);
+        assert_eq!(outbox.push(&Frame::Text("1".into())), Pushed::Overflowed);
+    }
+
+    #[test]
+    fn stored_frames_go_first() {
+        let outbox = Outbox::new(100);
+        outbox.push(&Frame::Text("live".into()));
+        outbox.push_front(vec![Frame::Text("a".into()), Frame::Text("b".into())]);
+        let mut batch = VecDeque::new();
+        outbox.take_into(&mut batch);
+        let texts: Vec<_> = batch.iter().map(|f| f.as_bytes().to_vec()).collect();
+        assert_eq!(texts, [b"a".to_vec(), b"b".to_vec(), b"live".to_vec()]);
     }
 
     #[test]

@@ -27,8 +27,8 @@ const SHARDS: usize = 16;
 pub enum Change {
     Subscribe(Arc<str>),
     Unsubscribe(Arc<str>),
-    /// Answered once every change logged before it has been applied (or cannot be,
-    /// because the broker is disconnected: then with `false`).
+    /// Answered `true` once every change logged before it has been applied; while Redis
+    /// is unreachable it waits for the next successful connect.
     Barrier(oneshot::Sender<bool>),
 }
 
@@ -101,9 +101,9 @@ impl Registry {
         }
     }
 
-    /// Resolves once the broker has applied every change logged before this call.
+    /// Resolves once the broker has applied every change logged before this call:
     /// `true` means those subscriptions are live in Redis; `false` that the broker is
-    /// disconnected (it will subscribe every live key when it reconnects).
+    /// gone (the process is stopping). Callers bound the wait.
     pub async fn barrier(&self) -> bool {
         let Some(tx) = &self.changes else {
             return true;

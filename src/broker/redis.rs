@@ -17,7 +17,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use log::{debug, info, warn};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -84,6 +84,7 @@ impl RedisBroker {
             link: link.clone(),
             probe_channel,
             heartbeat: config.heartbeat.clone(),
+            waiting: Vec::new(),
             reconnect_max: config.reconnect_max(),
             probe_interval: config.probe_interval(),
             shutdown,
@@ -136,6 +137,9 @@ pub struct Subscriber {
     reconnect_max: Duration,
     probe_interval: Duration,
     shutdown: CancellationToken,
+    /// Barriers that arrived while the link was down or failing; answered once a later
+    /// connect has subscribed every live key.
+    waiting: Vec<oneshot::Sender<bool>>,
 }
 
 impl Subscriber {
@@ -172,7 +176,7 @@ impl Subscriber {
     }
 
     /// While disconnected, changes are dropped (the registry is resubscribed whole on the
-    /// next connect) and barriers are answered `false` at once.
+    /// next connect) and barriers wait for that connect.
     async fn wait_disconnected(&mut self, pause: Duration) {
         let deadline = sleep(pause);
         tokio::pin!(deadline);
@@ -181,7 +185,7 @@ impl Subscriber {
                 _ = &mut deadline => return,
                 _ = self.shutdown.cancelled() => return,
                 change = self.changes.recv() => match change {
-                    Some(Change::Barrier(done)) => { let _ = done.send(false); }
+                    Some(Change::Barrier(done)) => self.waiting.push(done),
                     Some(_) => {}
                     None => return,
                 },
@@ -198,10 +202,9 @@ impl Subscriber {
         let (mut sink, mut stream) = pubsub.split();
 
         // Every change logged so far is superseded by the snapshot taken after it.
-        let mut barriers = Vec::new();
         while let Ok(change) = self.changes.try_recv() {
             if let Change::Barrier(done) = change {
-                barriers.push(done);
+                self.waiting.push(done);
             }
         }
         let mut keys: Vec<Arc<str>> = self.registry.keys();
@@ -217,40 +220,48 @@ impl Subscriber {
             keys.len() - 1
         );
         self.link.set(Ok(()));
-        for done in barriers {
+        for done in self.waiting.drain(..) {
             let _ = done.send(true);
         }
 
-        let mut probe =
-            tokio::time::interval_at(Instant::now() + self.probe_interval, self.probe_interval);
-        let mut probe_pending = false;
+        let start = Instant::now() + self.probe_interval;
+        let mut probe = tokio::time::interval_at(start, self.probe_interval);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When the unanswered probe was sent. Any message received since proves the
+        // link alive, so a busy link is never taken for a dead one.
+        let mut probe_sent: Option<Instant> = None;
         loop {
+            // Changes before messages: they are rare and cheap, and new sockets wait on
+            // them; a stream of publications must not starve them.
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return Ok(()),
-                message = stream.next() => {
-                    let Some(message) = message else {
-                        return Err(Failure::Lost("connection closed".into()));
-                    };
-                    let channel = message.get_channel_name();
-                    if channel == self.probe_channel {
-                        probe_pending = false;
-                        continue;
-                    }
-                    let payload = Bytes::copy_from_slice(message.get_payload_bytes());
-                    deliver(&self.registry, self.heartbeat.as_deref(), channel, payload);
-                }
                 change = self.changes.recv() => {
                     let Some(change) = change else { return Ok(()) };
                     self.apply(&mut sink, change).await.map_err(Failure::Lost)?;
                 }
-                _ = probe.tick() => {
-                    if probe_pending {
-                        return Err(Failure::Lost(format!("probe not received within {:?}", self.probe_interval)));
+                message = stream.next() => {
+                    let Some(message) = message else {
+                        return Err(Failure::Lost("connection closed".into()));
+                    };
+                    probe_sent = None;
+                    let channel = message.get_channel_name();
+                    if channel != self.probe_channel {
+                        let payload = Bytes::copy_from_slice(message.get_payload_bytes());
+                        deliver(&self.registry, self.heartbeat.as_deref(), channel, payload);
                     }
-                    probe_pending = true;
-                    self.send_probe();
                 }
+                _ = probe.tick() => match probe_sent {
+                    Some(sent) if sent.elapsed() >= self.probe_interval => {
+                        let waited = self.probe_interval;
+                        return Err(Failure::Lost(format!("probe not received within {waited:?}")));
+                    }
+                    Some(_) => {}
+                    None => {
+                        probe_sent = Some(Instant::now());
+                        self.send_probe();
+                    }
+                },
             }
         }
     }
@@ -276,18 +287,28 @@ impl Subscriber {
         }
         let (subscribe, unsubscribe): (Vec<_>, Vec<_>) =
             wanted.into_iter().partition(|(_, on)| *on);
-        for chunk in subscribe.chunks(CHUNK) {
-            let names: Vec<&str> = chunk.iter().map(|(k, _)| &**k).collect();
-            round_trip(sink.subscribe(names)).await?;
+        let applied = async {
+            for chunk in subscribe.chunks(CHUNK) {
+                let names: Vec<&str> = chunk.iter().map(|(k, _)| &**k).collect();
+                round_trip(sink.subscribe(names)).await?;
+            }
+            for chunk in unsubscribe.chunks(CHUNK) {
+                let names: Vec<&str> = chunk.iter().map(|(k, _)| &**k).collect();
+                round_trip(sink.unsubscribe(names)).await?;
+            }
+            Ok(())
         }
-        for chunk in unsubscribe.chunks(CHUNK) {
-            let names: Vec<&str> = chunk.iter().map(|(k, _)| &**k).collect();
-            round_trip(sink.unsubscribe(names)).await?;
+        .await;
+        match applied {
+            Ok(()) => {
+                for done in barriers {
+                    let _ = done.send(true);
+                }
+            }
+            // The link is about to be replaced; the next connect answers them.
+            Err(_) => self.waiting.extend(barriers),
         }
-        for done in barriers {
-            let _ = done.send(true);
-        }
-        Ok(())
+        applied
     }
 
     /// Publishes a probe through the command connection; the pub/sub connection must

@@ -171,6 +171,8 @@ impl Gateway {
             .env("WSRELAY__LISTEN", "127.0.0.1:0")
             .env("WSRELAY__WORKERS", "2")
             .env("WSRELAY__PUBLISH_TOKEN", TOKEN)
+            // Most tests publish from clients; the access tests turn this off again.
+            .env("WSRELAY__POLICY__COMPAT", "true")
             .env("WSRELAY__REDIS__RECONNECT_MAX", "0.5")
             .env("WSRELAY__REDIS__PROBE_INTERVAL", "1")
             .stdout(Stdio::null())
