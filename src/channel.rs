@@ -48,19 +48,24 @@ pub enum NameError {
     Empty(NameKind),
     #[error("{0} is longer than {MAX_NAME_LEN} bytes")]
     TooLong(NameKind),
-    #[error("{0} contains {1:?}; allowed are letters, digits and . _ - ~ @ + = ,{slash}", slash = if *.0 == NameKind::Facility { " /" } else { "" })]
+    #[error("{0} contains {1:?}; refused are : * ? [ ] {{ }} \\ \" ' spaces and control characters{slash}", slash = if *.0 == NameKind::Facility { "" } else { ", and /" })]
     BadChar(NameKind, char),
     #[error("facility has an empty, '.' or '..' path segment")]
     BadSegment,
 }
 
+/// Characters no name may contain: the key separator, Redis pattern characters, Redis
+/// Cluster hash-tag braces, and quotes.
+const REFUSED: &str = ":*?[]{}\\\"'";
+
 /// Checks that `name` is safe inside a Redis key.
 ///
-/// Accepted: Unicode letters and digits and `. _ - ~ @ + = ,` (Django user names such as
-/// `jane.doe+test@example.com` pass); facilities may also contain `/` between non-empty
-/// segments (`chat/room1`), as ws4redis takes the rest of the URL path as the facility.
-/// Refused: `:` (the key separator), `* ? [ ]` (pattern characters), whitespace,
-/// control characters, anything else, and names longer than [`MAX_NAME_LEN`].
+/// Refused: `:` (the key separator), `* ? [ ] \` (pattern characters), `{ }` (Redis
+/// Cluster hash tags), quotes, whitespace and control characters, and names longer than
+/// [`MAX_NAME_LEN`]. `/` is allowed in facilities only, between non-empty segments
+/// other than `.` and `..` (`chat/room1`), as ws4redis takes the rest of the URL path as
+/// the facility. Everything else printable passes, so Django user names such as
+/// `jane.doe+test@example.com` or `jörg` keep working.
 pub fn validate_name(kind: NameKind, name: &str) -> Result<(), NameError> {
     if name.is_empty() {
         return Err(NameError::Empty(kind));
@@ -69,10 +74,9 @@ pub fn validate_name(kind: NameKind, name: &str) -> Result<(), NameError> {
         return Err(NameError::TooLong(kind));
     }
     let slash_ok = kind == NameKind::Facility;
-    if let Some(c) = name
-        .chars()
-        .find(|&c| !(c.is_alphanumeric() || ".-_~@+=,".contains(c) || (slash_ok && c == '/')))
-    {
+    if let Some(c) = name.chars().find(|&c| {
+        c.is_whitespace() || c.is_control() || REFUSED.contains(c) || (c == '/' && !slash_ok)
+    }) {
         return Err(NameError::BadChar(kind, c));
     }
     if slash_ok
@@ -271,7 +275,10 @@ mod tests {
         assert!(validate_name(Facility, "chat/room1").is_ok());
         assert!(validate_name(User, "jane.doe+x@example.com").is_ok());
         assert!(validate_name(User, "jürgen").is_ok());
-        for bad in ["a:b", "a*", "a?", "a[1]", "a b", "a\nb", "a\u{0}", "a\\b"] {
+        assert!(validate_name(User, "jörg✓").is_ok());
+        for bad in [
+            "a:b", "a*", "a?", "a[1]", "a b", "a\nb", "a\u{0}", "a\\b", "{tag}", "a\"b", "a\u{a0}b",
+        ] {
             assert!(validate_name(Facility, bad).is_err(), "{bad:?}");
         }
         assert_eq!(

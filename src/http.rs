@@ -407,4 +407,66 @@ mod tests {
             Err(HandshakeError::Facility(NameError::Empty(_)))
         ));
     }
+
+    /// Fuzz-style: whatever a client sends in the path, query or cookie, nothing panics
+    /// and every name that reaches a key passed validation.
+    mod fuzz {
+        use super::*;
+        use crate::channel::KeySpace;
+        use crate::identity::{session_key, Identity};
+        use actix_web::test::TestRequest;
+        use proptest::prelude::*;
+
+        fn key_is_safe(key: &str) -> bool {
+            !key.chars()
+                .any(|c| c.is_control() || c.is_whitespace() || "*?[]{}\\\"'".contains(c))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn facility_paths(raw in "(/ws/)?([a-z:/%*?. \\[\\]{}\\x00-\\x1f\u{80}-\u{10ffff}]|%[0-9A-Fa-f]{2}){0,40}") {
+                if let Ok(facility) = facility_from_path(&raw, "/ws/") {
+                    prop_assert!(validate_name(NameKind::Facility, &facility).is_ok());
+                    let key = KeySpace::new(Some("p")).key(&Audience::Broadcast, &facility);
+                    prop_assert_eq!(key.matches(':').count(), 2);
+                    prop_assert!(key_is_safe(&key));
+                }
+            }
+
+            #[test]
+            fn query_strings(query in "\\PC{0,200}") {
+                let flags = Flags::parse(&query);
+                let _ = flags.to_string();
+            }
+
+            #[test]
+            fn cookies(header in "\\PC{0,300}") {
+                if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&header) {
+                    let req = TestRequest::default().insert_header((header::COOKIE, value)).to_http_request();
+                    if let Ok(Some(key)) = session_key(&req, "sessionid") {
+                        prop_assert!(!key.contains(':') && key_is_safe(&key) && key.len() <= crate::channel::MAX_NAME_LEN);
+                    }
+                }
+            }
+
+            #[test]
+            fn identity_names(user in "\\PC{0,40}", groups in proptest::collection::vec("\\PC{0,20}", 0..100)) {
+                let id = Identity::from_names(Some(user.clone()), Some(user), groups);
+                for name in id.user.iter().chain(&id.groups).chain(&id.session) {
+                    prop_assert!(!name.contains(':') && !name.contains('/') && key_is_safe(name));
+                }
+                prop_assert!(id.groups.len() <= crate::identity::MAX_GROUPS);
+            }
+
+            #[test]
+            fn stored_sessions_and_tokens(raw in proptest::collection::vec(any::<u8>(), 0..400)) {
+                use crate::identity::django;
+                let _ = django::unsign(&raw, "salt", "secret");
+                let _ = django::fields_from_pickle(&raw, "u", "g");
+                let _ = django::fields_from_json(&raw, "u", "g");
+            }
+        }
+    }
 }

@@ -165,7 +165,30 @@ impl Gateway {
 
     /// Starts with `WSRELAY__*` settings and other environment variables.
     pub fn start_env(settings: &[(&str, &str)], env: &[(&str, &str)]) -> Gateway {
+        Self::launch(settings, env, None)
+    }
+
+    /// Starts with a TOML configuration file (environment settings still win).
+    pub fn start_with_file(toml: &str, settings: &[(&str, &str)]) -> Gateway {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("wsrelay-test-{}-{n}.toml", std::process::id()));
+        std::fs::write(&path, toml).unwrap();
+        let gateway = Self::launch(settings, &[], Some(&path));
+        let _ = std::fs::remove_file(&path);
+        gateway
+    }
+
+    fn launch(
+        settings: &[(&str, &str)],
+        env: &[(&str, &str)],
+        file: Option<&std::path::Path>,
+    ) -> Gateway {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsrelay"));
+        if let Some(file) = file {
+            cmd.arg("--config").arg(file);
+        }
         cmd.env_clear()
             .env("RUST_LOG", "info")
             .env("WSRELAY__LISTEN", "127.0.0.1:0")
@@ -274,7 +297,8 @@ pub struct HttpReply {
     pub body: String,
 }
 
-/// One HTTP/1.1 request on a fresh connection (`Connection: close`).
+/// One HTTP/1.1 request on a fresh connection. `Connection: close` is added unless the
+/// caller sets `Connection`; a 101 answer is returned as soon as its head arrives.
 pub async fn http(
     addr: SocketAddr,
     method: &str,
@@ -284,20 +308,35 @@ pub async fn http(
 ) -> HttpReply {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n",
         body.len()
     );
+    if !headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("connection"))
+    {
+        req.push_str("Connection: close\r\n");
+    }
     for (name, value) in headers {
         req.push_str(&format!("{name}: {value}\r\n"));
     }
     req.push_str("\r\n");
     req.push_str(body);
     stream.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut raw))
-        .await
-        .expect("HTTP reply")
-        .unwrap();
+    let read = async {
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).await.unwrap_or(0);
+            raw.extend_from_slice(&buf[..n]);
+            if n == 0
+                || (raw.starts_with(b"HTTP/1.1 101") && raw.windows(4).any(|w| w == b"\r\n\r\n"))
+            {
+                return raw;
+            }
+        }
+    };
+    let raw = tokio::time::timeout(WAIT, read).await.expect("HTTP reply");
     let raw = String::from_utf8_lossy(&raw).to_string();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
     let status = head

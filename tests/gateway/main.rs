@@ -3,10 +3,14 @@
 //! `wire` holds the behaviour both brokers must share; each of its tests runs twice,
 //! once on Redis and once on the embedded broker. `on_redis` covers what only exists
 //! with Redis (key names, identity records, outages, the single subscriber connection);
-//! `http_api` the handshake answers, the publish API and the command line.
+//! `http_api` the handshake answers, the publish API and the command line; `identity`
+//! the identity sources (Django, HTTP callback, token); `access` the access policy,
+//! `Origin` and the limits.
 
+mod access;
 mod harness;
 mod http_api;
+mod identity;
 mod on_redis;
 mod wire;
 
