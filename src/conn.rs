@@ -47,6 +47,7 @@ pub const CLOSE_SLOW_CONSUMER: u16 = 4000;
 #[derive(Debug)]
 pub struct ConnParams {
     pub id: uuid::Uuid,
+    /// The client's address (forwarded by a trusted proxy, or the peer's).
     pub peer: String,
     pub facility: String,
     pub user: Option<String>,
@@ -149,8 +150,8 @@ pub async fn run(
         keys: &params.subscribe,
         outbox: outbox.clone(),
     };
-    debug!(
-        "conn {} open: peer={} facility={} user={} subscribe={:?} publish={:?}",
+    info!(
+        "conn {} open: client={} facility={} user={} subscribe={:?} publish={:?}",
         params.id,
         params.peer,
         params.facility,
@@ -184,7 +185,7 @@ pub async fn run(
         gateway.slow_closes.fetch_add(1, Ordering::Relaxed);
     }
     info!(
-        "conn {} closed: peer={} facility={} user={} after {:.1}s: {:?}",
+        "conn {} closed: client={} facility={} user={} after {:.1}s: {:?}",
         params.id,
         params.peer,
         params.facility,

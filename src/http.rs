@@ -153,7 +153,8 @@ async fn accept(
     }
     policy.check_origin(req).map_err(HandshakeError::Origin)?;
     let facility = facility_from_path(req.path(), &gateway.config.websocket_url)?;
-    let slot = match policy.client_ip(req) {
+    let client = policy.client_ip(req);
+    let slot = match client {
         Some(ip) => Some(
             gateway
                 .per_ip
