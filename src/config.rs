@@ -39,8 +39,10 @@ pub const DEFAULT_SESSION_COOKIE: &str = "sessionid";
 pub const DEFAULT_RECONNECT_MAX: f64 = 5.0;
 /// Period of the probe that detects a silently dead pub/sub connection, in seconds.
 pub const DEFAULT_PROBE_INTERVAL: f64 = 5.0;
-/// How long a stop may take to close every socket, in seconds.
+/// How long a stop may take to close every socket after the drain window, in seconds.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: f64 = 10.0;
+/// Sockets are closed spread over this many seconds when the gateway stops.
+pub const DEFAULT_DRAIN_WINDOW: f64 = 5.0;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,6 +60,7 @@ pub struct Config {
     /// Bearer token of `POST /api/publish`; absent turns the endpoint off.
     pub publish_token: Option<Secret>,
     pub shutdown_timeout: f64,
+    pub drain_window: f64,
     pub redis: RedisConfig,
     pub session: SessionConfig,
     pub identity: IdentityConfig,
@@ -151,6 +154,7 @@ impl Config {
             .set_default("max_message_size", DEFAULT_MAX_MESSAGE_SIZE as u64)?
             .set_default("queue_bytes", DEFAULT_QUEUE_BYTES as u64)?
             .set_default("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)?
+            .set_default("drain_window", DEFAULT_DRAIN_WINDOW)?
             .set_default("redis.expire", DEFAULT_EXPIRE)?
             .set_default("redis.reconnect_max", DEFAULT_RECONNECT_MAX)?
             .set_default("redis.probe_interval", DEFAULT_PROBE_INTERVAL)?
@@ -225,6 +229,7 @@ impl Config {
             ("ping_interval", self.ping_interval, true),
             ("ping_timeout", self.ping_timeout, false),
             ("shutdown_timeout", self.shutdown_timeout, true),
+            ("drain_window", self.drain_window, true),
             ("redis.reconnect_max", self.redis.reconnect_max, false),
             ("redis.probe_interval", self.redis.probe_interval, false),
         ] {
@@ -325,6 +330,10 @@ impl Config {
 
     pub fn shutdown_timeout(&self) -> Duration {
         seconds(self.shutdown_timeout)
+    }
+
+    pub fn drain_window(&self) -> Duration {
+        seconds(self.drain_window)
     }
 
     pub fn reconnect_max(&self) -> Duration {

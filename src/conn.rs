@@ -23,7 +23,6 @@
 //! reading) closes the socket as a slow consumer, like an overflowing outbox.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,7 +32,7 @@ use bytestring::ByteString;
 use log::{debug, info};
 use tokio::time::{timeout, Instant};
 
-use crate::outbox::{Frame, Outbox};
+use crate::outbox::{Frame, Outbox, Queued};
 use crate::Gateway;
 
 /// Bound on sending a Close frame before the socket is dropped.
@@ -56,6 +55,8 @@ pub struct ConnParams {
     /// Keys that frames from this socket are published to.
     pub publish: Vec<Arc<str>>,
     pub echo: bool,
+    /// The audience kinds this socket listens to (metric labels).
+    pub audiences: Vec<&'static str>,
     /// Holds this socket's place in the per-address limit until the socket ends.
     pub _slot: Option<crate::policy::IpSlot>,
 }
@@ -120,17 +121,44 @@ impl CloseReason {
     }
 }
 
-/// Unregisters the socket from the registry however the task ends.
+/// Registers the socket and counts it; undoes both however the task ends.
 struct Registration<'a> {
     gateway: &'a Gateway,
-    keys: &'a [Arc<str>],
+    params: &'a ConnParams,
     outbox: Arc<Outbox>,
+}
+
+impl<'a> Registration<'a> {
+    fn new(gateway: &'a Gateway, params: &'a ConnParams, outbox: Arc<Outbox>) -> Self {
+        gateway.registry.register(&params.subscribe, &outbox);
+        gateway.metrics.sockets.inc();
+        for audience in &params.audiences {
+            gateway
+                .metrics
+                .sockets_by_audience
+                .with_label_values(&[audience])
+                .inc();
+        }
+        Registration {
+            gateway,
+            params,
+            outbox,
+        }
+    }
 }
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        self.gateway.registry.unregister(self.keys, &self.outbox);
-        self.gateway.sockets.fetch_sub(1, Ordering::Relaxed);
+        let (gateway, params) = (self.gateway, self.params);
+        gateway.registry.unregister(&params.subscribe, &self.outbox);
+        gateway.metrics.sockets.dec();
+        for audience in &params.audiences {
+            gateway
+                .metrics
+                .sockets_by_audience
+                .with_label_values(&[audience])
+                .dec();
+        }
     }
 }
 
@@ -143,19 +171,14 @@ pub async fn run(
 ) {
     let started = Instant::now();
     let outbox = Arc::new(Outbox::new(gateway.config.queue_bytes));
-    gateway.registry.register(&params.subscribe, &outbox);
-    gateway.sockets.fetch_add(1, Ordering::Relaxed);
-    let _registration = Registration {
-        gateway: &gateway,
-        keys: &params.subscribe,
-        outbox: outbox.clone(),
-    };
+    let _registration = Registration::new(&gateway, &params, outbox.clone());
     info!(
-        "conn {} open: client={} facility={} user={} subscribe={:?} publish={:?}",
+        "conn {} open: client={} facility={} user={} audiences={:?} subscribe={:?} publish={:?}",
         params.id,
         params.peer,
         params.facility,
         params.user.as_deref().unwrap_or("-"),
+        params.audiences,
         params.subscribe,
         params.publish
     );
@@ -182,15 +205,18 @@ pub async fn run(
         let _ = timeout(CLOSE_TIMEOUT, conn.session.close(Some(frame))).await;
     }
     if reason == CloseReason::SlowConsumer {
-        gateway.slow_closes.fetch_add(1, Ordering::Relaxed);
+        gateway.metrics.slow_consumer_closes.inc();
     }
     info!(
-        "conn {} closed: client={} facility={} user={} after {:.1}s: {:?}",
+        "conn {} closed: client={} facility={} user={} after {:.1}s: code={} {:?}",
         params.id,
         params.peer,
         params.facility,
         params.user.as_deref().unwrap_or("-"),
         started.elapsed().as_secs_f64(),
+        reason
+            .frame()
+            .map_or_else(|| "-".to_string(), |f| u16::from(f.code).to_string()),
         reason
     );
 }
@@ -242,6 +268,8 @@ struct Timers {
     next_ping: Instant,
     pong_deadline: Option<Instant>,
     last_write: Instant,
+    /// When this socket closes during a drain (spread over `drain_window`).
+    closing_at: Option<Instant>,
 }
 
 impl Timers {
@@ -250,7 +278,8 @@ impl Timers {
         let ping = self.ping_interval.map_or(far, |_| self.next_ping);
         let pong = self.pong_deadline.unwrap_or(far);
         let heartbeat = self.heartbeat_interval.map_or(far, |i| self.last_write + i);
-        ping.min(pong).min(heartbeat)
+        let closing = self.closing_at.unwrap_or(far);
+        ping.min(pong).min(heartbeat).min(closing)
     }
 }
 
@@ -273,6 +302,7 @@ impl Conn<'_> {
             next_ping: now + config.ping_interval().unwrap_or_default(),
             pong_deadline: None,
             last_write: now,
+            closing_at: None,
         };
         let mut batch = VecDeque::new();
         let wake = tokio::time::sleep_until(timers.next());
@@ -283,7 +313,13 @@ impl Conn<'_> {
             // cannot starve pongs, client frames or the ping deadline.
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return CloseReason::Shutdown,
+                _ = shutdown.cancelled(), if timers.closing_at.is_none() => {
+                    // Each socket closes at its own point of the drain window, so that
+                    // thousands of browsers do not reconnect in the same second.
+                    let window = self.gateway.config.drain_window();
+                    let share = (self.params.id.as_u128() % 1_000_000) as f64 / 1e6;
+                    timers.closing_at = Some(Instant::now() + window.mul_f64(share));
+                }
                 _ = &mut wake => {
                     if let Err(reason) = self.on_timer(&mut timers).await {
                         return reason;
@@ -311,31 +347,39 @@ impl Conn<'_> {
     }
 
     /// Writes everything queued, until the outbox is empty.
-    async fn flush(&mut self, batch: &mut VecDeque<Frame>) -> Result<(), CloseReason> {
+    async fn flush(&mut self, batch: &mut VecDeque<Queued>) -> Result<(), CloseReason> {
+        let metrics = &self.gateway.metrics;
         loop {
             if !self.outbox.take_into(batch) {
                 return Err(CloseReason::SlowConsumer);
             }
-            if batch.is_empty() {
+            let Some(oldest) = batch.front().map(|q| q.received) else {
                 return Ok(());
-            }
-            while let Some(frame) = batch.pop_front() {
+            };
+            let (mut frames, mut bytes) = (0, 0);
+            while let Some(Queued { frame, .. }) = batch.pop_front() {
                 let len = frame.len();
                 let echo_of_own =
                     !self.params.echo && self.last_published.as_deref() == Some(frame.as_bytes());
                 if !echo_of_own {
                     self.send(Outgoing::Frame(frame)).await?;
+                    frames += 1;
+                    bytes += len as u64;
                 }
                 self.outbox.written(len);
             }
+            metrics.frames_delivered.inc_by(frames);
+            metrics.bytes_out.inc_by(bytes);
+            metrics
+                .delivery_latency
+                .observe(oldest.elapsed().as_secs_f64());
         }
     }
 
-    /// Sends one message. Every write goes through here: a shutdown, an overflow of the
-    /// outbox, or a write stuck longer than `ping_timeout` (the peer stopped reading)
-    /// ends the wait, so no peer can hold the task.
+    /// Sends one message. Every write goes through here: an overflow of the outbox, or a
+    /// write stuck longer than `ping_timeout` (the peer stopped reading) ends the wait,
+    /// so no peer can hold the task.
     async fn send(&mut self, message: Outgoing) -> Result<(), CloseReason> {
-        let shutdown = &self.gateway.shutdown;
         let outbox = self.outbox;
         let session = &mut self.session;
         let send = async move {
@@ -353,7 +397,6 @@ impl Conn<'_> {
         let result = loop {
             tokio::select! {
                 sent = &mut send => break sent.map_err(|_| CloseReason::ClientGone),
-                _ = shutdown.cancelled() => break Err(CloseReason::Shutdown),
                 _ = &mut stuck => break Err(CloseReason::SlowConsumer),
                 _ = outbox.ready() => {
                     if outbox.overflowed() {
@@ -372,6 +415,9 @@ impl Conn<'_> {
 
     async fn on_timer(&mut self, timers: &mut Timers) -> Result<(), CloseReason> {
         let now = Instant::now();
+        if timers.closing_at.is_some_and(|t| t <= now) {
+            return Err(CloseReason::Shutdown);
+        }
         if timers.pong_deadline.is_some_and(|d| d <= now) {
             return Err(CloseReason::PingTimeout);
         }

@@ -29,6 +29,8 @@ const PUBLISH_ENVELOPE: usize = 64 * 1024;
 pub fn configure(cfg: &mut web::ServiceConfig, websocket_url: &str, max_message_size: usize) {
     cfg.service(web::resource(format!("{websocket_url}{{facility:.*}}")).to(websocket))
         .service(web::resource("/health").get(health))
+        .service(web::resource("/ready").get(ready))
+        .service(web::resource("/metrics").get(metrics))
         .service(
             web::resource("/api/publish")
                 .app_data(web::PayloadConfig::new(
@@ -68,20 +70,18 @@ pub enum HandshakeError {
 }
 
 impl HandshakeError {
-    /// The counter this refusal is counted under.
+    /// The reason this refusal is counted under (`wsrelay_handshakes_total{result}`).
     fn counter(&self) -> &'static str {
         match self {
-            HandshakeError::CookieTooLarge(_) => "refused.cookie_size",
-            HandshakeError::Origin(_) => "refused.origin",
-            HandshakeError::PerIpLimit(_) => "refused.per_ip_limit",
-            HandshakeError::Identity(IdentityError::Unavailable(_)) => {
-                "refused.identity_unavailable"
-            }
-            HandshakeError::Identity(_) => "refused.identity",
-            HandshakeError::Policy(_) => "refused.policy",
-            HandshakeError::TooManySubscriptions(..) => "refused.subscriptions",
-            HandshakeError::ShuttingDown => "refused.shutting_down",
-            _ => "refused.bad_request",
+            HandshakeError::CookieTooLarge(_) => "cookie_size",
+            HandshakeError::Origin(_) => "origin",
+            HandshakeError::PerIpLimit(_) => "per_ip_limit",
+            HandshakeError::Identity(IdentityError::Unavailable(_)) => "identity_unavailable",
+            HandshakeError::Identity(_) => "identity",
+            HandshakeError::Policy(_) => "policy",
+            HandshakeError::TooManySubscriptions(..) => "subscriptions",
+            HandshakeError::ShuttingDown => "shutting_down",
+            _ => "bad_request",
         }
     }
 }
@@ -120,10 +120,18 @@ async fn websocket(
     gateway: web::Data<Gateway>,
 ) -> Result<HttpResponse, HandshakeError> {
     let accepted = accept(&req, body, &gateway).await;
-    if let Err(e) = &accepted {
-        gateway.counters.incr(e.counter());
-        debug!("handshake refused ({}): {e}", e.counter());
-    }
+    let result = match &accepted {
+        Ok(_) => "accepted",
+        Err(e) => {
+            debug!("handshake refused ({}): {e}", e.counter());
+            e.counter()
+        }
+    };
+    gateway
+        .metrics
+        .handshakes
+        .with_label_values(&[result])
+        .inc();
     accepted
 }
 
@@ -195,6 +203,7 @@ async fn accept(
             .peer_addr()
             .map_or_else(|| "-".into(), |a| a.to_string()),
         facility,
+        audiences: audience_labels(flags.subscribe, &identity),
         user: identity.user,
         subscribe,
         publish,
@@ -218,6 +227,20 @@ fn facility_from_path(path: &str, websocket_url: &str) -> Result<String, Handsha
         .map_err(|_| HandshakeError::BadPath)?;
     validate_name(NameKind::Facility, &facility).map_err(HandshakeError::Facility)?;
     Ok(facility.into_owned())
+}
+
+/// The audience kinds a socket with these flags and this identity listens to.
+fn audience_labels(kinds: AudienceKinds, identity: &Identity) -> Vec<&'static str> {
+    let user = identity.user.is_some();
+    [
+        (kinds.broadcast, "broadcast"),
+        (kinds.user && user, "user"),
+        (kinds.group && user && !identity.groups.is_empty(), "group"),
+        (kinds.session && identity.session.is_some(), "session"),
+    ]
+    .into_iter()
+    .filter_map(|(on, name)| on.then_some(name))
+    .collect()
 }
 
 /// The first subprotocol the client offered; it is echoed, as ws4redis did.
@@ -270,6 +293,28 @@ async fn health(gateway: web::Data<Gateway>) -> HttpResponse {
     }
 }
 
+/// Readiness for load balancers: 200 while the broker is connected and the gateway is
+/// not stopping, 503 with the reason otherwise.
+async fn ready(gateway: web::Data<Gateway>) -> HttpResponse {
+    if gateway.shutdown.is_cancelled() {
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining: the gateway is stopping".into(),
+        );
+    }
+    match gateway.broker.health() {
+        Ok(()) => plain(StatusCode::OK, "ready".into()),
+        Err(reason) => plain(StatusCode::SERVICE_UNAVAILABLE, reason),
+    }
+}
+
+/// Prometheus text format.
+async fn metrics(gateway: web::Data<Gateway>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(gateway.metrics.render())
+}
+
 /// The body of `POST /api/publish`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -315,19 +360,30 @@ impl PublishRequest {
 }
 
 async fn publish(req: HttpRequest, body: web::Bytes, gateway: web::Data<Gateway>) -> HttpResponse {
+    let response = publish_checked(&req, &body, &gateway).await;
+    let status = response.status();
+    gateway
+        .metrics
+        .publish_api
+        .with_label_values(&[status.as_str()])
+        .inc();
+    response
+}
+
+async fn publish_checked(req: &HttpRequest, body: &web::Bytes, gateway: &Gateway) -> HttpResponse {
     let Some(token) = &gateway.config.publish_token else {
         return plain(
             StatusCode::NOT_FOUND,
             "publish API is off: no publish_token is configured".into(),
         );
     };
-    if !bearer_matches(&req, token.expose()) {
+    if !bearer_matches(req, token.expose()) {
         return HttpResponse::Unauthorized()
             .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
             .content_type("text/plain; charset=utf-8")
             .body("missing or wrong bearer token");
     }
-    let request: PublishRequest = match serde_json::from_slice(&body) {
+    let request: PublishRequest = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => return plain(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")),
     };

@@ -16,7 +16,8 @@
 //!   embedded in-memory broker.
 //! - [`publisher`]: [`RedisPublisher`], for Rust web applications that publish.
 //! - [`shutdown`]: the stop signal.
-//! - [`stats`]: named counters (refusals by reason) shown by `/health`.
+//! - [`metrics`]: Prometheus metrics at `/metrics`, summarised by `/health`.
+//! - [`notify`]: readiness and stop notifications to systemd.
 //!
 //! # Data path
 //!
@@ -36,15 +37,15 @@ pub mod config;
 pub mod conn;
 pub mod http;
 pub mod identity;
+pub mod metrics;
+pub mod notify;
 pub mod outbox;
 pub mod policy;
 pub mod publisher;
 pub mod registry;
 pub mod shutdown;
-pub mod stats;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,9 +63,9 @@ use crate::identity::django::DjangoResolver;
 use crate::identity::record::RecordResolver;
 use crate::identity::token::TokenResolver;
 use crate::identity::IdentityResolver;
+use crate::metrics::Metrics;
 use crate::policy::IpLimiter;
 use crate::registry::Registry;
-use crate::stats::Counters;
 
 pub use crate::publisher::RedisPublisher;
 
@@ -79,12 +80,7 @@ pub struct Gateway {
     pub shutdown: CancellationToken,
     /// Tracks connection tasks, so a stop can wait for them (bounded).
     pub tracker: TaskTracker,
-    /// Open sockets.
-    pub sockets: AtomicU64,
-    /// Sockets closed because their outbox overflowed.
-    pub slow_closes: AtomicU64,
-    /// Refusals by reason and identity warnings.
-    pub counters: Arc<Counters>,
+    pub metrics: Arc<Metrics>,
     /// Open sockets per client address.
     pub per_ip: Arc<IpLimiter>,
 }
@@ -94,11 +90,11 @@ fn build_resolver(
     config: &Config,
     broker: &Arc<Broker>,
     keys: &KeySpace,
-    counters: &Arc<Counters>,
+    metrics: &Arc<Metrics>,
 ) -> Result<Box<dyn IdentityResolver>, String> {
     let identity = &config.identity;
     let cookie = config.session.cookie.clone();
-    let callback = || CallbackResolver::new(identity.callback.clone(), counters.clone());
+    let callback = || CallbackResolver::new(identity.callback.clone(), metrics.clone());
     Ok(match identity.source {
         IdentitySource::Record => {
             Box::new(RecordResolver::new(broker.clone(), keys.clone(), cookie))
@@ -111,7 +107,7 @@ fn build_resolver(
                 identity.django.clone(),
                 config.redis.url.as_deref(),
                 cookie,
-                counters.clone(),
+                metrics.clone(),
                 fallback,
             )?)
         }
@@ -123,24 +119,24 @@ impl Gateway {
     pub fn new(config: Config) -> std::io::Result<(Gateway, Option<broker::redis::Subscriber>)> {
         let keys = KeySpace::new(config.redis.prefix.as_deref());
         let shutdown = CancellationToken::new();
+        let metrics = Arc::new(Metrics::new());
         let (registry, broker, subscriber) = match &config.redis.url {
             Some(url) => {
                 let (tx, rx) = mpsc::unbounded_channel();
-                let registry = Arc::new(Registry::new(Some(tx)));
+                let registry = Arc::new(Registry::new(Some(tx), metrics.clone()));
                 let (broker, subscriber) =
                     RedisBroker::new(&config, url, registry.clone(), rx, shutdown.clone())
                         .map_err(std::io::Error::other)?;
                 (registry, Broker::Redis(broker), Some(subscriber))
             }
             None => {
-                let registry = Arc::new(Registry::new(None));
+                let registry = Arc::new(Registry::new(None, metrics.clone()));
                 let broker = MemoryBroker::new(registry.clone(), config.heartbeat.clone());
                 (registry, Broker::Memory(broker), None)
             }
         };
         let broker = Arc::new(broker);
-        let counters = Arc::new(Counters::default());
-        let resolver = build_resolver(&config, &broker, &keys, &counters)
+        let resolver = build_resolver(&config, &broker, &keys, &metrics)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let gateway = Gateway {
             config,
@@ -150,9 +146,7 @@ impl Gateway {
             resolver,
             shutdown,
             tracker: TaskTracker::new(),
-            sockets: AtomicU64::new(0),
-            slow_closes: AtomicU64::new(0),
-            counters,
+            metrics,
             per_ip: Arc::default(),
         };
         Ok((gateway, subscriber))
@@ -160,13 +154,14 @@ impl Gateway {
 
     /// Counters for `/health`.
     pub fn stats_json(&self) -> serde_json::Value {
+        let m = &self.metrics;
         serde_json::json!({
             "status": "ok",
             "broker": self.broker.kind(),
-            "sockets": self.sockets.load(Ordering::Relaxed),
-            "delivered": self.registry.stats.delivered.load(Ordering::Relaxed),
-            "slow_consumer_closes": self.slow_closes.load(Ordering::Relaxed),
-            "counters": self.counters.to_json(),
+            "sockets": m.sockets.get(),
+            "delivered": m.frames_delivered.get(),
+            "slow_consumer_closes": m.slow_consumer_closes.get(),
+            "counters": m.counters_json(),
         })
     }
 }
@@ -204,18 +199,25 @@ pub async fn run(
     let handle = server.handle();
     let mut serving = actix_web::rt::spawn(server);
     info!("listening on {addr} ({})", gateway.config.summary());
+    notify::notify("READY=1");
 
     tokio::select! {
-        _ = stop => info!("stop requested: closing sockets"),
+        _ = stop => {
+            let window = gateway.config.drain_window();
+            info!("stop requested: draining, sockets close over {window:?}");
+        }
         result = &mut serving => {
             warn!("HTTP server ended on its own");
             return result.map_err(std::io::Error::other)?;
         }
     }
-    handle.pause().await;
+    // Drain: `/ready` answers 503 and new handshakes get 503 (the listener stays open so
+    // load balancers can read that), existing sockets close with 1001 spread over the
+    // drain window; then the listener stops.
+    notify::notify("STOPPING=1");
     gateway.shutdown.cancel();
     gateway.tracker.close();
-    let grace = gateway.config.shutdown_timeout();
+    let grace = gateway.config.drain_window() + gateway.config.shutdown_timeout();
     if tokio::time::timeout(grace, gateway.tracker.wait())
         .await
         .is_err()
@@ -225,6 +227,7 @@ pub async fn run(
             gateway.tracker.len()
         );
     }
+    handle.pause().await;
     handle.stop(true).await;
     let _ = serving.await;
     info!("stopped");

@@ -15,6 +15,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use bytestring::ByteString;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// A message on its way to sockets. Cloning shares the payload (no copy per socket).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +59,13 @@ impl Frame {
     }
 }
 
+/// A frame in an outbox, with the time the broker received it (for the latency metric).
+#[derive(Debug, Clone)]
+pub struct Queued {
+    pub frame: Frame,
+    pub received: Instant,
+}
+
 /// What [`Outbox::push`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
@@ -70,7 +78,7 @@ pub enum Pushed {
 
 #[derive(Default)]
 struct State {
-    frames: VecDeque<Frame>,
+    frames: VecDeque<Queued>,
     /// Bytes queued plus bytes taken but not yet written (see [`Outbox::written`]).
     bytes: usize,
     overflowed: bool,
@@ -93,7 +101,7 @@ impl Outbox {
     }
 
     /// Queues `frame` without waiting. Never blocks on the socket.
-    pub fn push(&self, frame: &Frame) -> Pushed {
+    pub fn push(&self, frame: &Frame, received: Instant) -> Pushed {
         let mut state = self.lock();
         if state.overflowed {
             return Pushed::Refused;
@@ -109,7 +117,10 @@ impl Outbox {
             return Pushed::Overflowed;
         }
         state.bytes += len;
-        state.frames.push_back(frame.clone());
+        state.frames.push_back(Queued {
+            frame: frame.clone(),
+            received,
+        });
         drop(state);
         self.ready.notify_one();
         Pushed::Queued
@@ -119,10 +130,11 @@ impl Outbox {
     /// before the socket's first write, for the stored messages: everything queued by
     /// then is a live publication at least as new, so it must come after them.
     pub fn push_front(&self, frames: Vec<Frame>) {
+        let received = Instant::now();
         let mut state = self.lock();
         for frame in frames.into_iter().rev() {
             state.bytes += frame.len();
-            state.frames.push_front(frame);
+            state.frames.push_front(Queued { frame, received });
         }
         drop(state);
         self.ready.notify_one();
@@ -140,7 +152,7 @@ impl Outbox {
 
     /// Moves every queued frame into `batch` (which keeps its capacity between calls).
     /// Returns `false` once the outbox has overflowed.
-    pub fn take_into(&self, batch: &mut VecDeque<Frame>) -> bool {
+    pub fn take_into(&self, batch: &mut VecDeque<Queued>) -> bool {
         let mut state = self.lock();
         if state.overflowed {
             return false;
@@ -184,14 +196,14 @@ mod tests {
     fn push_is_bounded_in_bytes_and_overflow_is_sticky() {
         let outbox = Outbox::new(10);
         let f = Frame::Text("12345".into());
-        assert_eq!(outbox.push(&f), Pushed::Queued);
-        assert_eq!(outbox.push(&f), Pushed::Queued);
+        assert_eq!(outbox.push(&f, Instant::now()), Pushed::Queued);
+        assert_eq!(outbox.push(&f, Instant::now()), Pushed::Queued);
         let mut batch = VecDeque::new();
         assert!(outbox.take_into(&mut batch));
         assert_eq!(batch.len(), 2);
         // Taken but not written still counts against the bound.
-        assert_eq!(outbox.push(&f), Pushed::Overflowed);
-        assert_eq!(outbox.push(&f), Pushed::Refused);
+        assert_eq!(outbox.push(&f, Instant::now()), Pushed::Overflowed);
+        assert_eq!(outbox.push(&f, Instant::now()), Pushed::Refused);
         assert!(!outbox.take_into(&mut batch));
     }
 
@@ -199,18 +211,21 @@ mod tests {
     fn one_oversized_frame_passes_when_nothing_is_pending() {
         let outbox = Outbox::new(4);
         let big = Frame::Text("123456".into());
-        assert_eq!(outbox.push(&big), Pushed::Queued);
-        assert_eq!(outbox.push(&Frame::Text("1".into())), Pushed::Overflowed);
+        assert_eq!(outbox.push(&big, Instant::now()), Pushed::Queued);
+        assert_eq!(
+            outbox.push(&Frame::Text("1".into()), Instant::now()),
+            Pushed::Overflowed
+        );
     }
 
     #[test]
     fn stored_frames_go_first() {
         let outbox = Outbox::new(100);
-        outbox.push(&Frame::Text("live".into()));
+        outbox.push(&Frame::Text("live".into()), Instant::now());
         outbox.push_front(vec![Frame::Text("a".into()), Frame::Text("b".into())]);
         let mut batch = VecDeque::new();
         outbox.take_into(&mut batch);
-        let texts: Vec<_> = batch.iter().map(|f| f.as_bytes().to_vec()).collect();
+        let texts: Vec<_> = batch.iter().map(|q| q.frame.as_bytes().to_vec()).collect();
         assert_eq!(texts, [b"a".to_vec(), b"b".to_vec(), b"live".to_vec()]);
     }
 
@@ -218,10 +233,10 @@ mod tests {
     fn written_bytes_free_room() {
         let outbox = Outbox::new(10);
         let f = Frame::Binary(Bytes::from_static(b"1234567890"));
-        assert_eq!(outbox.push(&f), Pushed::Queued);
+        assert_eq!(outbox.push(&f, Instant::now()), Pushed::Queued);
         let mut batch = VecDeque::new();
         outbox.take_into(&mut batch);
         outbox.written(10);
-        assert_eq!(outbox.push(&f), Pushed::Queued);
+        assert_eq!(outbox.push(&f, Instant::now()), Pushed::Queued);
     }
 }

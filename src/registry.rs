@@ -13,11 +13,12 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use tokio::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::metrics::Metrics;
 use crate::outbox::{Frame, Outbox, Pushed};
 
 const SHARDS: usize = 16;
@@ -34,28 +35,22 @@ pub enum Change {
 
 type Shard = HashMap<Arc<str>, Vec<Arc<Outbox>>>;
 
-/// Counters of the fan-out, read by `/health`.
-#[derive(Debug, Default)]
-pub struct DispatchStats {
-    /// Frames queued to sockets.
-    pub delivered: AtomicU64,
-}
-
 pub struct Registry {
     shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
     /// The change log; `None` for a broker that needs none (the in-memory one).
     changes: Option<mpsc::UnboundedSender<Change>>,
-    pub stats: DispatchStats,
+    /// The process's metrics, counted where publications enter the fan-out.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Registry {
-    pub fn new(changes: Option<mpsc::UnboundedSender<Change>>) -> Self {
+    pub fn new(changes: Option<mpsc::UnboundedSender<Change>>, metrics: Arc<Metrics>) -> Self {
         Registry {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
             changes,
-            stats: DispatchStats::default(),
+            metrics,
         }
     }
 
@@ -127,23 +122,19 @@ impl Registry {
 
     /// Hands `frame` to every listener of `key`. Never waits: a listener whose outbox is
     /// full is marked as a slow consumer and closes itself. Returns the number queued.
-    pub fn dispatch(&self, key: &str, frame: &Frame) -> usize {
+    pub fn dispatch(&self, key: &str, frame: &Frame, received: Instant) -> usize {
         let shard = self.shard(key);
         let Some(listeners) = shard.get(key) else {
             return 0;
         };
         let mut queued = 0;
         for outbox in listeners {
-            match outbox.push(frame) {
+            match outbox.push(frame, received) {
                 Pushed::Queued => queued += 1,
                 // The connection sees the overflow and closes itself.
                 Pushed::Overflowed | Pushed::Refused => {}
             }
         }
-        drop(shard);
-        self.stats
-            .delivered
-            .fetch_add(queued as u64, Ordering::Relaxed);
         queued
     }
 }
@@ -160,7 +151,7 @@ mod tests {
     #[test]
     fn transitions_are_logged_once_per_key() {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let reg = Registry::new(Some(tx));
+        let reg = Registry::new(Some(tx), Arc::default());
         let (a, b) = (Arc::new(Outbox::new(100)), Arc::new(Outbox::new(100)));
         let keys = [key("broadcast:x"), key("user:u:x")];
         reg.register(&keys, &a);
@@ -185,12 +176,18 @@ mod tests {
 
     #[test]
     fn dispatch_reaches_only_listeners_of_the_key() {
-        let reg = Registry::new(None);
+        let reg = Registry::new(None, Arc::default());
         let (a, b) = (Arc::new(Outbox::new(100)), Arc::new(Outbox::new(100)));
         reg.register(&[key("k1")], &a);
         reg.register(&[key("k2")], &b);
-        assert_eq!(reg.dispatch("k1", &Frame::Text("m".into())), 1);
-        assert_eq!(reg.dispatch("nobody", &Frame::Text("m".into())), 0);
+        assert_eq!(
+            reg.dispatch("k1", &Frame::Text("m".into()), Instant::now()),
+            1
+        );
+        assert_eq!(
+            reg.dispatch("nobody", &Frame::Text("m".into()), Instant::now()),
+            0
+        );
         let mut batch = VecDeque::new();
         a.take_into(&mut batch);
         assert_eq!(batch.len(), 1);
@@ -200,13 +197,13 @@ mod tests {
 
     #[test]
     fn a_full_outbox_does_not_hold_back_the_others() {
-        let reg = Registry::new(None);
+        let reg = Registry::new(None, Arc::default());
         let (slow, fine) = (Arc::new(Outbox::new(3)), Arc::new(Outbox::new(100)));
         reg.register(&[key("k")], &slow);
         reg.register(&[key("k")], &fine);
         let frame = Frame::Text("ab".into());
-        assert_eq!(reg.dispatch("k", &frame), 2);
-        assert_eq!(reg.dispatch("k", &frame), 1);
+        assert_eq!(reg.dispatch("k", &frame, Instant::now()), 2);
+        assert_eq!(reg.dispatch("k", &frame, Instant::now()), 1);
         assert!(slow.overflowed() && !fine.overflowed());
     }
 }

@@ -80,8 +80,10 @@ impl Broker {
 /// Relays one publication to the local sockets of `key`. The ws4redis heartbeat string
 /// is never relayed, whoever published it.
 pub fn deliver(registry: &Registry, heartbeat: Option<&str>, key: &str, payload: Bytes) -> usize {
+    let received = tokio::time::Instant::now();
+    registry.metrics.broker_messages.inc();
     if heartbeat.is_some_and(|h| h.as_bytes() == payload) {
         return 0;
     }
-    registry.dispatch(key, &Frame::from_payload(payload))
+    registry.dispatch(key, &Frame::from_payload(payload), received)
 }

@@ -164,12 +164,14 @@ impl Subscriber {
                 }
                 Err(Failure::Lost(reason)) => {
                     warn!("redis: pub/sub link lost ({reason}); sockets stay open, reconnecting");
+                    self.registry.metrics.redis_reconnects.inc();
                     failures = 0;
                     backoff = MIN_BACKOFF;
                     reason
                 }
             };
             self.link.set(Err(format!("redis unavailable: {reason}")));
+            self.registry.metrics.redis_connected.set(0);
             self.wait_disconnected(backoff).await;
             backoff = (backoff * 2).min(self.reconnect_max);
         }
@@ -220,6 +222,7 @@ impl Subscriber {
             keys.len() - 1
         );
         self.link.set(Ok(()));
+        self.registry.metrics.redis_connected.set(1);
         for done in self.waiting.drain(..) {
             let _ = done.send(true);
         }

@@ -28,7 +28,7 @@ use serde::Deserialize;
 
 use super::{Handshake, Identity, IdentityError, IdentityResolver};
 use crate::channel::Flags;
-use crate::stats::Counters;
+use crate::metrics::Metrics;
 
 /// Largest answer body read from the application.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -63,11 +63,11 @@ pub struct CallbackResolver {
     config: CallbackConfig,
     forward: Vec<HeaderName>,
     cache: Mutex<HashMap<String, Cached>>,
-    counters: Arc<Counters>,
+    metrics: Arc<Metrics>,
 }
 
 impl CallbackResolver {
-    pub fn new(config: CallbackConfig, counters: Arc<Counters>) -> Result<Self, String> {
+    pub fn new(config: CallbackConfig, metrics: Arc<Metrics>) -> Result<Self, String> {
         let url = config
             .url
             .clone()
@@ -91,7 +91,7 @@ impl CallbackResolver {
             config,
             forward,
             cache: Mutex::default(),
-            counters,
+            metrics,
         })
     }
 
@@ -158,7 +158,10 @@ impl CallbackResolver {
             }
         }
         let unavailable = |why: String| {
-            self.counters.incr("identity.callback_unavailable");
+            self.metrics
+                .identity_events
+                .with_label_values(&["callback_unavailable"])
+                .inc();
             warn!("identity callback failed: {why}");
             IdentityError::Unavailable(format!("identity callback: {why}"))
         };
@@ -189,7 +192,10 @@ impl CallbackResolver {
             }
         };
         answer.map_err(|why| {
-            self.counters.incr("identity.callback_refused");
+            self.metrics
+                .identity_events
+                .with_label_values(&["callback_refused"])
+                .inc();
             IdentityError::Refused(why)
         })
     }

@@ -36,7 +36,7 @@ use sha2::{Digest, Sha256};
 use super::callback::CallbackResolver;
 use super::{session_key, Handshake, Identity, IdentityError, IdentityResolver};
 use crate::config::Secret;
-use crate::stats::Counters;
+use crate::metrics::Metrics;
 
 /// Largest session value read (and largest decompressed payload), in bytes.
 const MAX_SESSION_BYTES: usize = 1 << 20;
@@ -199,7 +199,7 @@ pub struct DjangoResolver {
     secret: Option<String>,
     conn: ConnectionManager,
     cookie: String,
-    counters: Arc<Counters>,
+    metrics: Arc<Metrics>,
     /// Asked when a session has no user field.
     fallback: Option<CallbackResolver>,
 }
@@ -209,7 +209,7 @@ impl DjangoResolver {
         config: DjangoConfig,
         default_url: Option<&str>,
         cookie: String,
-        counters: Arc<Counters>,
+        metrics: Arc<Metrics>,
         fallback: Option<CallbackResolver>,
     ) -> Result<Self, String> {
         let url = config
@@ -245,7 +245,7 @@ impl DjangoResolver {
             secret,
             conn,
             cookie,
-            counters,
+            metrics,
             fallback,
         })
     }
@@ -299,7 +299,10 @@ impl DjangoResolver {
         let fields = match self.decode(&raw) {
             Ok(fields) => fields,
             Err(e) => {
-                self.counters.incr("identity.django_rejected");
+                self.metrics
+                    .identity_events
+                    .with_label_values(&["django_rejected"])
+                    .inc();
                 warn!("django session refused ({e}); socket is anonymous");
                 SessionFields::default()
             }

@@ -198,6 +198,7 @@ impl Gateway {
             .env("WSRELAY__POLICY__COMPAT", "true")
             .env("WSRELAY__REDIS__RECONNECT_MAX", "0.5")
             .env("WSRELAY__REDIS__PROBE_INTERVAL", "1")
+            .env("WSRELAY__DRAIN_WINDOW", "0.2")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (name, value) in settings {
@@ -229,9 +230,19 @@ impl Gateway {
         format!("ws://{}{}", self.addr, path)
     }
 
+    /// Sends SIGTERM without waiting.
+    pub fn terminate(&self) {
+        signal(&self.child, "TERM");
+    }
+
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
-        signal(&self.child, "TERM");
+        self.terminate();
+        self.wait_exit()
+    }
+
+    /// Waits (bounded) for the process to exit.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let deadline = std::time::Instant::now() + WAIT;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {

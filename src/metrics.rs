@@ -1,0 +1,165 @@
+//! Prometheus metrics, served at `/metrics`; `/health` shows a summary of them.
+//!
+//! Hot-path counters are added once per batch of frames, not once per frame, and the
+//! delivery latency (broker receipt → handed to the socket writer) is observed once per
+//! batch, for its oldest frame: the worst latency of the batch.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric of one gateway process.
+pub struct Metrics {
+    registry: Registry,
+    /// Open sockets.
+    pub sockets: IntGauge,
+    /// Open sockets listening to at least one key of each audience kind.
+    pub sockets_by_audience: IntGaugeVec,
+    /// Handshakes, by result: `accepted` or the refusal reason.
+    pub handshakes: IntCounterVec,
+    /// Identity warnings and failures, by event.
+    pub identity_events: IntCounterVec,
+    /// Publications received from the broker.
+    pub broker_messages: IntCounter,
+    /// Frames handed to socket writers.
+    pub frames_delivered: IntCounter,
+    /// Payload bytes handed to socket writers.
+    pub bytes_out: IntCounter,
+    /// Sockets closed because their outbox overflowed (close code 4000).
+    pub slow_consumer_closes: IntCounter,
+    /// Redis pub/sub links lost (each is followed by a reconnect).
+    pub redis_reconnects: IntCounter,
+    /// 1 while the Redis pub/sub link is up.
+    pub redis_connected: IntGauge,
+    /// `POST /api/publish` requests, by HTTP status.
+    pub publish_api: IntCounterVec,
+    /// Seconds from broker receipt to the socket writer, per batch.
+    pub delivery_latency: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        // unwrap (all below): names and labels are constants, valid and unique.
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).unwrap();
+            registry.register(Box::new(g.clone())).unwrap();
+            g
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).unwrap();
+            registry.register(Box::new(c.clone())).unwrap();
+            c
+        };
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label]).unwrap();
+            registry.register(Box::new(c.clone())).unwrap();
+            c
+        };
+        let sockets_by_audience = IntGaugeVec::new(
+            Opts::new(
+                "wsrelay_sockets_by_audience",
+                "Open sockets listening to an audience kind",
+            ),
+            &["audience"],
+        )
+        .unwrap();
+        registry
+            .register(Box::new(sockets_by_audience.clone()))
+            .unwrap();
+        let buckets = vec![
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+        ];
+        let delivery_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "wsrelay_delivery_latency_seconds",
+                "Broker receipt to socket writer, oldest frame of each batch",
+            )
+            .buckets(buckets),
+        )
+        .unwrap();
+        registry
+            .register(Box::new(delivery_latency.clone()))
+            .unwrap();
+        Metrics {
+            sockets: gauge("wsrelay_sockets", "Open sockets"),
+            sockets_by_audience,
+            handshakes: counter_vec("wsrelay_handshakes_total", "Handshakes by result", "result"),
+            identity_events: counter_vec(
+                "wsrelay_identity_events_total",
+                "Identity warnings and failures",
+                "event",
+            ),
+            broker_messages: counter(
+                "wsrelay_broker_messages_total",
+                "Publications received from the broker",
+            ),
+            frames_delivered: counter(
+                "wsrelay_frames_delivered_total",
+                "Frames handed to socket writers",
+            ),
+            bytes_out: counter(
+                "wsrelay_bytes_out_total",
+                "Payload bytes handed to socket writers",
+            ),
+            slow_consumer_closes: counter(
+                "wsrelay_slow_consumer_closes_total",
+                "Sockets closed because their outbox overflowed",
+            ),
+            redis_reconnects: counter(
+                "wsrelay_redis_reconnects_total",
+                "Redis pub/sub links lost and re-established",
+            ),
+            redis_connected: gauge(
+                "wsrelay_redis_connected",
+                "1 while the Redis pub/sub link is up",
+            ),
+            publish_api: counter_vec(
+                "wsrelay_publish_api_requests_total",
+                "POST /api/publish by status",
+                "status",
+            ),
+            delivery_latency,
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // unwrap: encoding into a Vec cannot fail.
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Refusals by reason and identity events, for `/health`.
+    pub fn counters_json(&self) -> serde_json::Value {
+        let mut map = serde_json::Map::new();
+        for family in self.registry.gather() {
+            let prefix = match family.name() {
+                "wsrelay_handshakes_total" => "refused.",
+                "wsrelay_identity_events_total" => "identity.",
+                _ => continue,
+            };
+            for metric in family.get_metric() {
+                let label = metric.get_label().first().map_or("", |l| l.value());
+                if label != "accepted" {
+                    map.insert(
+                        format!("{prefix}{label}"),
+                        (metric.get_counter().get_value() as u64).into(),
+                    );
+                }
+            }
+        }
+        map.into()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
