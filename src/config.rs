@@ -61,6 +61,8 @@ pub struct Config {
     pub publish_token: Option<Secret>,
     pub shutdown_timeout: f64,
     pub drain_window: f64,
+    /// Serve the demo page at `/`; default: only with the embedded broker.
+    pub demo: Option<bool>,
     pub redis: RedisConfig,
     pub session: SessionConfig,
     pub identity: IdentityConfig,
@@ -330,6 +332,20 @@ impl Config {
 
     pub fn shutdown_timeout(&self) -> Duration {
         seconds(self.shutdown_timeout)
+    }
+
+    pub fn demo_enabled(&self) -> bool {
+        self.demo.unwrap_or(self.redis.url.is_none())
+    }
+
+    /// The access policy in force: the configured one, plus, with the demo on, a rule
+    /// that lets the demo page publish on its own facilities (`demo/…`).
+    pub fn effective_policy(&self) -> PolicyConfig {
+        let mut policy = self.policy.clone();
+        if self.demo_enabled() {
+            policy.rules.insert(0, crate::policy::Rule::demo());
+        }
+        policy
     }
 
     pub fn drain_window(&self) -> Duration {

@@ -141,7 +141,7 @@ async fn accept(
     body: web::Payload,
     gateway: &web::Data<Gateway>,
 ) -> Result<HttpResponse, HandshakeError> {
-    let policy = &gateway.config.policy;
+    let policy = &gateway.policy;
     if gateway.shutdown.is_cancelled() {
         return Err(HandshakeError::ShuttingDown);
     }

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //!
+//! - [`assets`]: the browser helper (`/wsrelay.js`) and the demo page, embedded.
 //! - [`config`]: settings (defaults < TOML file < `WSRELAY__*` environment).
 //! - [`channel`]: facilities, audiences, query flags and the Redis keys they make.
 //! - [`identity`]: who a socket belongs to (session key, user, groups), before the upgrade:
@@ -31,6 +32,7 @@
 //!                                 Outbox (bounded) ──► conn task ──► socket
 //! ```
 
+pub mod assets;
 pub mod broker;
 pub mod channel;
 pub mod config;
@@ -72,6 +74,8 @@ pub use crate::publisher::RedisPublisher;
 /// Everything the handlers and connection tasks share; one per process.
 pub struct Gateway {
     pub config: Config,
+    /// The access policy in force (`policy`, plus the demo's rule when it is on).
+    pub policy: policy::PolicyConfig,
     pub keys: KeySpace,
     pub registry: Arc<Registry>,
     pub broker: Arc<Broker>,
@@ -81,6 +85,8 @@ pub struct Gateway {
     /// Tracks connection tasks, so a stop can wait for them (bounded).
     pub tracker: TaskTracker,
     pub metrics: Arc<Metrics>,
+    /// The embedded browser helper and demo page.
+    pub assets: assets::Assets,
     /// Open sockets per client address.
     pub per_ip: Arc<IpLimiter>,
 }
@@ -139,6 +145,7 @@ impl Gateway {
         let resolver = build_resolver(&config, &broker, &keys, &metrics)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let gateway = Gateway {
+            policy: config.effective_policy(),
             config,
             keys,
             registry,
@@ -147,6 +154,7 @@ impl Gateway {
             shutdown,
             tracker: TaskTracker::new(),
             metrics,
+            assets: assets::Assets::default(),
             per_ip: Arc::default(),
         };
         Ok((gateway, subscriber))
@@ -187,6 +195,7 @@ pub async fn run(
             // The identity callback's HTTP client; one per worker thread.
             .app_data(awc::Client::default())
             .configure(|cfg| http::configure(cfg, &url, max))
+            .configure(assets::configure)
     })
     .disable_signals()
     .client_request_timeout(Duration::from_secs_f64(config.policy.handshake_timeout))

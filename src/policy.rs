@@ -83,6 +83,20 @@ pub struct Rule {
     pub publish: Vec<Kind>,
 }
 
+impl Rule {
+    /// What the demo page needs: anyone may subscribe to and publish broadcast and
+    /// session messages on `demo/…` facilities.
+    pub fn demo() -> Rule {
+        Rule {
+            facility: "demo/*".into(),
+            who: Who::Anyone,
+            groups: vec![],
+            subscribe: all_kinds(),
+            publish: vec![Kind::Broadcast, Kind::Session],
+        }
+    }
+}
+
 fn all_kinds() -> Vec<Kind> {
     vec![Kind::Broadcast, Kind::User, Kind::Group, Kind::Session]
 }

@@ -1,0 +1,2 @@
+// Placeholder: the browser helper is being written.
+function WS4Redis(options) {}
