@@ -487,12 +487,11 @@ impl Conn<'_> {
         }
         let payload = frame.payload();
         let expire = self.gateway.config.redis.expire;
-        if let Err(e) = self
+        let publish = self
             .gateway
             .broker
-            .publish(&self.params.publish, &payload, expire)
-            .await
-        {
+            .publish(&self.params.publish, &payload, expire);
+        if let Err(e) = publish.await {
             debug!("conn {}: publish failed: {e}", self.params.id);
             return Err(CloseReason::BrokerUnavailable);
         }
