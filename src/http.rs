@@ -199,9 +199,7 @@ async fn accept(
             .map_err(|e| HandshakeError::Handshake(e.to_string()))?;
     let params = ConnParams {
         id: uuid::Uuid::new_v4(),
-        peer: req
-            .peer_addr()
-            .map_or_else(|| "-".into(), |a| a.to_string()),
+        peer: client.map_or_else(|| "-".into(), |ip| ip.to_string()),
         facility,
         audiences: audience_labels(flags.subscribe, &identity),
         user: identity.user,

@@ -5,13 +5,16 @@
 //! with Redis (key names, identity records, outages, the single subscriber connection);
 //! `http_api` the handshake answers, the publish API and the command line; `identity`
 //! the identity sources (Django, HTTP callback, token); `access` the access policy,
-//! `Origin` and the limits.
+//! `Origin` and the limits; `operations` systemd units, readiness, metrics and drains;
+//! `nginx` the shipped nginx site in front of one and two gateways.
 
 mod access;
 mod harness;
 mod http_api;
 mod identity;
+mod nginx;
 mod on_redis;
+mod operations;
 mod wire;
 
 use harness::{Gateway, RedisServer};
