@@ -9,6 +9,7 @@
 //! `nginx` the shipped nginx site in front of one and two gateways.
 
 mod access;
+mod browser;
 mod harness;
 mod http_api;
 mod identity;

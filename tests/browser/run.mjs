@@ -1,0 +1,865 @@
+// Browser tests of wsrelay's helper (/wsrelay.js) and demo page, in Debian's headless
+// Chromium driven by playwright-core.
+//
+//   WSRELAY_BIN=target/debug/wsrelay node tests/browser/run.mjs [letters...]
+//
+// It starts everything itself and stops only what it started: a redis-server on a free
+// port, the gateway (WSRELAY_BIN) on a fixed free port so it can restart it there, and a
+// second gateway with default settings (embedded broker, demo page on). The test pages
+// of this folder are written into a tab that shows a file of the gateway (see openPage),
+// so the gateway's Origin check passes without any setting; /wsrelay.js, /wsrelay.mjs,
+// the demo page and the sockets come from the real gateway.
+//
+// Environment: WSRELAY_BIN (required), WSRELAY_CHROMIUM (default /usr/bin/chromium),
+// WSRELAY_ARTIFACTS (default <repo>/target/artifacts; the demo screenshot goes there).
+// Arguments: scenario letters to run (default: all). Every wait is bounded; nothing
+// asserts on timings. The last line is "N passed, M failed"; the exit code is 1 when a
+// scenario failed or could not run.
+
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const ROOT = path.resolve(HERE, '..', '..');
+const BIN = process.env.WSRELAY_BIN;
+const CHROMIUM = process.env.WSRELAY_CHROMIUM || '/usr/bin/chromium';
+const ARTIFACTS = path.resolve(ROOT, process.env.WSRELAY_ARTIFACTS || 'target/artifacts');
+const TOKEN = 'browser-test-token-0123456789';
+const HEARTBEAT = '--heartbeat--';
+/** The longest any single expected event may take. */
+const WAIT = 15_000;
+/** The longest one scenario may take. */
+const SCENARIO_LIMIT = 90_000;
+/** The longest the whole run may take. */
+const RUN_LIMIT = 270_000;
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+function log(line) {
+  process.stdout.write(`${line}\n`);
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes this runner started, so that it ends exactly those.
+
+const children = new Set();
+
+function start(command, args, options) {
+  const child = spawn(command, args, options);
+  children.add(child);
+  child.on('exit', () => children.delete(child));
+  // A command that cannot start (not installed) reports here instead of crashing the run.
+  child.spawnError = null;
+  child.on('error', (e) => {
+    child.spawnError = e;
+    children.delete(child);
+  });
+  return child;
+}
+
+/** Fails at once when `child` could not be started. */
+function checkStarted(child, what) {
+  if (child.spawnError) {
+    throw new Error(`cannot run ${what}: ${child.spawnError.message}`);
+  }
+}
+
+function killAll() {
+  for (const child of children) {
+    try {
+      child.kill('SIGKILL');
+    } catch {
+      // Already gone.
+    }
+  }
+}
+
+process.on('exit', killAll);
+for (const sig of ['SIGINT', 'SIGTERM']) {
+  process.on(sig, () => {
+    killAll();
+    process.exit(1);
+  });
+}
+
+/** Waits (bounded) for a child to exit; SIGKILL when it does not. */
+async function waitExit(child, ms = WAIT) {
+  if (child.exitCode !== null || child.signalCode !== null) {
+    return;
+  }
+  const exited = new Promise((resolve) => child.once('exit', resolve));
+  const timer = sleep(ms).then(() => 'timeout');
+  if ((await Promise.race([exited, timer])) === 'timeout') {
+    child.kill('SIGKILL');
+    await exited;
+  }
+}
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+/** Polls `check` until it returns a truthy value; fails with `what` after `ms`. */
+async function until(what, check, ms = WAIT) {
+  const deadline = Date.now() + ms;
+  let last;
+  for (;;) {
+    try {
+      last = await check();
+      if (last) {
+        return last;
+      }
+    } catch (e) {
+      if (e.message.startsWith('cannot run ')) {
+        throw e;
+      }
+      last = e;
+    }
+    if (Date.now() > deadline) {
+      throw new Error(`timed out waiting for ${what}${last ? ` (last: ${describe(last)})` : ''}`);
+    }
+    await sleep(50);
+  }
+}
+
+function describe(value) {
+  if (value instanceof Error) {
+    return value.message;
+  }
+  return typeof value === 'string' ? value : JSON.stringify(value);
+}
+
+function assert(condition, message) {
+  if (!condition) {
+    throw new Error(message);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Redis: a server of our own and a minimal RESP client.
+
+/** Reads one RESP reply from `buf` at `pos`: [value, next position], or null if incomplete. */
+function parseReply(buf, pos = 0) {
+  const end = buf.indexOf('\r\n', pos);
+  if (end < 0) {
+    return null;
+  }
+  const kind = String.fromCharCode(buf[pos]);
+  const line = buf.toString('utf8', pos + 1, end);
+  const next = end + 2;
+  switch (kind) {
+    case '+':
+      return [line, next];
+    case '-':
+      return [new Error(line), next];
+    case ':':
+      return [Number(line), next];
+    case '$': {
+      const len = Number(line);
+      if (len < 0) {
+        return [null, next];
+      }
+      if (buf.length < next + len + 2) {
+        return null;
+      }
+      return [buf.toString('utf8', next, next + len), next + len + 2];
+    }
+    case '*': {
+      const count = Number(line);
+      const items = [];
+      let at = next;
+      for (let i = 0; i < count; i++) {
+        const item = parseReply(buf, at);
+        if (!item) {
+          return null;
+        }
+        items.push(item[0]);
+        at = item[1];
+      }
+      return [count < 0 ? null : items, at];
+    }
+    default:
+      throw new Error(`unexpected RESP reply: ${buf.toString('utf8', pos)}`);
+  }
+}
+
+function encodeCommand(args) {
+  const parts = [`*${args.length}\r\n`];
+  for (const arg of args) {
+    const s = String(arg);
+    parts.push(`$${Buffer.byteLength(s)}\r\n${s}\r\n`);
+  }
+  return parts.join('');
+}
+
+class Redis {
+  constructor(port, child) {
+    this.port = port;
+    this.child = child;
+  }
+
+  static async start() {
+    const port = await freePort();
+    const child = start(
+      'redis-server',
+      ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'],
+      { stdio: 'ignore' },
+    );
+    const redis = new Redis(port, child);
+    await until('redis-server to answer PING', async () => {
+      checkStarted(child, 'redis-server (apt-get install redis-server)');
+      return (await redis.command('PING')) === 'PONG';
+    });
+    return redis;
+  }
+
+  get url() {
+    return `redis://127.0.0.1:${this.port}/0`;
+  }
+
+  /** One command on a fresh connection; resolves with the reply. */
+  command(...args) {
+    return new Promise((resolve, reject) => {
+      const socket = net.connect(this.port, '127.0.0.1');
+      let buf = Buffer.alloc(0);
+      const timer = setTimeout(() => {
+        socket.destroy();
+        reject(new Error(`redis ${args[0]}: no reply`));
+      }, WAIT);
+      socket.on('error', (e) => {
+        clearTimeout(timer);
+        reject(e);
+      });
+      socket.on('data', (chunk) => {
+        buf = Buffer.concat([buf, chunk]);
+        const reply = parseReply(buf);
+        if (reply) {
+          clearTimeout(timer);
+          socket.end();
+          if (reply[0] instanceof Error) {
+            reject(reply[0]);
+          } else {
+            resolve(reply[0]);
+          }
+        }
+      });
+      socket.write(encodeCommand(args));
+    });
+  }
+
+  /** Subscribes to `channel`; `received` collects the messages until `close()`. */
+  async subscribe(channel) {
+    const socket = net.connect(this.port, '127.0.0.1');
+    const sub = { received: [], close: () => socket.destroy() };
+    let buf = Buffer.alloc(0);
+    let confirm;
+    const confirmed = new Promise((resolve) => {
+      confirm = resolve;
+    });
+    socket.on('error', () => {});
+    socket.on('data', (chunk) => {
+      buf = Buffer.concat([buf, chunk]);
+      for (;;) {
+        const reply = parseReply(buf);
+        if (!reply) {
+          break;
+        }
+        buf = buf.subarray(reply[1]);
+        const [kind, , payload] = reply[0];
+        if (kind === 'subscribe') {
+          confirm();
+        } else if (kind === 'message') {
+          sub.received.push(payload);
+        }
+      }
+    });
+    socket.write(encodeCommand(['SUBSCRIBE', channel]));
+    await Promise.race([confirmed, sleep(WAIT).then(() => Promise.reject(new Error('SUBSCRIBE')))]);
+    return sub;
+  }
+
+  /** Waits until the gateway listens to `channel` (so a PUBLISH now reaches its sockets). */
+  async waitSubscribed(channel, count = 1) {
+    await until(`a subscriber on ${channel}`, async () => {
+      const [, n] = await this.command('PUBSUB', 'NUMSUB', channel);
+      return n >= count;
+    });
+  }
+
+  async stop() {
+    this.child.kill('SIGTERM');
+    await waitExit(this.child);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// The gateway binary, on a port of its own that survives restarts.
+
+class Gateway {
+  constructor(name, port, settings) {
+    this.name = name;
+    this.port = port;
+    this.settings = settings;
+    this.child = null;
+    this.lines = [];
+  }
+
+  static async create(name, settings) {
+    return new Gateway(name, await freePort(), settings);
+  }
+
+  get origin() {
+    return `http://127.0.0.1:${this.port}`;
+  }
+
+  get host() {
+    return `127.0.0.1:${this.port}`;
+  }
+
+  /** Starts the gateway and waits until /ready answers 200. */
+  async start() {
+    assert(this.child === null, `${this.name} is already running`);
+    const env = {
+      PATH: process.env.PATH,
+      RUST_LOG: 'info',
+      WSRELAY__LISTEN: this.host,
+      WSRELAY__WORKERS: '2',
+      WSRELAY__DRAIN_WINDOW: '0.2',
+      ...this.settings,
+    };
+    const deadline = Date.now() + WAIT;
+    for (;;) {
+      const child = start(BIN, [], { env, stdio: ['ignore', 'ignore', 'pipe'] });
+      let rest = '';
+      child.stderr.setEncoding('utf8');
+      child.stderr.on('data', (text) => {
+        const parts = (rest + text).split('\n');
+        rest = parts.pop();
+        for (const line of parts) {
+          this.lines.push(line);
+        }
+        if (this.lines.length > 400) {
+          this.lines.splice(0, this.lines.length - 400);
+        }
+      });
+      this.child = child;
+      const ready = await until(`${this.name} to be ready`, async () => {
+        checkStarted(child, BIN);
+        if (child.exitCode !== null) {
+          return 'exited';
+        }
+        const r = await fetch(`${this.origin}/ready`);
+        return r.status === 200 ? 'ready' : null;
+      }).catch((e) => e);
+      if (ready === 'ready') {
+        return;
+      }
+      this.child = null;
+      await waitExit(child, 1000);
+      // The port may still be held by the previous process's last connections.
+      if (ready !== 'exited' || Date.now() > deadline) {
+        throw new Error(`${this.name} did not start: ${describe(ready)}`);
+      }
+      await sleep(200);
+    }
+  }
+
+  /** SIGTERM, as a deploy does, and waits (bounded) for the exit. */
+  async stop() {
+    const child = this.child;
+    if (child === null) {
+      return;
+    }
+    this.child = null;
+    child.kill('SIGTERM');
+    await waitExit(child);
+  }
+
+  async restart() {
+    await this.stop();
+    await this.start();
+  }
+
+  async health() {
+    const r = await fetch(`${this.origin}/health`);
+    return r.json();
+  }
+
+  async waitSockets(count) {
+    await until(`${this.name} to hold ${count} socket(s)`, async () => {
+      const h = await this.health();
+      return h.sockets === count ? h : null;
+    });
+  }
+
+  async apiPublish(body) {
+    const r = await fetch(`${this.origin}/api/publish`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' },
+      body: JSON.stringify(body),
+    });
+    const text = await r.text();
+    assert(r.status === 200, `POST /api/publish answered ${r.status}: ${text}`);
+  }
+
+  tail(n = 25) {
+    return this.lines.slice(-n);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Browser helpers.
+
+const PAGES = {
+  recorder: 'recorder.html',
+  module: 'module.html',
+  legacy: 'ws4redis-style.html',
+};
+
+/** A fresh browser context (its own cookies and storage). */
+async function newContext(browser, gw, ctx) {
+  const context = await browser.newContext({ viewport: { width: 1100, height: 760 } });
+  context.on('page', (page) => watchPage(page, ctx));
+  ctx.contexts.push(context);
+  return context;
+}
+
+/** Keeps the page's console errors and exceptions for the failure report. */
+function watchPage(page, ctx) {
+  const name = `page ${ctx.pages++}`;
+  page.on('console', (m) => {
+    if (m.type() === 'error' || m.type() === 'warning') {
+      ctx.notes.push(`${name} console.${m.type()}: ${m.text()}`);
+    }
+  });
+  page.on('pageerror', (e) => ctx.notes.push(`${name} exception: ${e.message}`));
+}
+
+/**
+ * Opens one of this folder's pages under the gateway's origin: the tab first loads a file
+ * the gateway serves (/wsrelay.js, shown as text), then the page is written into that
+ * document. So the page has the gateway's origin (the Origin check passes as for a page
+ * the web application serves on the same host) and, for Chromium's local network access
+ * checks, came from the loopback address like the sockets it opens.
+ */
+async function openPage(context, gw, page) {
+  const p = await context.newPage();
+  const response = await p.goto(`${gw.origin}/wsrelay.js`, { timeout: WAIT });
+  assert(response && response.status() === 200, `GET /wsrelay.js answered ${response && response.status()}`);
+  await p.setContent(fs.readFileSync(path.join(HERE, PAGES[page]), 'utf8'), { timeout: WAIT });
+  return p;
+}
+
+/** Waits until `fn(arg)` is truthy in the page. */
+async function pageUntil(page, what, fn, arg) {
+  try {
+    await page.waitForFunction(fn, arg, { timeout: WAIT, polling: 50 });
+  } catch (e) {
+    const state = await page
+      .evaluate(() => (window.rec ? { events: rec.events, messages: rec.messages.slice(-10) } : null))
+      .catch(() => null);
+    throw new Error(`timed out waiting for ${what}${state ? ` (page: ${JSON.stringify(state)})` : ''}`);
+  }
+}
+
+const connectedTimes = (page, n) =>
+  pageUntil(page, `connection #${n}`, (k) => rec.count('connected') >= k, n);
+
+const received = (page, msg) =>
+  pageUntil(page, `message ${JSON.stringify(msg)}`, (m) => rec.messages.includes(m), msg);
+
+// ---------------------------------------------------------------------------------------
+// Scenarios. Each gets `env` (browser, redis, gw: Redis-backed gateway, demo: default
+// gateway) and `ctx` (its contexts, diagnostics).
+
+const scenarios = [
+  {
+    id: 'a',
+    name: 'the helper connects and receives broadcasts from Redis and from the HTTP API',
+    async run({ browser, redis, gw }, ctx) {
+      const page = await openPage(await newContext(browser, gw, ctx), gw, 'recorder');
+      const added = await page.evaluate(() => __tAdded);
+      assert(
+        JSON.stringify(added) === '["WS4Redis"]',
+        `the classic script must add only WS4Redis to the page's globals, added ${JSON.stringify(added)}`,
+      );
+      await page.evaluate((h) => rec.start('/ws/browser/a?subscribe-broadcast', { heartbeat_msg: h }), HEARTBEAT);
+      await connectedTimes(page, 1);
+      await redis.waitSubscribed('broadcast:browser/a');
+      await redis.command('PUBLISH', 'broadcast:browser/a', 'from redis');
+      await received(page, 'from redis');
+      await gw.apiPublish({ facility: 'browser/a', audiences: { broadcast: true }, message: 'from the api', expire: 0 });
+      await received(page, 'from the api');
+      const state = await page.evaluate(() => [rec.ws.get_state(), rec.ws.is_connected()]);
+      assert(state[0] === 1 && state[1] === true, `get_state/is_connected: ${state}`);
+    },
+  },
+  {
+    id: 'b',
+    name: 'the stored message arrives on load',
+    async run({ browser, redis, gw }, ctx) {
+      await redis.command('SETEX', 'broadcast:browser/b', '60', 'stored before the page opened');
+      const page = await openPage(await newContext(browser, gw, ctx), gw, 'recorder');
+      await page.evaluate(() => rec.start('/ws/browser/b?subscribe-broadcast'));
+      await received(page, 'stored before the page opened');
+    },
+  },
+  {
+    id: 'c',
+    name: 'the helper survives a gateway restart and receives later messages',
+    async run({ browser, redis, gw }, ctx) {
+      const page = await openPage(await newContext(browser, gw, ctx), gw, 'recorder');
+      await page.evaluate((h) => rec.start('/ws/browser/c?subscribe-broadcast', { heartbeat_msg: h }), HEARTBEAT);
+      await connectedTimes(page, 1);
+      await gw.stop();
+      await pageUntil(page, 'the disconnection', () => rec.count('disconnected') >= 1);
+      const first = await page.evaluate(() => rec.events.find((e) => e.startsWith('disconnected')));
+      assert(first.startsWith('disconnected:1001'), `a stopping gateway closes with 1001, got ${first}`);
+      await gw.start();
+      await connectedTimes(page, 2);
+      await redis.waitSubscribed('broadcast:browser/c');
+      await redis.command('PUBLISH', 'broadcast:browser/c', 'after the restart');
+      await received(page, 'after the restart');
+    },
+  },
+  {
+    id: 'd',
+    name: 'heartbeats keep an idle connection open and never reach the page',
+    async run({ browser, redis, gw }, ctx) {
+      const page = await openPage(await newContext(browser, gw, ctx), gw, 'recorder');
+      // The helper sends a heartbeat every second: unanswered, it would drop the socket
+      // after four; the gateway answers them and sends its own every 0.5 s when idle.
+      await page.evaluate(
+        (h) => rec.start('/ws/browser/d?subscribe-broadcast', { heartbeat_msg: h, heartbeat_interval: 1000 }),
+        HEARTBEAT,
+      );
+      await connectedTimes(page, 1);
+      await sleep(5000);
+      await redis.waitSubscribed('broadcast:browser/d');
+      await redis.command('PUBLISH', 'broadcast:browser/d', 'after a quiet while');
+      await received(page, 'after a quiet while');
+      const seen = await page.evaluate((h) => ({
+        events: rec.events,
+        messages: rec.messages,
+        heartbeats: __tFrames.filter((f) => f === h).length,
+      }), HEARTBEAT);
+      assert(seen.heartbeats >= 3, `heartbeats should have reached the socket, saw ${seen.heartbeats}`);
+      assert(!seen.messages.includes(HEARTBEAT), `receive_message got a heartbeat: ${JSON.stringify(seen.messages)}`);
+      assert(
+        JSON.stringify(seen.events) === '["connecting","connected"]',
+        `the idle connection should have stayed open: ${JSON.stringify(seen.events)}`,
+      );
+    },
+  },
+  {
+    id: 'e',
+    name: 'close() stops reconnecting',
+    async run({ browser, gw }, ctx) {
+      const page = await openPage(await newContext(browser, gw, ctx), gw, 'recorder');
+      await page.evaluate(() => rec.start('/ws/browser/e?subscribe-broadcast'));
+      await connectedTimes(page, 1);
+      await gw.waitSockets(1);
+      await page.evaluate(() => rec.ws.close());
+      await pageUntil(page, 'the close', () => rec.count('disconnected') === 1 && rec.ws.is_closed());
+      await gw.waitSockets(0);
+      // A restart and several backoff periods: a helper that still retried would be back.
+      await gw.restart();
+      await sleep(4000);
+      const after = await page.evaluate(() => ({
+        events: rec.events,
+        sockets: __tSockets.length,
+        state: rec.ws.get_state(),
+        send: rec.send('too late'),
+      }));
+      const h = await gw.health();
+      assert(h.sockets === 0, `the gateway holds ${h.sockets} socket(s) after close()`);
+      assert(after.sockets === 1, `the helper opened ${after.sockets} sockets, expected 1`);
+      assert(after.state === 3, `get_state() after close(): ${after.state}`);
+      assert(after.events.filter((e) => e === 'connecting').length === 1, `events: ${after.events}`);
+      assert(after.send && after.send.error, `send_message after close() must throw, returned ${describe(after.send)}`);
+    },
+  },
+  {
+    id: 'f',
+    name: 'a page written for ws4redis.js works unchanged',
+    async run({ browser, redis, gw }, ctx) {
+      const page = await openPage(await newContext(browser, gw, ctx), gw, 'legacy');
+      await page.waitForFunction(() => document.getElementById('status').textContent === 'connected', null, {
+        timeout: WAIT,
+      });
+      await page.fill('#text_message', 'typed on an old page');
+      await page.click('#send_message');
+      // The page subscribes with `echo`, so its own message comes back through Redis.
+      await page.locator('#messages li', { hasText: 'typed on an old page' }).waitFor({ timeout: WAIT });
+      await redis.waitSubscribed('broadcast:browser/legacy');
+      await redis.command('PUBLISH', 'broadcast:browser/legacy', 'pushed by the server');
+      await page.locator('#messages li', { hasText: 'pushed by the server' }).waitFor({ timeout: WAIT });
+      const texts = await page.locator('#messages li').allTextContents();
+      assert(!texts.includes(HEARTBEAT), `the page shows a heartbeat: ${JSON.stringify(texts)}`);
+    },
+  },
+  {
+    id: 'g',
+    name: 'the demo page shows live chat and notifications between tabs',
+    async run({ browser, demo }, ctx) {
+      const context = await newContext(browser, demo, ctx);
+      const one = await context.newPage();
+      await one.goto(`${demo.origin}/`, { timeout: WAIT });
+      const two = await context.newPage();
+      await two.goto(`${demo.origin}/`, { timeout: WAIT });
+      for (const p of [one, two]) {
+        for (const id of ['#chat-state', '#notify-state']) {
+          await p.locator(`${id}[data-state="connected"]`).waitFor({ timeout: WAIT });
+        }
+      }
+      await one.fill('#chat-text', 'Hello from the first tab');
+      await one.press('#chat-text', 'Enter');
+      await two.locator('#chat-log li', { hasText: 'Hello from the first tab' }).waitFor({ timeout: WAIT });
+      // The sender sees its own line too (echo).
+      await one.locator('#chat-log li', { hasText: 'Hello from the first tab' }).waitFor({ timeout: WAIT });
+      await two.fill('#chat-text', 'And hello back');
+      await two.click('#chat-form button');
+      await one.locator('#chat-log li', { hasText: 'And hello back' }).waitFor({ timeout: WAIT });
+
+      // Another browser (another session) opens the demo too: it sees the chat, not the
+      // first browser's notifications.
+      const stranger = await (await newContext(browser, demo, ctx)).newPage();
+      await stranger.goto(`${demo.origin}/`, { timeout: WAIT });
+      await stranger.locator('#notify-state[data-state="connected"]').waitFor({ timeout: WAIT });
+      const sessions = await Promise.all([one, two, stranger].map((p) => p.evaluate(() => document.cookie)));
+      assert(sessions[0] === sessions[1], `tabs of one browser share the session: ${sessions}`);
+      assert(sessions[0] !== sessions[2], 'another browser has another session');
+
+      await one.click('#notify-button');
+      await two.locator('#notify-log li', { hasText: 'ping #1' }).waitFor({ timeout: WAIT });
+      await stranger.locator('#chat-log li', { hasText: 'And hello back' }).waitFor({ timeout: WAIT });
+      const leaked = await stranger.locator('#notify-log li', { hasText: 'ping #1' }).count();
+      assert(leaked === 0, "another browser's session received this browser's notification");
+
+      fs.mkdirSync(ARTIFACTS, { recursive: true });
+      const shot = path.join(ARTIFACTS, 'demo.png');
+      await two.screenshot({ path: shot, fullPage: true });
+      ctx.notes.push(`screenshot: ${shot}`);
+    },
+  },
+  {
+    id: 'h',
+    name: 'messages sent while disconnected are queued, delivered after reconnect, and bounded',
+    async run({ browser, redis, gw }, ctx) {
+      const page = await openPage(await newContext(browser, gw, ctx), gw, 'recorder');
+      await page.evaluate(() => rec.start('/ws/browser/h?publish-broadcast'));
+      await connectedTimes(page, 1);
+      const sub = await redis.subscribe('broadcast:browser/h');
+      try {
+        await gw.stop();
+        await pageUntil(page, 'the disconnection', () => rec.count('disconnected') >= 1);
+        const sent = await page.evaluate(() => {
+          const results = [];
+          for (let i = 1; i <= 101; i++) {
+            results.push(rec.send(`queued ${i}`));
+          }
+          return results;
+        });
+        const queued = sent.slice(0, 100);
+        assert(
+          queued.every((r) => r === false),
+          `the first 100 should be queued (false): ${JSON.stringify(queued.filter((r) => r !== false))}`,
+        );
+        assert(sent[100] && sent[100].error, `the 101st must throw, returned ${describe(sent[100])}`);
+        await gw.start();
+        await connectedTimes(page, 2);
+        await until('the queued messages in Redis', () => sub.received.length >= 100);
+        const expected = Array.from({ length: 100 }, (_, i) => `queued ${i + 1}`);
+        assert(
+          JSON.stringify(sub.received) === JSON.stringify(expected),
+          `queued messages out of order or duplicated: ${JSON.stringify(sub.received.slice(0, 5))}...`,
+        );
+        const after = await page.evaluate(() => rec.send('sent while connected'));
+        assert(after === true, `send_message while connected should send at once, returned ${describe(after)}`);
+        await until('the live message in Redis', () => sub.received.includes('sent while connected'));
+      } finally {
+        sub.close();
+      }
+    },
+  },
+  {
+    id: 'i',
+    name: 'the helper works as an ES module (/wsrelay.mjs) with a path as uri',
+    async run({ browser, redis, gw }, ctx) {
+      const page = await openPage(await newContext(browser, gw, ctx), gw, 'module');
+      await page.waitForFunction(() => window.__tModule && __tModule.connected, null, { timeout: WAIT });
+      assert(await page.evaluate(() => __tModule.sameExport), 'default and named exports differ');
+      await redis.waitSubscribed('broadcast:browser/module');
+      await redis.command('PUBLISH', 'broadcast:browser/module', 'to the module');
+      await page.waitForFunction(() => __tModule.messages.includes('to the module'), null, { timeout: WAIT });
+    },
+  },
+  {
+    id: 'j',
+    name: 'missed heartbeats drop a silent connection and reconnect',
+    async run({ browser, demo }, ctx) {
+      // The default gateway has no heartbeat setting: it never answers heartbeats.
+      const page = await openPage(await newContext(browser, demo, ctx), demo, 'recorder');
+      await page.evaluate(
+        (h) => rec.start('/ws/browser/j?subscribe-broadcast', { heartbeat_msg: h, heartbeat_interval: 300 }),
+        HEARTBEAT,
+      );
+      await connectedTimes(page, 2);
+      const events = await page.evaluate(() => rec.events);
+      assert(
+        events.includes('disconnected:1006:missed heartbeats'),
+        `the helper should report the missed heartbeats: ${JSON.stringify(events)}`,
+      );
+      const sent = await page.evaluate(() => __tSockets.length);
+      assert(sent >= 2, `expected a new socket, the helper opened ${sent}`);
+    },
+  },
+];
+
+// ---------------------------------------------------------------------------------------
+
+async function runScenario(scenario, env) {
+  const ctx = { contexts: [], notes: [], pages: 0 };
+  const label = `${scenario.id}. ${scenario.name}`;
+  let timer;
+  const limit = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`scenario took longer than ${SCENARIO_LIMIT / 1000} s`)), SCENARIO_LIMIT);
+  });
+  const began = Date.now();
+  let error = null;
+  try {
+    await Promise.race([scenario.run(env, ctx), limit]);
+  } catch (e) {
+    error = e;
+  } finally {
+    clearTimeout(timer);
+    for (const context of ctx.contexts) {
+      await context.close().catch(() => {});
+    }
+  }
+  // A scenario that stopped the gateway and failed before starting it again must not
+  // take the next ones down with it.
+  for (const gw of [env.gw, env.demo]) {
+    if (gw.child === null) {
+      await gw.start().catch((e) => log(`  could not restart ${gw.name}: ${e.message}`));
+    }
+  }
+  const secs = ((Date.now() - began) / 1000).toFixed(1);
+  if (error === null) {
+    log(`ok    ${label} (${secs} s)`);
+    for (const note of ctx.notes.filter((n) => n.startsWith('screenshot'))) {
+      log(`      ${note}`);
+    }
+    return true;
+  }
+  log(`FAIL  ${label} (${secs} s)`);
+  log(`      ${error.stack || error}`.split('\n').join('\n      '));
+  for (const note of ctx.notes) {
+    log(`      ${note}`);
+  }
+  for (const gw of [env.gw, env.demo]) {
+    log(`      --- ${gw.name} log (last lines) ---`);
+    for (const line of gw.tail()) {
+      log(`      ${line}`);
+    }
+  }
+  return false;
+}
+
+async function main() {
+  if (!BIN) {
+    throw new Error('set WSRELAY_BIN to the wsrelay binary (cargo build; target/debug/wsrelay)');
+  }
+  if (!fs.existsSync(BIN)) {
+    throw new Error(`WSRELAY_BIN=${BIN} does not exist`);
+  }
+  if (!fs.existsSync(CHROMIUM)) {
+    throw new Error(`${CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)`);
+  }
+  const { chromium } = await import('playwright-core');
+  const wanted = process.argv.slice(2);
+  const selected = scenarios.filter((s) => wanted.length === 0 || wanted.includes(s.id));
+  assert(selected.length > 0, `no scenario matches ${wanted.join(' ')}`);
+
+  const redis = await Redis.start();
+  const gw = await Gateway.create('gateway', {
+    WSRELAY__REDIS__URL: redis.url,
+    WSRELAY__REDIS__RECONNECT_MAX: '0.5',
+    WSRELAY__HEARTBEAT: HEARTBEAT,
+    WSRELAY__HEARTBEAT_INTERVAL: '0.5',
+    WSRELAY__PUBLISH_TOKEN: TOKEN,
+    WSRELAY__POLICY__COMPAT: 'true',
+  });
+  // The out-of-the-box gateway: embedded broker, demo page on, default policy.
+  const demo = await Gateway.create('demo gateway', {});
+  await Promise.all([gw.start(), demo.start()]);
+
+  const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'wsrelay-chromium-'));
+  const browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    timeout: WAIT * 2,
+    args: [
+      '--headless',
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-quic',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+    ],
+    env: { ...process.env, HOME: profile },
+  });
+  log(`chromium ${browser.version()}, gateway ${gw.origin} (redis ${redis.port}), demo ${demo.origin}`);
+
+  let passed = 0;
+  let failed = 0;
+  try {
+    for (const scenario of selected) {
+      if (await runScenario(scenario, { browser, redis, gw, demo })) {
+        passed += 1;
+      } else {
+        failed += 1;
+      }
+    }
+  } finally {
+    await browser.close().catch(() => {});
+    await Promise.all([gw.stop(), demo.stop(), redis.stop()]);
+    fs.rmSync(profile, { recursive: true, force: true });
+  }
+  return { passed, failed };
+}
+
+const guard = setTimeout(() => {
+  log(`the run took longer than ${RUN_LIMIT / 1000} s`);
+  log('0 passed, 1 failed');
+  killAll();
+  process.exit(1);
+}, RUN_LIMIT);
+
+main().then(
+  ({ passed, failed }) => {
+    clearTimeout(guard);
+    log(`${passed} passed, ${failed} failed`);
+    process.exitCode = failed === 0 ? 0 : 1;
+  },
+  (e) => {
+    clearTimeout(guard);
+    log(`could not run the browser tests: ${e.stack || e}`);
+    log('0 passed, 1 failed');
+    killAll();
+    process.exitCode = 1;
+  },
+);
