@@ -197,6 +197,9 @@ async fn start_wsrelay(redis: &Redis, extra: &[(&str, &str)]) -> Target {
         ("WSRELAY__POLICY__MAX_CONNECTIONS_PER_IP".into(), "0".into()),
         ("WSRELAY__DRAIN_WINDOW".into(), "0".into()),
     ];
+    if let Ok(workers) = std::env::var("WSRELAY_BENCH_WORKERS") {
+        env.push(("WSRELAY__WORKERS".into(), workers));
+    }
     env.extend(
         extra
             .iter()
@@ -570,6 +573,39 @@ async fn publish_at(
     sent
 }
 
+/// The gateway's own view since it started: quantiles of
+/// `wsrelay_delivery_latency_seconds` (broker receipt → socket writer, per write batch),
+/// read from `/metrics` bucket bounds (so "p99<=0.25" means within that bucket).
+async fn gateway_latency(target: &Target) -> String {
+    if target.is_nchan() {
+        return String::new();
+    }
+    let text = http(target.addr, "GET", "/metrics", "").await;
+    let buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("wsrelay_delivery_latency_seconds_bucket{le=\""))
+        .filter_map(|l| {
+            let (le, rest) = l.split_once("\"}")?;
+            Some((
+                le.parse::<f64>().unwrap_or(f64::INFINITY),
+                rest.trim().parse::<f64>().ok()?,
+            ))
+        })
+        .collect();
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    let q = |p: f64| {
+        buckets
+            .iter()
+            .find(|b| b.1 >= total * p)
+            .map_or(f64::NAN, |b| b.0 * 1000.0)
+    };
+    format!(
+        " [gateway side: p50<={}ms p99<={}ms over {total} batches]",
+        q(0.5),
+        q(0.99)
+    )
+}
+
 fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -695,41 +731,53 @@ async fn broadcast(target: &Target, redis: Option<&Redis>, n: usize, base: Insta
         }
         rate *= 1.6;
     }
-    // Latency at half of the peak.
-    let half = best / 2.0 / n as f64;
-    fleet.reset_sequences(seq);
-    let lost0 = fleet.sum(|s| s.lost.load(Ordering::Relaxed));
-    let dup0 = fleet.sum(|s| s.dup.load(Ordering::Relaxed));
-    let before = fleet.total();
-    let _ = fleet.take_latencies();
-    let sent = publish_at(
-        &mut publisher,
-        half,
-        Duration::from_secs(3),
-        seq,
-        base,
-        &pick,
-    )
-    .await;
-    let want = before + sent * n as u64;
-    let complete = drain(&fleet, want, Duration::from_secs(10)).await;
-    let mut lat = fleet.take_latencies();
-    lat.sort_unstable();
-    let lost =
-        fleet.sum(|s| s.lost.load(Ordering::Relaxed)) - lost0 + (want - fleet.total().min(want));
-    let dup = fleet.sum(|s| s.dup.load(Ordering::Relaxed)) - dup0;
-    let (p50, p99, p999) = (
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.99),
-        percentile(&lat, 0.999),
-    );
-    println!(
-        "  broadcast {:>10} sockets={n:>6} peak={best:>9.0} deliveries/s; at half: p50={p50:.2}ms p99={p99:.2}ms p999={p999:.2}ms lost={lost} dup={dup}{}",
-        target.name,
-        if complete { "" } else { " (incomplete)" }
-    );
-    json!({"target": target.name, "sockets": n, "peak_deliveries_per_s": best, "half_rate": half * n as f64,
-        "p50_ms": p50, "p99_ms": p99, "p999_ms": p999, "lost": lost, "dup": dup, "steps": steps})
+    // Latency at half of the peak, and at two fixed rates for comparison across runs
+    // and targets.
+    let mut latency = Vec::new();
+    for (label, deliveries) in [
+        ("half", best / 2.0),
+        ("100k", 100_000.0),
+        ("300k", 300_000.0),
+    ] {
+        if deliveries > best {
+            continue;
+        }
+        let rate = deliveries / n as f64;
+        fleet.reset_sequences(seq);
+        let lost0 = fleet.sum(|s| s.lost.load(Ordering::Relaxed));
+        let dup0 = fleet.sum(|s| s.dup.load(Ordering::Relaxed));
+        let before = fleet.total();
+        let _ = fleet.take_latencies();
+        let sent = publish_at(
+            &mut publisher,
+            rate,
+            Duration::from_secs(3),
+            seq,
+            base,
+            &pick,
+        )
+        .await;
+        seq += sent;
+        let want = before + sent * n as u64;
+        let complete = drain(&fleet, want, Duration::from_secs(10)).await;
+        let mut lat = fleet.take_latencies();
+        lat.sort_unstable();
+        let lost = fleet.sum(|s| s.lost.load(Ordering::Relaxed)) - lost0
+            + (want - fleet.total().min(want));
+        let dup = fleet.sum(|s| s.dup.load(Ordering::Relaxed)) - dup0;
+        let (p50, p99, p999) = (
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            percentile(&lat, 0.999),
+        );
+        println!(
+            "  broadcast {:>10} sockets={n:>6} peak={best:>9.0}/s; at {label} ({deliveries:.0}/s): p50={p50:.2}ms p99={p99:.2}ms p999={p999:.2}ms lost={lost} dup={dup}{}",
+            target.name,
+            if complete { "" } else { " (incomplete)" },
+        );
+        latency.push(json!({"at": label, "deliveries_per_s": deliveries, "p50_ms": p50, "p99_ms": p99, "p999_ms": p999, "lost": lost, "dup": dup}));
+    }
+    json!({"target": target.name, "sockets": n, "peak_deliveries_per_s": best, "latency": latency, "steps": steps})
 }
 
 /// Identity records for `n` sessions: session s{i} → user u{i}, group "everyone".
@@ -771,12 +819,13 @@ async fn users(target: &Target, redis: &Redis, n: usize, rate: f64, base: Instan
         percentile(&lat, 0.999),
     );
     println!(
-        "  users     {:>10} sockets={n:>6} published={sent} delivered={got} ({:.0}/s) p50={p50:.2}ms p99={p99:.2}ms p999={p999:.2}ms lost={} server_cpu={:.2}s{}",
+        "  users     {:>10} sockets={n:>6} published={sent} delivered={got} ({:.0}/s) p50={p50:.2}ms p99={p99:.2}ms p999={p999:.2}ms lost={} server_cpu={:.2}s{}{}",
         target.name,
         got as f64 / elapsed,
         sent.saturating_sub(got),
         cpu1 - cpu0,
-        if complete { "" } else { " (incomplete)" }
+        if complete { "" } else { " (incomplete)" },
+        gateway_latency(target).await
     );
     json!({"target": target.name, "sockets": n, "published": sent, "delivered": got, "deliveries_per_s": got as f64 / elapsed,
         "p50_ms": p50, "p99_ms": p99, "p999_ms": p999, "lost": sent.saturating_sub(got)})
@@ -891,6 +940,14 @@ async fn slow(
 
 // ---------------------------------------------------------------- main
 
+/// A number from the environment, for exploring other sizes than the defaults.
+fn env_or(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -959,10 +1016,12 @@ fn main() {
             println!("scenario 3: ws4redis shape");
             let redis = start_redis().await;
             let gw = start_wsrelay(&redis, &[]).await;
+            let n = env_or("WSRELAY_BENCH_USERS", 10_000.0) as usize;
+            let rate = env_or("WSRELAY_BENCH_USERS_RATE", 50_000.0);
             results
                 .entry("users")
                 .or_default()
-                .push(users(&gw, &redis, 10_000, 50_000.0, base).await);
+                .push(users(&gw, &redis, n, rate, base).await);
         }
         if wanted.contains(&"storm") {
             println!("scenario 4: connection storm");

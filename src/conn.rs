@@ -23,7 +23,9 @@
 //! reading) closes the socket as a slow consumer, like an overflowing outbox.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use actix_ws::{CloseCode, Item, Message, MessageStream, ProtocolError, Session};
@@ -391,11 +393,18 @@ impl Conn<'_> {
                 Outgoing::Pong(p) => session.pong(&p).await,
             }
         };
+        tokio::pin!(send);
+        // Fast path: the writer has room (the common case), so no timer is armed.
+        let first = std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await;
+        if let Poll::Ready(sent) = first {
+            return sent.map_err(|_| CloseReason::ClientGone);
+        }
         let stuck = tokio::time::sleep(self.gateway.config.ping_timeout());
-        tokio::pin!(send, stuck);
+        tokio::pin!(stuck);
         let mut rearm = false;
         let result = loop {
             tokio::select! {
+                biased;
                 sent = &mut send => break sent.map_err(|_| CloseReason::ClientGone),
                 _ = &mut stuck => break Err(CloseReason::SlowConsumer),
                 _ = outbox.ready() => {
