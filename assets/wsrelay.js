@@ -135,9 +135,17 @@ var WS4Redis = (function () {
         var openedAt = 0;
         var queue = [];
 
+        // A page callback that throws must not stop the helper (no reconnect would be
+        // scheduled): its error is rethrown on its own, where the page's console and
+        // error handlers still see it.
         function call(callback, arg) {
-            if (isFunction(callback)) {
+            if (!isFunction(callback)) {
+                return;
+            }
+            try {
                 callback(arg);
+            } catch (e) {
+                setTimeout(function () { throw e; }, 0);
             }
         }
 
@@ -150,7 +158,14 @@ var WS4Redis = (function () {
             if (stopped) {
                 return; // connecting() called close()
             }
-            var sock = new WebSocket(url);
+            var sock;
+            try {
+                sock = new WebSocket(url);
+            } catch (e) {
+                scheduleReconnect();
+                setTimeout(function () { throw e; }, 0);
+                return;
+            }
             ws = sock;
             sock.onopen = function () {
                 if (sock === ws) {

@@ -142,10 +142,23 @@ fn seconds(value: f64) -> Duration {
 impl Config {
     /// Reads defaults, then the TOML file at `path` (if any), then `WSRELAY__*` variables.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        Self::load_from(path, config::Environment::with_prefix("WSRELAY"))
+        let vars = std::env::vars()
+            .filter(|(k, _)| k.starts_with("WSRELAY__"))
+            .collect();
+        Self::load_from(path, vars)
     }
 
-    fn load_from(path: Option<&Path>, env: config::Environment) -> Result<Config, ConfigError> {
+    /// Settings that are lists; in the environment, their items are comma-separated.
+    const LISTS: [&'static str; 3] = [
+        "policy.allowed_origins",
+        "policy.trusted_proxies",
+        "identity.callback.forward_headers",
+    ];
+
+    fn load_from(
+        path: Option<&Path>,
+        vars: std::collections::HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
         let mut builder = config::Config::builder()
             .set_default("listen", DEFAULT_LISTEN)?
             .set_default("websocket_url", DEFAULT_WEBSOCKET_URL)?
@@ -187,15 +200,26 @@ impl Config {
         if let Some(path) = path {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
-        let env = env
+        // Values stay strings (a token of digits keeps its leading zeros); serde turns
+        // them into numbers where a setting is a number. Lists are split here.
+        let env = config::Environment::with_prefix("WSRELAY")
             .prefix_separator("__")
             .separator("__")
-            .try_parsing(true)
-            .list_separator(",")
-            .with_list_parse_key("policy.allowed_origins")
-            .with_list_parse_key("policy.trusted_proxies")
-            .with_list_parse_key("identity.callback.forward_headers");
-        let mut config: Config = builder.add_source(env).build()?.try_deserialize()?;
+            .source(Some(vars.clone()));
+        builder = builder.add_source(env);
+        for list in Self::LISTS {
+            let var = format!("WSRELAY__{}", list.replace('.', "__").to_uppercase());
+            if let Some(value) = vars.get(&var) {
+                let items: Vec<String> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty())
+                    .map(String::from)
+                    .collect();
+                builder = builder.set_override(list, items)?;
+            }
+        }
+        let mut config: Config = builder.build()?.try_deserialize()?;
         // An empty value (`WSRELAY__PUBLISH_TOKEN=`) means "not set".
         for optional in [
             &mut config.heartbeat,
@@ -397,10 +421,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Config::load_from(
-            None,
-            config::Environment::with_prefix("WSRELAY").source(Some(map)),
-        )
+        Config::load_from(None, map)
     }
 
     #[test]
@@ -424,6 +445,10 @@ mod tests {
             ("WSRELAY__PING_INTERVAL", "0.5"),
             ("WSRELAY__HEARTBEAT", "--heartbeat--"),
             ("WSRELAY__SESSION__COOKIE", "sid"),
+            ("WSRELAY__PUBLISH_TOKEN", "0000000000000000123"),
+            ("WSRELAY__POLICY__MAX_SUBSCRIPTIONS", "7"),
+            ("WSRELAY__POLICY__TRUSTED_PROXIES", "127.0.0.1,10.0.0.1"),
+            ("WSRELAY__DEMO", "false"),
         ])
         .unwrap();
         assert_eq!(c.redis.url.as_deref(), Some("redis://127.0.0.1:7000/2"));
@@ -431,6 +456,10 @@ mod tests {
         assert_eq!(c.ping_interval(), Some(Duration::from_millis(500)));
         assert_eq!(c.heartbeat.as_deref(), Some("--heartbeat--"));
         assert_eq!(c.session.cookie, "sid");
+        assert_eq!(c.publish_token.unwrap().expose(), "0000000000000000123");
+        assert_eq!(c.policy.max_subscriptions, 7);
+        assert_eq!(c.policy.trusted_proxies.len(), 2);
+        assert_eq!(c.demo, Some(false));
     }
 
     #[test]

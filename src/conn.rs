@@ -334,12 +334,11 @@ impl Conn<'_> {
                         return reason;
                     }
                 }
-                _ = self.outbox.ready() => {
-                    if let Err(reason) = self.flush(&mut batch).await {
-                        return reason;
-                    }
-                    timers.last_write = Instant::now();
-                }
+                _ = self.outbox.ready() => match self.flush(&mut batch).await {
+                    Err(reason) => return reason,
+                    Ok(0) => {}
+                    Ok(_) => timers.last_write = Instant::now(),
+                },
             }
             let next = timers.next();
             if next != wake.deadline() {
@@ -348,34 +347,35 @@ impl Conn<'_> {
         }
     }
 
-    /// Writes everything queued, until the outbox is empty.
-    async fn flush(&mut self, batch: &mut VecDeque<Queued>) -> Result<(), CloseReason> {
+    /// Writes what is queued now, as one batch; returns the number of frames written.
+    /// Frames queued meanwhile wait for the next turn of the loop, so a steady stream of
+    /// publications cannot keep pings, the drain or the client's frames waiting.
+    async fn flush(&mut self, batch: &mut VecDeque<Queued>) -> Result<u64, CloseReason> {
         let metrics = &self.gateway.metrics;
-        loop {
-            if !self.outbox.take_into(batch) {
-                return Err(CloseReason::SlowConsumer);
-            }
-            let Some(oldest) = batch.front().map(|q| q.received) else {
-                return Ok(());
-            };
-            let (mut frames, mut bytes) = (0, 0);
-            while let Some(Queued { frame, .. }) = batch.pop_front() {
-                let len = frame.len();
-                let echo_of_own =
-                    !self.params.echo && self.last_published.as_deref() == Some(frame.as_bytes());
-                if !echo_of_own {
-                    self.send(Outgoing::Frame(frame)).await?;
-                    frames += 1;
-                    bytes += len as u64;
-                }
-                self.outbox.written(len);
-            }
-            metrics.frames_delivered.inc_by(frames);
-            metrics.bytes_out.inc_by(bytes);
-            metrics
-                .delivery_latency
-                .observe(oldest.elapsed().as_secs_f64());
+        if !self.outbox.take_into(batch) {
+            return Err(CloseReason::SlowConsumer);
         }
+        let Some(oldest) = batch.front().map(|q| q.received) else {
+            return Ok(0);
+        };
+        let (mut frames, mut bytes) = (0, 0);
+        while let Some(Queued { frame, .. }) = batch.pop_front() {
+            let len = frame.len();
+            let echo_of_own =
+                !self.params.echo && self.last_published.as_deref() == Some(frame.as_bytes());
+            if !echo_of_own {
+                self.send(Outgoing::Frame(frame)).await?;
+                frames += 1;
+                bytes += len as u64;
+            }
+            self.outbox.written(len);
+        }
+        metrics.frames_delivered.inc_by(frames);
+        metrics.bytes_out.inc_by(bytes);
+        metrics
+            .delivery_latency
+            .observe(oldest.elapsed().as_secs_f64());
+        Ok(frames)
     }
 
     /// Sends one message. Every write goes through here: an overflow of the outbox, or a

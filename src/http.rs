@@ -193,6 +193,10 @@ async fn accept(
             policy.max_subscriptions,
         ));
     }
+    // Identity resolution may have taken a while: a stop may have begun meanwhile.
+    if gateway.shutdown.is_cancelled() {
+        return Err(HandshakeError::ShuttingDown);
+    }
     let protocol = first_requested_protocol(req);
     let (response, session, stream) =
         actix_ws::handle_with_protocols(req, body, protocol.as_slice())

@@ -82,6 +82,8 @@ pub struct Gateway {
     pub resolver: Box<dyn IdentityResolver>,
     /// Cancelled when the gateway stops: every connection closes with 1001.
     pub shutdown: CancellationToken,
+    /// Cancelled after the drain: stops the Redis subscriber.
+    pub broker_stop: CancellationToken,
     /// Tracks connection tasks, so a stop can wait for them (bounded).
     pub tracker: TaskTracker,
     pub metrics: Arc<Metrics>,
@@ -125,13 +127,15 @@ impl Gateway {
     pub fn new(config: Config) -> std::io::Result<(Gateway, Option<broker::redis::Subscriber>)> {
         let keys = KeySpace::new(config.redis.prefix.as_deref());
         let shutdown = CancellationToken::new();
+        // The broker keeps relaying during the drain; it stops after the last socket.
+        let broker_stop = CancellationToken::new();
         let metrics = Arc::new(Metrics::new());
         let (registry, broker, subscriber) = match &config.redis.url {
             Some(url) => {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let registry = Arc::new(Registry::new(Some(tx), metrics.clone()));
                 let (broker, subscriber) =
-                    RedisBroker::new(&config, url, registry.clone(), rx, shutdown.clone())
+                    RedisBroker::new(&config, url, registry.clone(), rx, broker_stop.clone())
                         .map_err(std::io::Error::other)?;
                 (registry, Broker::Redis(broker), Some(subscriber))
             }
@@ -152,6 +156,7 @@ impl Gateway {
             broker,
             resolver,
             shutdown,
+            broker_stop,
             tracker: TaskTracker::new(),
             metrics,
             assets: assets::Assets::default(),
@@ -236,6 +241,7 @@ pub async fn run(
             gateway.tracker.len()
         );
     }
+    gateway.broker_stop.cancel();
     handle.pause().await;
     handle.stop(true).await;
     let _ = serving.await;

@@ -225,14 +225,23 @@ impl PolicyConfig {
             .get("x-real-ip")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse().ok());
-        // The rightmost address that is not a trusted proxy is the client.
-        let forwarded = headers
+        // Walking from the right (the entries our proxies appended), the first address
+        // that is not a trusted proxy is the client. An entry that does not parse ends
+        // the walk: what lies left of it was written by somebody we do not trust.
+        let entries: Vec<&str> = headers
             .get_all("x-forwarded-for")
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|a| a.trim().parse::<IpAddr>().ok())
-            .filter(|a| !self.trusted_proxies.contains(a))
-            .last();
+            .collect();
+        let mut forwarded = None;
+        for entry in entries.iter().rev() {
+            match entry.trim().parse::<IpAddr>() {
+                Ok(ip) if self.trusted_proxies.contains(&ip) => continue,
+                Ok(ip) => forwarded = Some(ip),
+                Err(_) => {}
+            }
+            break;
+        }
         Some(forwarded.or(real_ip).unwrap_or(peer))
     }
 }
@@ -427,6 +436,12 @@ mod tests {
             p.client_ip(&req("9.9.9.9")),
             Some("9.9.9.9".parse().unwrap())
         );
+        // A client-written entry left of an unparsable one is never believed.
+        let spoofed = TestRequest::default()
+            .peer_addr("10.0.0.1:5000".parse().unwrap())
+            .insert_header(("x-forwarded-for", "6.6.6.6, 1.2.3.4:999"))
+            .to_http_request();
+        assert_eq!(p.client_ip(&spoofed), Some("10.0.0.1".parse().unwrap()));
     }
 
     #[test]

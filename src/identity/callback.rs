@@ -95,17 +95,28 @@ impl CallbackResolver {
         })
     }
 
-    /// The cache key: everything the answer may depend on.
+    /// The cache key: a SHA-256 over everything the answer may depend on, each part
+    /// length-prefixed so that no two different requests share a key, and the key's
+    /// size is fixed whatever the size of the headers.
     fn cache_key(&self, handshake: &Handshake<'_>) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        let mut part = |bytes: &[u8]| {
+            hash.update((bytes.len() as u64).to_le_bytes());
+            hash.update(bytes);
+        };
+        part(handshake.facility.as_bytes());
+        part(handshake.flags.to_string().as_bytes());
         let headers = handshake.request.headers();
-        let mut key = format!("{}\n{}", handshake.facility, handshake.flags);
         for name in std::iter::once(&COOKIE).chain(&self.forward) {
-            for value in headers.get_all(name) {
-                key.push('\n');
-                key.push_str(&String::from_utf8_lossy(value.as_bytes()));
+            let values: Vec<_> = headers.get_all(name).collect();
+            part(name.as_str().as_bytes());
+            part(&(values.len() as u64).to_le_bytes());
+            for value in values {
+                part(value.as_bytes());
             }
         }
-        key
+        hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
     fn cached(&self, key: &str) -> Option<Result<Identity, String>> {

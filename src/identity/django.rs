@@ -294,6 +294,11 @@ impl DjangoResolver {
             .await
             .map_err(|e| IdentityError::Unavailable(e.to_string()))?;
         let Some(raw) = raw else {
+            // No session in Redis (expired, or a cached_db session out of the cache):
+            // the application may still know the user.
+            if let Some(fallback) = &self.fallback {
+                return fallback.resolve(handshake).await;
+            }
             return Ok(Identity::from_names(Some(session), None, Vec::new()));
         };
         let fields = match self.decode(&raw) {

@@ -221,3 +221,44 @@ async fn metrics_count_sockets_handshakes_deliveries_and_the_redis_link() {
     assert_eq!(metric(&text, "wsrelay_redis_reconnects_total"), 1.0);
     drop((a, b));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publications_keep_flowing_while_a_drain_closes_sockets() {
+    use tokio_tungstenite::tungstenite::Message;
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let mut gw = Gateway::start(&[("redis__url", &url), ("drain_window", "3")]);
+    gw.wait_health(200).await;
+    redis.publish("broadcast:d", b"ready", 60).await;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let mut c = Client::connect(&gw.ws_url("/ws/d?subscribe-broadcast")).await;
+        assert_eq!(c.recv_text().await, "ready");
+        clients.push(c);
+    }
+    gw.terminate();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while http(gw.addr, "GET", "/ready", &[], "").await.status != 503 {
+        assert!(tokio::time::Instant::now() < deadline, "never drained");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    redis.publish("broadcast:d", b"during the drain", 0).await;
+    // Each socket closes at its own point of the 3 s window: those still open get the
+    // publication first (a stopped subscriber would leave them all with only the close).
+    let mut delivered = 0;
+    for c in clients.iter_mut() {
+        match c.next().await {
+            Message::Text(t) if t.as_str() == "during the drain" => delivered += 1,
+            Message::Close(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        delivered >= 1,
+        "no socket got the publication made during the drain"
+    );
+    for mut c in clients {
+        assert_eq!(c.closed().await.map(|c| c.0), Some(1001));
+    }
+    assert!(gw.wait_exit().success());
+}
