@@ -100,6 +100,16 @@ pub enum Audience {
 }
 
 impl Audience {
+    /// The audience's kind, as a metric label: `broadcast`, `user`, `group`, `session`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Audience::Broadcast => "broadcast",
+            Audience::User(_) => "user",
+            Audience::Group(_) => "group",
+            Audience::Session(_) => "session",
+        }
+    }
+
     pub fn user(name: impl Into<String>) -> Result<Self, NameError> {
         let name = name.into();
         validate_name(NameKind::User, &name)?;

@@ -90,6 +90,22 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// A secret given inline (`value`) or as a file (`file`, its trailing line break
+/// dropped); the inline value wins. `file_setting` names the file setting in errors.
+pub fn secret_value(
+    value: Option<&Secret>,
+    file: Option<&Path>,
+    file_setting: &str,
+) -> Result<Option<String>, String> {
+    match (value, file) {
+        (Some(secret), _) => Ok(Some(secret.expose().to_string())),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_string()))
+            .map_err(|e| format!("{file_setting}: {e}")),
+        (None, None) => Ok(None),
+    }
+}
+
 /// Where identities come from (see [`crate::identity`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]

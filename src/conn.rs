@@ -133,34 +133,34 @@ struct Registration<'a> {
 impl<'a> Registration<'a> {
     fn new(gateway: &'a Gateway, params: &'a ConnParams, outbox: Arc<Outbox>) -> Self {
         gateway.registry.register(&params.subscribe, &outbox);
-        gateway.metrics.sockets.inc();
-        for audience in &params.audiences {
-            gateway
-                .metrics
-                .sockets_by_audience
-                .with_label_values(&[audience])
-                .inc();
-        }
-        Registration {
+        let registration = Registration {
             gateway,
             params,
             outbox,
+        };
+        registration.count(1);
+        registration
+    }
+
+    /// Adds `delta` to the open-socket gauges of this socket's labels.
+    fn count(&self, delta: i64) {
+        let metrics = &self.gateway.metrics;
+        metrics.sockets.add(delta);
+        for audience in &self.params.audiences {
+            metrics
+                .sockets_by_audience
+                .with_label_values(&[audience])
+                .add(delta);
         }
     }
 }
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        let (gateway, params) = (self.gateway, self.params);
-        gateway.registry.unregister(&params.subscribe, &self.outbox);
-        gateway.metrics.sockets.dec();
-        for audience in &params.audiences {
-            gateway
-                .metrics
-                .sockets_by_audience
-                .with_label_values(&[audience])
-                .dec();
-        }
+        self.gateway
+            .registry
+            .unregister(&self.params.subscribe, &self.outbox);
+        self.count(-1);
     }
 }
 
@@ -496,11 +496,8 @@ impl Conn<'_> {
         }
         let payload = frame.payload();
         let expire = self.gateway.config.redis.expire;
-        let publish = self
-            .gateway
-            .broker
-            .publish(&self.params.publish, &payload, expire);
-        if let Err(e) = publish.await {
+        let broker = &self.gateway.broker;
+        if let Err(e) = broker.publish(&self.params.publish, &payload, expire).await {
             debug!("conn {}: publish failed: {e}", self.params.id);
             return Err(CloseReason::BrokerUnavailable);
         }

@@ -15,6 +15,7 @@ use crate::channel::{validate_name, Audience, AudienceKinds, Flags, NameError, N
 
 use crate::conn::{self, ConnParams};
 use crate::identity::{Handshake, Identity, IdentityError};
+use crate::publisher::Recipients;
 use crate::Gateway;
 use log::debug;
 
@@ -185,8 +186,9 @@ async fn accept(
     policy
         .check_flags(&facility, &flags, &identity)
         .map_err(HandshakeError::Policy)?;
-    let subscribe = keys_for(gateway, &facility, flags.subscribe, &identity);
-    let publish = keys_for(gateway, &facility, flags.publish, &identity);
+    let listening = audiences_for(flags.subscribe, &identity);
+    let subscribe = keys_of(gateway, &facility, &listening);
+    let publish = keys_of(gateway, &facility, &audiences_for(flags.publish, &identity));
     if subscribe.len() > policy.max_subscriptions {
         return Err(HandshakeError::TooManySubscriptions(
             subscribe.len(),
@@ -205,7 +207,13 @@ async fn accept(
         id: uuid::Uuid::new_v4(),
         peer: client.map_or_else(|| "-".into(), |ip| ip.to_string()),
         facility,
-        audiences: audience_labels(flags.subscribe, &identity),
+        // Metric labels: the kinds listened to, each once (audiences_for emits each
+        // kind's audiences together, so adjacent duplicates are all the duplicates).
+        audiences: {
+            let mut kinds: Vec<&'static str> = listening.iter().map(Audience::kind).collect();
+            kinds.dedup();
+            kinds
+        },
         user: identity.user,
         subscribe,
         publish,
@@ -231,20 +239,6 @@ fn facility_from_path(path: &str, websocket_url: &str) -> Result<String, Handsha
     Ok(facility.into_owned())
 }
 
-/// The audience kinds a socket with these flags and this identity listens to.
-fn audience_labels(kinds: AudienceKinds, identity: &Identity) -> Vec<&'static str> {
-    let user = identity.user.is_some();
-    [
-        (kinds.broadcast, "broadcast"),
-        (kinds.user && user, "user"),
-        (kinds.group && user && !identity.groups.is_empty(), "group"),
-        (kinds.session && identity.session.is_some(), "session"),
-    ]
-    .into_iter()
-    .filter_map(|(on, name)| on.then_some(name))
-    .collect()
-}
-
 /// The first subprotocol the client offered; it is echoed, as ws4redis did.
 fn first_requested_protocol(req: &HttpRequest) -> Option<&str> {
     req.headers()
@@ -255,14 +249,9 @@ fn first_requested_protocol(req: &HttpRequest) -> Option<&str> {
         .find(|p| !p.is_empty())
 }
 
-/// The keys of the requested audience kinds that this identity has: user and group
-/// need a user, session needs a session key; the others are skipped.
-fn keys_for(
-    gateway: &Gateway,
-    facility: &str,
-    kinds: AudienceKinds,
-    identity: &Identity,
-) -> Vec<Arc<str>> {
+/// The audiences of the requested kinds that this identity has: user and group need a
+/// user, session needs a session key; the others are skipped.
+fn audiences_for(kinds: AudienceKinds, identity: &Identity) -> Vec<Audience> {
     let mut audiences = Vec::new();
     if kinds.broadcast {
         audiences.push(Audience::Broadcast);
@@ -276,6 +265,10 @@ fn keys_for(
     if let (true, Some(session)) = (kinds.session, &identity.session) {
         audiences.push(Audience::Session(session.clone()));
     }
+    audiences
+}
+
+fn keys_of(gateway: &Gateway, facility: &str, audiences: &[Audience]) -> Vec<Arc<str>> {
     audiences
         .iter()
         .map(|a| Arc::from(gateway.keys.key(a, facility)))
@@ -341,23 +334,13 @@ struct Audiences {
     sessions: Vec<String>,
 }
 
-impl PublishRequest {
-    fn audiences(&self) -> Result<Vec<Audience>, NameError> {
-        let a = &self.audiences;
-        let mut out = Vec::new();
-        if a.broadcast {
-            out.push(Audience::Broadcast);
-        }
-        for u in &a.users {
-            out.push(Audience::user(u.as_str())?);
-        }
-        for g in &a.groups {
-            out.push(Audience::group(g.as_str())?);
-        }
-        for s in &a.sessions {
-            out.push(Audience::session(s.as_str())?);
-        }
-        Ok(out)
+impl Audiences {
+    /// Adds these audiences to `to`, validating every name.
+    fn add_to(&self, to: Recipients) -> Result<Recipients, NameError> {
+        let to = if self.broadcast { to.broadcast() } else { to };
+        to.users(self.users.iter().map(String::as_str))?
+            .groups(self.groups.iter().map(String::as_str))?
+            .sessions(self.sessions.iter().map(String::as_str))
     }
 }
 
@@ -390,15 +373,16 @@ async fn publish_checked(req: &HttpRequest, body: &web::Bytes, gateway: &Gateway
         Err(e) => return plain(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")),
     };
     let bad = |why: String| plain(StatusCode::BAD_REQUEST, why);
-    if let Err(e) = validate_name(NameKind::Facility, &request.facility) {
-        return bad(e.to_string());
-    }
-    let audiences = match request.audiences() {
-        Ok(a) if a.is_empty() => return bad("audiences: name at least one audience".into()),
-        Ok(a) if a.len() > MAX_PUBLISH_KEYS => {
+    let recipients = match Recipients::new(request.facility.as_str()) {
+        Ok(r) => r,
+        Err(e) => return bad(e.to_string()),
+    };
+    let recipients = match request.audiences.add_to(recipients) {
+        Ok(r) if r.is_empty() => return bad("audiences: name at least one audience".into()),
+        Ok(r) if r.len() > MAX_PUBLISH_KEYS => {
             return bad(format!("audiences: at most {MAX_PUBLISH_KEYS} per request"))
         }
-        Ok(a) => a,
+        Ok(r) => r,
         Err(e) => return bad(format!("audiences: {e}")),
     };
     if request.message.len() > gateway.config.max_message_size {
@@ -407,9 +391,10 @@ async fn publish_checked(req: &HttpRequest, body: &web::Bytes, gateway: &Gateway
             gateway.config.max_message_size
         ));
     }
-    let keys: Vec<Arc<str>> = audiences
-        .iter()
-        .map(|a| Arc::from(gateway.keys.key(a, &request.facility)))
+    let keys: Vec<Arc<str>> = recipients
+        .keys(&gateway.keys)
+        .into_iter()
+        .map(Arc::from)
         .collect();
     let expire = request.expire.unwrap_or(gateway.config.redis.expire);
     if expire > MAX_EXPIRE {

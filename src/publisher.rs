@@ -91,6 +91,15 @@ impl Recipients {
         keys.into_iter().try_fold(self, Recipients::session)
     }
 
+    /// How many audiences are named.
+    pub fn len(&self) -> usize {
+        self.audiences.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.audiences.is_empty()
+    }
+
     /// The Redis keys these recipients map to.
     pub fn keys(&self, space: &KeySpace) -> Vec<String> {
         self.audiences

@@ -14,9 +14,9 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex};
-use tokio::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::metrics::Metrics;
 use crate::outbox::{Frame, Outbox, Pushed};

@@ -67,12 +67,7 @@ impl RedisBroker {
         shutdown: CancellationToken,
     ) -> redis::RedisResult<(RedisBroker, Subscriber)> {
         let client = redis::Client::open(url)?;
-        let manager = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(OP_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(200));
-        let commands = client.get_connection_manager_lazy(manager)?;
+        let commands = command_connection(&client)?;
         let link = Arc::new(Link(Mutex::new(Err("connecting to redis".into()))));
         let probe_channel = KeySpace::new(config.redis.prefix.as_deref())
             .internal(&format!("probe:{}", uuid::Uuid::new_v4()));
@@ -119,6 +114,18 @@ impl RedisBroker {
     pub fn health(&self) -> Result<(), String> {
         self.link.get()
     }
+}
+
+/// A multiplexed command connection that connects on first use (so nothing fails while
+/// Redis is down at start), answers within [`OP_TIMEOUT`], and fails fast while Redis
+/// is unreachable instead of retrying at length.
+pub fn command_connection(client: &redis::Client) -> redis::RedisResult<ConnectionManager> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(OP_TIMEOUT))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(200));
+    client.get_connection_manager_lazy(config)
 }
 
 fn unavailable(e: redis::RedisError) -> BrokerError {
@@ -211,12 +218,9 @@ impl Subscriber {
         }
         let mut keys: Vec<Arc<str>> = self.registry.keys();
         keys.push(Arc::from(self.probe_channel.as_str()));
-        for chunk in keys.chunks(CHUNK) {
-            let names: Vec<&str> = chunk.iter().map(|k| &**k).collect();
-            round_trip(sink.subscribe(names))
-                .await
-                .map_err(Failure::Connect)?;
-        }
+        in_chunks(&mut sink, true, &keys)
+            .await
+            .map_err(Failure::Connect)?;
         info!(
             "redis: pub/sub connected, {} keys subscribed",
             keys.len() - 1
@@ -288,20 +292,17 @@ impl Subscriber {
             }
             next = self.changes.try_recv().ok();
         }
-        let (subscribe, unsubscribe): (Vec<_>, Vec<_>) =
-            wanted.into_iter().partition(|(_, on)| *on);
-        let applied = async {
-            for chunk in subscribe.chunks(CHUNK) {
-                let names: Vec<&str> = chunk.iter().map(|(k, _)| &**k).collect();
-                round_trip(sink.subscribe(names)).await?;
-            }
-            for chunk in unsubscribe.chunks(CHUNK) {
-                let names: Vec<&str> = chunk.iter().map(|(k, _)| &**k).collect();
-                round_trip(sink.unsubscribe(names)).await?;
-            }
-            Ok(())
-        }
-        .await;
+        let wanted_as = |on: bool| -> Vec<Arc<str>> {
+            wanted
+                .iter()
+                .filter(|&(_, &w)| w == on)
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        let applied = match in_chunks(sink, true, &wanted_as(true)).await {
+            Ok(()) => in_chunks(sink, false, &wanted_as(false)).await,
+            failed => failed,
+        };
         match applied {
             Ok(()) => {
                 for done in barriers {
@@ -330,6 +331,23 @@ impl Subscriber {
             }
         });
     }
+}
+
+/// SUBSCRIBE (or UNSUBSCRIBE) `keys`, [`CHUNK`] channels per command, each confirmed.
+async fn in_chunks(
+    sink: &mut PubSubSink,
+    subscribe: bool,
+    keys: &[Arc<str>],
+) -> Result<(), String> {
+    for chunk in keys.chunks(CHUNK) {
+        let names: Vec<&str> = chunk.iter().map(|k| &**k).collect();
+        if subscribe {
+            round_trip(sink.subscribe(names)).await?;
+        } else {
+            round_trip(sink.unsubscribe(names)).await?;
+        }
+    }
+    Ok(())
 }
 
 enum Failure {

@@ -35,7 +35,8 @@ use sha2::{Digest, Sha256};
 
 use super::callback::CallbackResolver;
 use super::{session_key, Handshake, Identity, IdentityError, IdentityResolver};
-use crate::config::Secret;
+use crate::broker::redis::command_connection;
+use crate::config::{secret_value, Secret};
 use crate::metrics::Metrics;
 
 /// Largest session value read (and largest decompressed payload), in bytes.
@@ -217,23 +218,14 @@ impl DjangoResolver {
             .as_deref()
             .or(default_url)
             .ok_or("identity.django.redis_url (or redis.url) must be set")?;
-        let manager = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
-            .set_response_timeout(Some(std::time::Duration::from_secs(5)))
-            .set_number_of_retries(1);
         let conn = redis::Client::open(url)
-            .and_then(|c| c.get_connection_manager_lazy(manager))
+            .and_then(|c| command_connection(&c))
             .map_err(|e| format!("identity.django.redis_url: {e}"))?;
-        let secret = match (&config.secret_key, &config.secret_key_file) {
-            (Some(s), _) => Some(s.expose().to_string()),
-            (None, Some(path)) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| format!("identity.django.secret_key_file: {e}"))?
-                    .trim_end_matches(['\n', '\r'])
-                    .to_string(),
-            ),
-            (None, None) => None,
-        };
+        let secret = secret_value(
+            config.secret_key.as_ref(),
+            config.secret_key_file.as_deref(),
+            "identity.django.secret_key_file",
+        )?;
         if config.engine == Engine::RedisSessions && secret.is_none() {
             return Err(
                 "identity.django.secret_key or secret_key_file is needed to verify redis_sessions"

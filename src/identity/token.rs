@@ -19,7 +19,7 @@ use serde::Deserialize;
 use sha2::Sha256;
 
 use super::{cookie, Handshake, Identity, IdentityError, IdentityResolver};
-use crate::config::Secret;
+use crate::config::{secret_value, Secret};
 
 /// Longest token accepted, in bytes.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -59,15 +59,13 @@ pub struct TokenResolver {
 
 impl TokenResolver {
     pub fn new(config: TokenConfig) -> Result<Self, String> {
-        let secret = match (&config.secret, &config.secret_file) {
-            (Some(s), _) => s.expose().as_bytes().to_vec(),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map_err(|e| format!("identity.token.secret_file: {e}"))?
-                .trim_end_matches(['\n', '\r'])
-                .as_bytes()
-                .to_vec(),
-            (None, None) => return Err("identity.token.secret or secret_file must be set".into()),
-        };
+        let secret = secret_value(
+            config.secret.as_ref(),
+            config.secret_file.as_deref(),
+            "identity.token.secret_file",
+        )?
+        .ok_or("identity.token.secret or secret_file must be set")?
+        .into_bytes();
         if secret.len() < 32 {
             return Err("identity.token: the secret must be at least 32 bytes".into());
         }
