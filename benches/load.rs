@@ -27,7 +27,24 @@ const PAYLOAD: usize = 100;
 struct Proc(Child);
 
 impl Drop for Proc {
+    /// SIGTERM first, so that nginx's master takes its workers down with it (a SIGKILL
+    /// would leave them running), then SIGKILL after 5 s. A process already waited for is
+    /// left alone (its pid may belong to somebody else by now).
     fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

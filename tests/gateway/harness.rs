@@ -23,6 +23,33 @@ pub const WAIT: Duration = Duration::from_secs(10);
 /// The publish token every test gateway is started with.
 pub const TOKEN: &str = "test-token-0123456789";
 
+/// A directory of the test's own under the system temp dir, removed when dropped, also
+/// when the test fails.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("wsrelay-{name}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 pub fn free_port() -> u16 {
     // The port is free once the probe listener is dropped; a race with another process
     // is possible but harmless on a test machine (the start fails loudly).
@@ -170,14 +197,12 @@ impl Gateway {
 
     /// Starts with a TOML configuration file (environment settings still win).
     pub fn start_with_file(toml: &str, settings: &[(&str, &str)]) -> Gateway {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("wsrelay-test-{}-{n}.toml", std::process::id()));
+        // The gateway reads the file before it reports listening; the directory goes
+        // when this function returns (or panics).
+        let dir = TempDir::new("config");
+        let path = dir.join("wsrelay.toml");
         std::fs::write(&path, toml).unwrap();
-        let gateway = Self::launch(settings, &[], Some(&path));
-        let _ = std::fs::remove_file(&path);
-        gateway
+        Self::launch(settings, &[], Some(&path))
     }
 
     fn launch(

@@ -168,8 +168,7 @@ fn check_config_names_the_bad_setting() {
     let bad = run(&[("WSRELAY__PING_INTERVAL", "soon")]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("ping_interval"));
-    let dir = std::env::temp_dir().join(format!("wsrelay-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::harness::TempDir::new("check-config");
     let file = dir.join("bad.toml");
     std::fs::write(
         &file,
@@ -182,7 +181,6 @@ fn check_config_names_the_bad_setting() {
         .env_clear()
         .output()
         .unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("redis.expire"),

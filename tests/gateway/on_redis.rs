@@ -380,8 +380,7 @@ fn make_certificates(dir: &std::path::Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_unix_socket_password_and_db_urls_all_work_and_share_publications() {
-    let dir = std::env::temp_dir().join(format!("wsrelay-tls-{}", crate::harness::free_port()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::harness::TempDir::new("tls");
     make_certificates(&dir);
     let file = |name: &str| dir.join(name).to_string_lossy().to_string();
     let (port, socket) = (crate::harness::free_port(), file("redis.sock"));
@@ -439,7 +438,6 @@ async fn tls_unix_socket_password_and_db_urls_all_work_and_share_publications() 
     );
     let mut late = Client::connect(&over_tls.ws_url("/ws/chat?subscribe-broadcast")).await;
     assert_eq!(late.recv_text().await, "across gateways");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

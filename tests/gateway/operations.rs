@@ -5,7 +5,7 @@ use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{http, Client, Gateway, RedisServer, WAIT};
+use crate::harness::{http, Client, Gateway, RedisServer, TempDir, WAIT};
 
 /// The value of a metric line (`name{labels} value`) in Prometheus text.
 fn metric(text: &str, series: &str) -> f64 {
@@ -31,8 +31,7 @@ async fn metrics(gw: &Gateway) -> String {
 
 #[test]
 fn systemd_units_pass_systemd_analyze_verify() {
-    let dir = std::env::temp_dir().join(format!("wsrelay-units-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("units");
     for (unit, name) in [
         ("wsrelay.service", "wsrelay.service"),
         ("wsrelay@.service", "wsrelay@8080.service"),
@@ -78,13 +77,11 @@ fn systemd_units_pass_systemd_analyze_verify() {
             assert!(shipped.contains(required), "{unit} lacks {required:?}");
         }
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test]
 async fn readiness_and_stop_are_notified_to_the_service_manager() {
-    let dir = std::env::temp_dir().join(format!("wsrelay-notify-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("notify");
     let path = dir.join("notify.sock");
     let socket = UnixDatagram::bind(&path).unwrap();
     socket.set_read_timeout(Some(WAIT)).unwrap();
@@ -99,7 +96,6 @@ async fn readiness_and_stop_are_notified_to_the_service_manager() {
     let n = socket.recv(&mut buf).expect("STOPPING=1 in time");
     assert_eq!(&buf[..n], b"STOPPING=1");
     assert!(gw.wait_exit().success());
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test]
