@@ -1,7 +1,6 @@
 //! Micro-benchmarks of the hot paths: registry fan-out, key building, request parsing,
 //! identity decoding. `cargo bench --bench micro`.
 
-use std::collections::VecDeque;
 use std::hint::black_box;
 use std::sync::Arc;
 
@@ -9,36 +8,51 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use tokio::time::Instant;
 use wsrelay::channel::{Audience, Flags, KeySpace};
 use wsrelay::identity::Identity;
-use wsrelay::outbox::{Frame, Outbox, Queued};
-use wsrelay::registry::Registry;
+use wsrelay::outbox::Outbox;
+use wsrelay::registry::Publication;
+use wsrelay::ws::reader::{Input, Reader};
 
-/// Fan-out of one 100-byte frame to `n` sockets on one key; every outbox is drained
-/// before the clock stops, so the cost of the reader side counts too.
-fn dispatch(c: &mut Criterion) {
-    let mut group = c.benchmark_group("dispatch");
+/// The per-socket part of a fan-out: one shared 100-byte frame queued in `n` socket
+/// queues (a reference count each) and taken out again as a write would.
+fn fan_out(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fan-out");
+    let publication = Publication::new(Arc::from("broadcast:chat"), &[b'x'; 100], Instant::now());
     for n in [1usize, 100, 10_000] {
-        let registry = Registry::new(None, Arc::default());
-        let key: Arc<str> = Arc::from("broadcast:chat");
-        let outboxes: Vec<Arc<Outbox>> = (0..n).map(|_| Arc::new(Outbox::new(1 << 20))).collect();
-        for o in &outboxes {
-            registry.register(std::slice::from_ref(&key), o);
-        }
-        let frame = Frame::from_payload(bytes::Bytes::from(vec![b'x'; 100]));
+        let mut outboxes: Vec<Outbox> = (0..n).map(|_| Outbox::default()).collect();
         group.throughput(Throughput::Elements(n as u64));
         group.bench_function(format!("{n} sockets"), |b| {
-            let mut batch: VecDeque<Queued> = VecDeque::new();
             b.iter(|| {
-                registry.dispatch("broadcast:chat", &frame, Instant::now());
-                for o in &outboxes {
-                    o.take_into(&mut batch);
-                    for q in batch.drain(..) {
-                        o.written(q.frame.len());
-                    }
+                for o in &mut outboxes {
+                    o.push(publication.frame.clone(), 1 << 20).unwrap();
+                    let mut slices = [std::io::IoSlice::new(&[]); 4];
+                    let n = o.slices(&mut slices);
+                    let len: usize = slices[..n].iter().map(|s| s.len()).sum();
+                    o.advance(len);
                 }
             })
         });
     }
     group.finish();
+}
+
+/// Encoding a publication once, and reading a client's masked message.
+fn framing(c: &mut Criterion) {
+    let payload = [b'x'; 100];
+    c.bench_function("frame/encode 100 B publication", |b| {
+        b.iter(|| Publication::new(Arc::from("k"), black_box(&payload), Instant::now()))
+    });
+    let raw = wsrelay::ws::frame::encode_masked(true, 1, &payload, [1, 2, 3, 4]);
+    c.bench_function("frame/read 100 B client message", |b| {
+        b.iter_batched(
+            || raw.clone(),
+            |mut raw| {
+                let mut reader = Reader::default();
+                let mut input = Input::new(&mut raw);
+                reader.next(&mut input, 65536).unwrap()
+            },
+            BatchSize::SmallInput,
+        )
+    });
 }
 
 fn keys(c: &mut Criterion) {
@@ -108,5 +122,5 @@ fn django(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, dispatch, keys, parsing, django);
+criterion_group!(benches, fan_out, framing, keys, parsing, django);
 criterion_main!(benches);

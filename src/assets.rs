@@ -13,7 +13,7 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use sha2::{Digest, Sha256};
 
-use crate::Gateway;
+use crate::http::HttpState;
 
 const HELPER: &str = include_str!("../assets/wsrelay.js");
 const MODULE_EXPORTS: &str = "\nexport default WS4Redis;\nexport { WS4Redis };\n";
@@ -99,19 +99,19 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/").get(demo));
 }
 
-async fn script(req: HttpRequest, gateway: web::Data<Gateway>) -> HttpResponse {
-    gateway.assets.script.respond(&req)
+async fn script(req: HttpRequest, state: web::Data<HttpState>) -> HttpResponse {
+    state.assets.script.respond(&req)
 }
 
-async fn module(req: HttpRequest, gateway: web::Data<Gateway>) -> HttpResponse {
-    gateway.assets.module.respond(&req)
+async fn module(req: HttpRequest, state: web::Data<HttpState>) -> HttpResponse {
+    state.assets.module.respond(&req)
 }
 
-async fn demo(req: HttpRequest, gateway: web::Data<Gateway>) -> HttpResponse {
-    if !gateway.config.demo_enabled() {
+async fn demo(req: HttpRequest, state: web::Data<HttpState>) -> HttpResponse {
+    if !state.demo {
         return HttpResponse::NotFound()
             .content_type("text/plain; charset=utf-8")
             .body("the demo page is off (setting `demo`)");
     }
-    gateway.assets.demo.respond(&req)
+    state.assets.demo.respond(&req)
 }

@@ -32,7 +32,21 @@ pub const DEFAULT_PING_TIMEOUT: f64 = 10.0;
 /// Largest frame (or fragmented message) accepted from a client, in bytes.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 * 1024;
 /// Outbound bytes a socket may have pending before it is closed as a slow consumer.
-pub const DEFAULT_QUEUE_BYTES: usize = 256 * 1024;
+/// Chosen from the load benchmark's slow-consumer scenario (see `benches/RESULTS.md`):
+/// about a quarter second of a 1,000 × 4 KB/s broadcast.
+pub const DEFAULT_QUEUE_BYTES: usize = 1024 * 1024;
+/// Largest publication relayed to sockets; bigger ones are dropped (and counted) where
+/// they enter the gateway, so no payload can cost memory per socket.
+pub const DEFAULT_MAX_PUBLICATION_SIZE: usize = 1024 * 1024;
+/// Sockets one gateway process holds at most; beyond, handshakes get 503.
+pub const DEFAULT_MAX_SOCKETS: usize = 100_000;
+/// How long a closing socket may take to flush its close frame and close, in seconds;
+/// after that it is reset and its descriptor released.
+pub const DEFAULT_CLOSE_TIMEOUT: f64 = 2.0;
+/// Seconds an idle HTTP keep-alive connection stays open; 0 turns keep-alive off.
+pub const DEFAULT_HTTP_KEEP_ALIVE: f64 = 5.0;
+/// Longest expiry accepted for a stored message (ten years), in seconds.
+pub const MAX_EXPIRE: u64 = 315_360_000;
 /// Django's `SESSION_COOKIE_NAME`.
 pub const DEFAULT_SESSION_COOKIE: &str = "sessionid";
 /// Longest pause between two Redis reconnect attempts, in seconds.
@@ -57,6 +71,10 @@ pub struct Config {
     pub ping_timeout: f64,
     pub max_message_size: usize,
     pub queue_bytes: usize,
+    pub max_publication_size: usize,
+    pub max_sockets: usize,
+    pub close_timeout: f64,
+    pub http_keep_alive: f64,
     /// Bearer token of `POST /api/publish`; absent turns the endpoint off.
     pub publish_token: Option<Secret>,
     pub shutdown_timeout: f64,
@@ -171,7 +189,10 @@ impl Config {
         "identity.callback.forward_headers",
     ];
 
-    fn load_from(
+    /// Reads defaults, then the TOML file at `path` (if any), then `vars`: settings
+    /// named as in the environment (`WSRELAY__REDIS__URL`). For tests and embedders
+    /// that build a configuration without touching the process environment.
+    pub fn load_from(
         path: Option<&Path>,
         vars: std::collections::HashMap<String, String>,
     ) -> Result<Config, ConfigError> {
@@ -184,6 +205,10 @@ impl Config {
             .set_default("ping_timeout", DEFAULT_PING_TIMEOUT)?
             .set_default("max_message_size", DEFAULT_MAX_MESSAGE_SIZE as u64)?
             .set_default("queue_bytes", DEFAULT_QUEUE_BYTES as u64)?
+            .set_default("max_publication_size", DEFAULT_MAX_PUBLICATION_SIZE as u64)?
+            .set_default("max_sockets", DEFAULT_MAX_SOCKETS as u64)?
+            .set_default("close_timeout", DEFAULT_CLOSE_TIMEOUT)?
+            .set_default("http_keep_alive", DEFAULT_HTTP_KEEP_ALIVE)?
             .set_default("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)?
             .set_default("drain_window", DEFAULT_DRAIN_WINDOW)?
             .set_default("redis.expire", DEFAULT_EXPIRE)?
@@ -270,6 +295,8 @@ impl Config {
             ("heartbeat_interval", self.heartbeat_interval, false),
             ("ping_interval", self.ping_interval, true),
             ("ping_timeout", self.ping_timeout, false),
+            ("close_timeout", self.close_timeout, false),
+            ("http_keep_alive", self.http_keep_alive, true),
             ("shutdown_timeout", self.shutdown_timeout, true),
             ("drain_window", self.drain_window, true),
             ("redis.reconnect_max", self.redis.reconnect_max, false),
@@ -282,7 +309,7 @@ impl Config {
                 );
             }
         }
-        if self.redis.expire > crate::http::MAX_EXPIRE {
+        if self.redis.expire > MAX_EXPIRE {
             return bad(
                 "redis.expire",
                 "must be at most ten years (315360000 seconds)",
@@ -293,6 +320,15 @@ impl Config {
         }
         if self.queue_bytes < self.max_message_size {
             return bad("queue_bytes", "must be at least max_message_size");
+        }
+        if self.max_publication_size == 0 {
+            return bad("max_publication_size", "must be at least 1 byte");
+        }
+        if self.max_sockets == 0 {
+            return bad("max_sockets", "must be at least 1");
+        }
+        if self.workers > crate::registry::MAX_WORKERS {
+            return bad("workers", "must be at most 64");
         }
         if let Some(h) = &self.heartbeat {
             if h.is_empty() || h.len() > self.max_message_size {
@@ -372,6 +408,18 @@ impl Config {
 
     pub fn shutdown_timeout(&self) -> Duration {
         seconds(self.shutdown_timeout)
+    }
+
+    pub fn close_timeout(&self) -> Duration {
+        seconds(self.close_timeout)
+    }
+
+    pub fn http_keep_alive(&self) -> Duration {
+        seconds(self.http_keep_alive)
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        seconds(self.policy.handshake_timeout)
     }
 
     pub fn demo_enabled(&self) -> bool {

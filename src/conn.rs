@@ -1,66 +1,88 @@
-//! One task per socket: relay the outbox to the socket, publish what the client sends,
-//! keep the link alive, and close with a documented code.
+//! One task per socket: answer the client, publish what it sends, keep its timers, and
+//! close with a documented code.
 //!
-//! Close codes sent by the gateway (the reason text is always set):
+//! Close codes sent by the gateway (the reason text is always set, except when a
+//! client's close is echoed):
 //!
 //! | code | when | should the client reconnect |
 //! |------|------|-----------------------------|
-//! | 1000 | the client closed; its code is echoed | no |
+//! | 1000 | the client closed; its code is echoed (1010, which only clients send, is answered with 1000) | no |
 //! | 1001 | the gateway is stopping ("server shutting down"), or the peer did not answer a ping in time ("ping timeout") | yes |
-//! | 1002 | a WebSocket protocol error from the client | after fixing the client |
-//! | 1007 | a text frame that is not UTF-8 | after fixing the client |
-//! | 1009 | a message over `max_message_size` | after fixing the client |
+//! | 1002 | a WebSocket protocol error from the client (the reason names it) | after fixing the client |
+//! | 1007 | a text message or close reason that is not UTF-8 | after fixing the client |
+//! | 1009 | a message over `max_message_size`, refused from its frame header | after fixing the client |
 //! | 1013 | a client publication failed because the broker is unavailable | yes, with backoff |
-//! | 4000 | slow consumer: more than `queue_bytes` were waiting for this socket | yes |
+//! | 4000 | slow consumer: more than `queue_bytes` waiting, or no byte written for `ping_timeout` | yes |
+//!
+//! After the close frame the gateway shuts its side down and waits, at most
+//! `close_timeout`, for the client to close; a client that does not read or does not
+//! close is then reset, so its descriptor and kernel buffers are released whatever it
+//! does. The per-address slot and the `max_sockets` place are released only then.
 //!
 //! Setup order matters for late joiners: the socket is registered first, then the task
 //! waits until Redis confirmed the subscriptions, and only then reads the stored last
-//! messages, which go out ahead of any live message queued meanwhile. A message
-//! published in between arrives live and may also be the stored one, so it can be
-//! delivered twice; it is never lost, and the last frame a key delivers is its newest.
+//! messages, which go out ahead of any live message that arrived meanwhile. Pings and
+//! a close are answered during setup; messages the client sends are published only
+//! after it. A message published in between arrives live and may also be the stored
+//! one, so it can be delivered twice; it is never lost.
 //!
-//! Every write is bounded: a write still stuck after `ping_timeout` (the peer stopped
-//! reading) closes the socket as a slow consumer, like an overflowing outbox.
+//! The task never sleeps on a timer of its own: it names the tick it next needs and the
+//! worker's wheel wakes it ([`crate::worker`]). Its future stays small
+//! ([`MAX_TASK_SIZE`]), and an idle socket holds no buffer.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::future::Future;
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
-use std::task::Poll;
-use std::time::Duration;
+use std::task::{Context, Poll};
 
-use actix_ws::{CloseCode, Item, Message, MessageStream, ProtocolError, Session};
 use bytes::{Bytes, BytesMut};
-use bytestring::ByteString;
 use log::{debug, info};
-use tokio::time::{timeout, Instant};
 
-use crate::outbox::{Frame, Outbox, Queued};
-use crate::Gateway;
+use crate::broker::BrokerError;
+use crate::policy::{IpSlot, SocketPermit};
+use crate::socket::{signal, Socket, NEVER};
+use crate::wheel::Tick;
+use crate::worker::Worker;
+use crate::ws::frame::{self, encode, encode_close};
+use crate::ws::reader::{CloseFrame, Input, Message, ReadError, Reader};
+use crate::ws::Stream;
 
-/// Bound on sending a Close frame before the socket is dropped.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Bound on the setup (subscription confirmation and stored messages).
-const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The documented bound on a socket task's future (asserted by a unit test).
+pub const MAX_TASK_SIZE: usize = 512;
 /// The application close code for slow consumers.
 pub const CLOSE_SLOW_CONSUMER: u16 = 4000;
+/// Socket reads in one turn of the loop before other sockets get their turn.
+const READS_PER_TURN: usize = 4;
+/// Bytes read and discarded while waiting for a closing client, before it is reset.
+const MAX_DISCARD: usize = 1024 * 1024;
 
 /// What the handshake decided for this socket.
 #[derive(Debug)]
-pub struct ConnParams {
+pub struct SocketParams {
     pub id: uuid::Uuid,
     /// The client's address (forwarded by a trusted proxy, or the peer's).
     pub peer: String,
     pub facility: String,
     pub user: Option<String>,
     /// Keys this socket listens to.
-    pub subscribe: Vec<Arc<str>>,
-    /// Keys that frames from this socket are published to.
-    pub publish: Vec<Arc<str>>,
+    pub subscribe: Arc<[Arc<str>]>,
+    /// Keys that messages from this socket are published to.
+    pub publish: Arc<[Arc<str>]>,
     pub echo: bool,
     /// The audience kinds this socket listens to (metric labels).
     pub audiences: Vec<&'static str>,
-    /// Holds this socket's place in the per-address limit until the socket ends.
-    pub _slot: Option<crate::policy::IpSlot>,
+    /// Held until the descriptor is released.
+    pub holds: Holds,
+}
+
+/// Places a socket holds while its descriptor is open.
+#[derive(Debug, Default)]
+pub struct Holds {
+    pub ip_slot: Option<IpSlot>,
+    pub permit: Option<SocketPermit>,
 }
 
 /// Why a connection ended.
@@ -68,83 +90,501 @@ pub struct ConnParams {
 pub enum CloseReason {
     Shutdown,
     PingTimeout,
+    /// The outbound queue passed `queue_bytes`.
     SlowConsumer,
+    /// No byte could be written for `ping_timeout`.
+    StuckWrite,
     BrokerUnavailable,
-    InvalidUtf8,
-    TooBig,
-    Protocol(String),
-    /// The client sent a Close frame (its code, if any).
-    ClientClosed(Option<actix_ws::CloseReason>),
-    /// The transport ended without a Close frame.
+    /// The client broke the protocol.
+    Protocol(ReadError),
+    /// The client sent a close frame.
+    ClientClosed(Option<CloseFrame>),
+    /// The transport ended without a close frame.
     ClientGone,
 }
 
 impl CloseReason {
-    /// The Close frame to send, if any.
-    pub fn frame(&self) -> Option<actix_ws::CloseReason> {
-        let (code, text) = match self {
-            CloseReason::Shutdown => (CloseCode::Away, "server shutting down"),
-            CloseReason::PingTimeout => (CloseCode::Away, "ping timeout"),
+    /// The close frame to send (code and reason), if any: the table in the module docs.
+    pub fn close_frame(&self) -> Option<(u16, Cow<'static, str>)> {
+        let (code, reason): (u16, Cow<'static, str>) = match self {
+            CloseReason::Shutdown => (1001, "server shutting down".into()),
+            CloseReason::PingTimeout => (1001, "ping timeout".into()),
             CloseReason::SlowConsumer => (
-                CloseCode::Other(CLOSE_SLOW_CONSUMER),
-                "slow consumer: outbound queue full",
+                CLOSE_SLOW_CONSUMER,
+                "slow consumer: outbound queue full".into(),
             ),
-            CloseReason::BrokerUnavailable => {
-                (CloseCode::Again, "broker unavailable, try again later")
-            }
-            CloseReason::InvalidUtf8 => (CloseCode::Invalid, "text frame is not valid UTF-8"),
-            CloseReason::TooBig => (CloseCode::Size, "message too big"),
-            CloseReason::Protocol(why) => {
-                return Some((CloseCode::Protocol, why.as_str()).into());
-            }
-            CloseReason::ClientClosed(theirs) => {
-                // Echo the client's code, except those that must never be sent.
-                let code = match theirs.as_ref().map(|r| r.code) {
-                    Some(CloseCode::Abnormal | CloseCode::Tls) | None => CloseCode::Normal,
-                    Some(CloseCode::Other(c)) if !(3000..5000).contains(&c) => CloseCode::Normal,
-                    Some(code) => code,
-                };
-                return Some(code.into());
-            }
+            CloseReason::StuckWrite => (
+                CLOSE_SLOW_CONSUMER,
+                "slow consumer: nothing could be written".into(),
+            ),
+            CloseReason::BrokerUnavailable => (1013, "broker unavailable, try again later".into()),
+            CloseReason::Protocol(e) => (e.close_code(), e.to_string().into()),
+            CloseReason::ClientClosed(theirs) => match theirs {
+                // 1010 is for clients only; every other valid code is echoed.
+                Some(f) if f.code != 1010 => (f.code, "".into()),
+                _ => (1000, "".into()),
+            },
             CloseReason::ClientGone => return None,
         };
-        Some((code, text).into())
+        Some((code, reason))
     }
 
-    fn from_protocol_error(e: ProtocolError) -> CloseReason {
-        match e {
-            ProtocolError::Overflow => CloseReason::TooBig,
-            ProtocolError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                CloseReason::InvalidUtf8
+    fn is_slow_consumer(&self) -> bool {
+        matches!(self, CloseReason::SlowConsumer | CloseReason::StuckWrite)
+    }
+}
+
+/// Serves one socket on this worker until it closes and its descriptor is released.
+/// `leftover` is what the client sent right behind its handshake.
+pub fn spawn(worker: &Rc<Worker>, stream: Stream, params: SocketParams, leftover: BytesMut) {
+    let relay = &worker.relay;
+    let task = relay
+        .tracker
+        .track_future(serve(worker.clone(), stream, params, leftover));
+    tokio::task::spawn_local(task);
+}
+
+/// The socket task. Public for the tests that measure it.
+pub async fn serve(worker: Rc<Worker>, stream: Stream, params: SocketParams, leftover: BytesMut) {
+    let now = worker.clock.now();
+    let socket = Rc::new(Socket::new(stream, params.echo, now));
+    let started = tokio::time::Instant::now();
+    let mut conn = Conn::new(worker, socket, params, now);
+    conn.count(1);
+    conn.log_open();
+    let reason = match conn.on_leftover(leftover, now) {
+        Ok(()) => conn.run().await,
+        Err(reason) => reason,
+    };
+    conn.close(&reason).await;
+    conn.count(-1);
+    conn.log_closed(&reason, started);
+}
+
+/// Deadlines of one socket, in wheel ticks ([`NEVER`]: not set).
+struct Timers {
+    next_ping: Tick,
+    pong_deadline: Tick,
+    setup_deadline: Tick,
+    closing_at: Tick,
+}
+
+type Setup = Pin<Box<dyn Future<Output = Option<Vec<Option<Bytes>>>>>>;
+type Publishing = Pin<Box<dyn Future<Output = Result<(), BrokerError>>>>;
+
+enum Event {
+    Signals(u8),
+    SetupDone(Option<Vec<Option<Bytes>>>),
+    Published(Result<(), BrokerError>),
+    Writable(std::io::Result<()>),
+    Readable(std::io::Result<()>),
+}
+
+struct Conn {
+    worker: Rc<Worker>,
+    socket: Rc<Socket>,
+    params: SocketParams,
+    /// Whether the socket is still in the worker's fan-out.
+    attached: bool,
+    reader: Reader,
+    timers: Timers,
+    /// Waiting for the subscriptions and the stored messages.
+    setup: Option<Setup>,
+    /// The client message being published.
+    publishing: Option<Publishing>,
+    /// Client messages waiting to be published, in order, and their bytes.
+    unpublished: VecDeque<Bytes>,
+    unpublished_bytes: usize,
+}
+
+impl Drop for Conn {
+    /// However the task ends (a stopped runtime drops it mid-way), the socket leaves
+    /// the fan-out.
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
+impl Conn {
+    fn new(worker: Rc<Worker>, socket: Rc<Socket>, params: SocketParams, now: Tick) -> Self {
+        let config = &worker.relay.config;
+        let timers = Timers {
+            next_ping: config.ping_interval.map_or(NEVER, |i| now + i),
+            pong_deadline: NEVER,
+            setup_deadline: now + config.setup_timeout,
+            closing_at: NEVER,
+        };
+        worker.attach(&socket, &params.subscribe);
+        let setup = setup(&worker, &params);
+        let mut conn = Conn {
+            worker,
+            socket,
+            params,
+            attached: true,
+            reader: Reader::default(),
+            timers,
+            setup: Some(setup),
+            publishing: None,
+            unpublished: VecDeque::new(),
+            unpublished_bytes: 0,
+        };
+        if conn.worker.relay.shutdown.is_cancelled() {
+            conn.on_drain(now);
+        }
+        conn.schedule();
+        conn
+    }
+
+    fn config(&self) -> &crate::worker::SocketConfig {
+        &self.worker.relay.config
+    }
+
+    async fn run(&mut self) -> CloseReason {
+        loop {
+            let event = poll_fn(|cx| self.poll_event(cx)).await;
+            let now = self.worker.clock.now();
+            let handled = match event {
+                Event::Signals(bits) => self.on_signals(bits, now),
+                Event::SetupDone(stored) => {
+                    self.on_setup_done(stored, now);
+                    Ok(())
+                }
+                Event::Published(Ok(())) => {
+                    self.publish_next();
+                    Ok(())
+                }
+                Event::Published(Err(e)) => {
+                    debug!("conn {}: publish failed: {e}", self.params.id);
+                    Err(CloseReason::BrokerUnavailable)
+                }
+                Event::Writable(Ok(())) => {
+                    self.socket.writable(now);
+                    Ok(())
+                }
+                Event::Readable(Ok(())) => self.on_readable(now),
+                Event::Writable(Err(_)) | Event::Readable(Err(_)) => Err(CloseReason::ClientGone),
+            };
+            if let Err(reason) = handled {
+                return reason;
             }
-            ProtocolError::Io(_) => CloseReason::ClientGone,
-            other => CloseReason::Protocol(other.to_string()),
+            self.schedule();
         }
     }
-}
 
-/// Registers the socket and counts it; undoes both however the task ends.
-struct Registration<'a> {
-    gateway: &'a Gateway,
-    params: &'a ConnParams,
-    outbox: Arc<Outbox>,
-}
+    /// The next thing to do, in order of urgency. Every source registers the task's
+    /// waker, so nothing is missed while the task sleeps.
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        let bits = self.socket.take_signals(cx.waker());
+        if bits != 0 {
+            return Poll::Ready(Event::Signals(bits));
+        }
+        if let Some(setup) = &mut self.setup {
+            if let Poll::Ready(stored) = setup.as_mut().poll(cx) {
+                self.setup = None;
+                return Poll::Ready(Event::SetupDone(stored));
+            }
+        }
+        if let Some(publishing) = &mut self.publishing {
+            if let Poll::Ready(result) = publishing.as_mut().poll(cx) {
+                self.publishing = None;
+                return Poll::Ready(Event::Published(result));
+            }
+        }
+        if self.socket.wants_write() {
+            if let Poll::Ready(r) = self.socket.stream.poll_write_ready(cx) {
+                return Poll::Ready(Event::Writable(r));
+            }
+        }
+        // Reading pauses while too many client messages wait to be published.
+        if self.unpublished_bytes < self.config().queue_bytes {
+            if let Poll::Ready(r) = self.socket.stream.poll_read_ready(cx) {
+                return Poll::Ready(Event::Readable(r));
+            }
+        }
+        Poll::Pending
+    }
 
-impl<'a> Registration<'a> {
-    fn new(gateway: &'a Gateway, params: &'a ConnParams, outbox: Arc<Outbox>) -> Self {
-        gateway.registry.register(&params.subscribe, &outbox);
-        let registration = Registration {
-            gateway,
-            params,
-            outbox,
+    /// Asks the wheel to wake the task at its next deadline.
+    fn schedule(&self) {
+        let t = &self.timers;
+        let config = self.config();
+        let mut next = t.next_ping.min(t.pong_deadline).min(t.closing_at);
+        if self.setup.is_some() {
+            next = next.min(t.setup_deadline);
+        }
+        if config.heartbeat.is_some() {
+            next = next.min(self.socket.last_write() + config.heartbeat_interval);
+        }
+        if let Some(since) = self.socket.stalled_since() {
+            next = next.min(since + config.ping_timeout);
+        }
+        if next != NEVER {
+            self.worker.schedule(&self.socket, next);
+        }
+    }
+
+    fn on_signals(&mut self, bits: u8, now: Tick) -> Result<(), CloseReason> {
+        if bits & signal::BROKEN != 0 {
+            return Err(CloseReason::ClientGone);
+        }
+        if bits & signal::OVERFLOW != 0 {
+            return Err(CloseReason::SlowConsumer);
+        }
+        if bits & signal::DRAIN != 0 {
+            self.on_drain(now);
+        }
+        if bits & signal::TIMER != 0 {
+            self.on_timer(now)?;
+        }
+        Ok(())
+    }
+
+    /// Each socket closes at its own point of the drain window, so that thousands of
+    /// browsers do not reconnect in the same second.
+    fn on_drain(&mut self, now: Tick) {
+        if self.timers.closing_at == NEVER {
+            let share = (self.params.id.as_u128() % 1000) as Tick;
+            self.timers.closing_at = now + self.config().drain_window * share / 1000;
+        }
+    }
+
+    fn on_timer(&mut self, now: Tick) -> Result<(), CloseReason> {
+        let worker = self.worker.clone();
+        let config = &worker.relay.config;
+        if self.timers.closing_at <= now {
+            return Err(CloseReason::Shutdown);
+        }
+        if self.timers.pong_deadline <= now {
+            return Err(CloseReason::PingTimeout);
+        }
+        if self
+            .socket
+            .stalled_since()
+            .is_some_and(|since| since + config.ping_timeout <= now)
+        {
+            return Err(CloseReason::StuckWrite);
+        }
+        if self.setup.is_some() && self.timers.setup_deadline <= now {
+            debug!(
+                "conn {}: stored messages skipped (setup timed out)",
+                self.params.id
+            );
+            self.setup = None;
+            self.on_setup_done(None, now);
+        }
+        if let Some(interval) = config.ping_interval {
+            if self.timers.next_ping <= now {
+                self.socket.send_control(ping_frame(), now);
+                self.timers.next_ping = now + interval;
+                if self.timers.pong_deadline == NEVER {
+                    self.timers.pong_deadline = now + config.ping_timeout;
+                }
+            }
+        }
+        if let Some(heartbeat) = &config.heartbeat {
+            if self.socket.last_write() + config.heartbeat_interval <= now {
+                self.socket.send_control(heartbeat.frame.clone(), now);
+            }
+        }
+        Ok(())
+    }
+
+    /// The subscriptions are live (or setup gave up): stored messages go out first,
+    /// then what arrived meanwhile; then the client's waiting messages are published.
+    fn on_setup_done(&mut self, stored: Option<Vec<Option<Bytes>>>, now: Tick) {
+        let config = self.config();
+        let heartbeat = config.heartbeat.as_ref().map(|h| &h.text[..]);
+        let stored: Vec<Bytes> = stored
+            .unwrap_or_default()
+            .into_iter()
+            .flatten()
+            .filter(|v| Some(&v[..]) != heartbeat && v.len() <= config.max_publication_size)
+            .collect();
+        let metrics = &self.worker.relay.metrics;
+        metrics.frames_delivered.inc_by(stored.len() as u64);
+        metrics
+            .bytes_out
+            .inc_by(stored.iter().map(|v| v.len() as u64).sum());
+        let frames = stored.iter().map(|v| frame::encode_message(v)).collect();
+        self.socket.release(frames, now);
+        self.publish_next();
+    }
+
+    /// Reads what the client sent (a bounded number of reads per turn).
+    fn on_readable(&mut self, now: Tick) -> Result<(), CloseReason> {
+        let worker = self.worker.clone();
+        for _ in 0..READS_PER_TURN {
+            let mut scratch = worker.scratch.borrow_mut();
+            let n = match self.socket.stream.try_read(&mut scratch) {
+                Ok(0) => return Err(CloseReason::ClientGone),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return Err(CloseReason::ClientGone),
+            };
+            // Any frame proves the peer alive, not only the pong.
+            self.timers.pong_deadline = NEVER;
+            self.on_bytes(&mut scratch[..n], now)?;
+        }
+        Ok(())
+    }
+
+    fn on_bytes(&mut self, bytes: &mut [u8], now: Tick) -> Result<(), CloseReason> {
+        let limit = self.config().max_message_size;
+        let mut input = Input::new(bytes);
+        while let Some(message) = self
+            .reader
+            .next(&mut input, limit)
+            .map_err(CloseReason::Protocol)?
+        {
+            self.on_message(message, now)?;
+        }
+        Ok(())
+    }
+
+    /// What the client sent in the same packets as its handshake.
+    fn on_leftover(&mut self, mut leftover: BytesMut, now: Tick) -> Result<(), CloseReason> {
+        if leftover.is_empty() {
+            return Ok(());
+        }
+        self.on_bytes(&mut leftover, now)
+    }
+
+    fn on_message(&mut self, message: Message, now: Tick) -> Result<(), CloseReason> {
+        let payload = match message {
+            Message::Text(p) | Message::Binary(p) => p,
+            Message::Ping(p) => {
+                self.socket.send_control(encode(frame::OP_PONG, &p), now);
+                return Ok(());
+            }
+            Message::Pong => return Ok(()),
+            Message::Close(theirs) => return Err(CloseReason::ClientClosed(theirs)),
         };
-        registration.count(1);
-        registration
+        if let Some(heartbeat) = &self.config().heartbeat {
+            if payload == heartbeat.text {
+                self.socket.send_control(heartbeat.frame.clone(), now);
+                return Ok(());
+            }
+        }
+        if self.params.publish.is_empty() {
+            debug!("conn {}: message ignored, no publish flag", self.params.id);
+            return Ok(());
+        }
+        // Marked now: the broker may hand it back before the publish is confirmed.
+        self.socket.published(payload.clone());
+        self.unpublished_bytes += payload.len();
+        self.unpublished.push_back(payload);
+        self.publish_next();
+        Ok(())
+    }
+
+    /// Starts publishing the oldest waiting message, one at a time, after setup.
+    fn publish_next(&mut self) {
+        if self.setup.is_some() || self.publishing.is_some() {
+            return;
+        }
+        let Some(payload) = self.unpublished.pop_front() else {
+            return;
+        };
+        self.unpublished_bytes -= payload.len();
+        let relay = self.worker.relay.clone();
+        let keys = self.params.publish.clone();
+        self.publishing = Some(Box::pin(async move {
+            let expire = relay.config.expire;
+            relay.broker.publish(&keys, &payload, expire).await
+        }));
+    }
+
+    fn detach(&mut self) {
+        if std::mem::take(&mut self.attached) {
+            self.worker.detach(&self.socket, &self.params.subscribe);
+        }
+    }
+
+    /// Sends the close frame, shuts the connection down, and waits (at most
+    /// `close_timeout`) for the client to close; a client that does not is reset.
+    async fn close(&mut self, reason: &CloseReason) {
+        self.detach();
+        self.setup = None;
+        self.publishing = None;
+        self.socket
+            .start_closing(matches!(reason, CloseReason::Shutdown));
+        if reason.is_slow_consumer() {
+            self.worker.relay.metrics.slow_consumer_closes.inc();
+        }
+        let Some((code, text)) = reason.close_frame() else {
+            return;
+        };
+        let now = self.worker.clock.now();
+        self.socket.send_control(encode_close(code, &text), now);
+        let deadline = now + self.config().close_timeout;
+        self.worker.schedule(&self.socket, deadline);
+        let echoing = matches!(reason, CloseReason::ClientClosed(_));
+        let mut shut = false;
+        let mut discarded = 0;
+        let clean = loop {
+            if !shut && !self.socket.has_unwritten() {
+                if echoing {
+                    break true;
+                }
+                shut_write(&self.socket.stream);
+                shut = true;
+            }
+            match poll_fn(|cx| self.poll_closing(cx, shut)).await {
+                Event::Signals(bits) if bits & signal::BROKEN != 0 => break true,
+                Event::Signals(bits) if bits & signal::TIMER != 0 => {
+                    if self.worker.clock.now() >= deadline {
+                        break false;
+                    }
+                    self.worker.schedule(&self.socket, deadline);
+                }
+                Event::Writable(Ok(())) => self.socket.writable(self.worker.clock.now()),
+                Event::Readable(Ok(())) => match self.discard() {
+                    Some(n) if discarded + n <= MAX_DISCARD => discarded += n,
+                    Some(_) => break false,
+                    None => break true,
+                },
+                Event::Writable(Err(_)) | Event::Readable(Err(_)) => break true,
+                _ => {}
+            }
+        };
+        if !clean {
+            self.socket.stream.discard_unsent_on_close();
+        }
+    }
+
+    fn poll_closing(&mut self, cx: &mut Context<'_>, reading: bool) -> Poll<Event> {
+        let bits = self.socket.take_signals(cx.waker());
+        if bits != 0 {
+            return Poll::Ready(Event::Signals(bits));
+        }
+        if self.socket.wants_write() {
+            if let Poll::Ready(r) = self.socket.stream.poll_write_ready(cx) {
+                return Poll::Ready(Event::Writable(r));
+            }
+        }
+        if reading {
+            if let Poll::Ready(r) = self.socket.stream.poll_read_ready(cx) {
+                return Poll::Ready(Event::Readable(r));
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Reads and drops what a closing client still sends; `None` once it closed.
+    fn discard(&self) -> Option<usize> {
+        let mut scratch = self.worker.scratch.borrow_mut();
+        match self.socket.stream.try_read(&mut scratch) {
+            Ok(0) => None,
+            Ok(n) => Some(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Some(0),
+            Err(_) => None,
+        }
     }
 
     /// Adds `delta` to the open-socket gauges of this socket's labels.
     fn count(&self, delta: i64) {
-        let metrics = &self.gateway.metrics;
+        let metrics = &self.worker.relay.metrics;
         metrics.sockets.add(delta);
         for audience in &self.params.audiences {
             metrics
@@ -153,465 +593,61 @@ impl<'a> Registration<'a> {
                 .add(delta);
         }
     }
-}
 
-impl Drop for Registration<'_> {
-    fn drop(&mut self) {
-        self.gateway
-            .registry
-            .unregister(&self.params.subscribe, &self.outbox);
-        self.count(-1);
-    }
-}
-
-/// Serves one socket until it closes.
-pub async fn run(
-    gateway: Arc<Gateway>,
-    params: ConnParams,
-    session: Session,
-    stream: MessageStream,
-) {
-    let started = Instant::now();
-    let outbox = Arc::new(Outbox::new(gateway.config.queue_bytes));
-    let _registration = Registration::new(&gateway, &params, outbox.clone());
-    info!(
-        "conn {} open: client={} facility={} user={} audiences={:?} subscribe={:?} publish={:?}",
-        params.id,
-        params.peer,
-        params.facility,
-        params.user.as_deref().unwrap_or("-"),
-        params.audiences,
-        params.subscribe,
-        params.publish
-    );
-    if timeout(SETUP_TIMEOUT, send_stored(&gateway, &params, &outbox))
-        .await
-        .is_err()
-    {
-        debug!(
-            "conn {}: stored messages skipped (setup timed out)",
-            params.id
+    fn log_open(&self) {
+        let p = &self.params;
+        info!(
+            "conn {} open: client={} facility={} user={} audiences={:?} subscribe={:?} publish={:?}",
+            p.id,
+            p.peer,
+            p.facility,
+            p.user.as_deref().unwrap_or("-"),
+            p.audiences,
+            p.subscribe,
+            p.publish
         );
     }
-    let max = gateway.config.max_message_size;
-    let mut conn = Conn {
-        gateway: &gateway,
-        params: &params,
-        outbox: &outbox,
-        session,
-        fragments: Fragments::new(max),
-        last_published: None,
+
+    fn log_closed(&self, reason: &CloseReason, started: tokio::time::Instant) {
+        let p = &self.params;
+        info!(
+            "conn {} closed: client={} facility={} user={} after {:.1}s: code={} {:?}",
+            p.id,
+            p.peer,
+            p.facility,
+            p.user.as_deref().unwrap_or("-"),
+            started.elapsed().as_secs_f64(),
+            reason
+                .close_frame()
+                .map_or_else(|| "-".to_string(), |(code, _)| code.to_string()),
+            reason
+        );
+    }
+}
+
+/// Registers the subscriptions' confirmation and then the stored messages.
+fn setup(worker: &Worker, params: &SocketParams) -> Setup {
+    let relay = worker.relay.clone();
+    let keys = params.subscribe.clone();
+    Box::pin(async move {
+        if keys.is_empty() {
+            return Some(Vec::new());
+        }
+        if !relay.registry.barrier().await {
+            return None;
+        }
+        relay.broker.fetch(&keys).await.ok()
+    })
+}
+
+fn ping_frame() -> Bytes {
+    Bytes::from_static(&[0x80 | frame::OP_PING, 0])
+}
+
+/// Sends FIN after the last byte queued; the client may still send its close.
+fn shut_write(stream: &Stream) {
+    let _ = match stream {
+        Stream::Tcp(s) => socket2::SockRef::from(s).shutdown(std::net::Shutdown::Write),
+        Stream::Unix(s) => socket2::SockRef::from(s).shutdown(std::net::Shutdown::Write),
     };
-    let reason = conn.serve(stream.max_frame_size(max)).await;
-    if let Some(frame) = reason.frame() {
-        let _ = timeout(CLOSE_TIMEOUT, conn.session.close(Some(frame))).await;
-    }
-    if reason == CloseReason::SlowConsumer {
-        gateway.metrics.slow_consumer_closes.inc();
-    }
-    info!(
-        "conn {} closed: client={} facility={} user={} after {:.1}s: code={} {:?}",
-        params.id,
-        params.peer,
-        params.facility,
-        params.user.as_deref().unwrap_or("-"),
-        started.elapsed().as_secs_f64(),
-        reason
-            .frame()
-            .map_or_else(|| "-".to_string(), |f| u16::from(f.code).to_string()),
-        reason
-    );
-}
-
-/// Queues each subscribed key's stored message, once the subscriptions are live.
-async fn send_stored(gateway: &Gateway, params: &ConnParams, outbox: &Outbox) {
-    if params.subscribe.is_empty() || !gateway.registry.barrier().await {
-        return;
-    }
-    match gateway.broker.fetch(&params.subscribe).await {
-        Ok(values) => {
-            let heartbeat = gateway.config.heartbeat.as_deref().map(str::as_bytes);
-            let stored = values
-                .into_iter()
-                .flatten()
-                .filter(|v| Some(&v[..]) != heartbeat)
-                .map(Frame::from_payload)
-                .collect();
-            outbox.push_front(stored);
-        }
-        Err(e) => debug!("conn {}: stored messages skipped: {e}", params.id),
-    }
-}
-
-struct Conn<'a> {
-    gateway: &'a Gateway,
-    params: &'a ConnParams,
-    outbox: &'a Outbox,
-    session: Session,
-    fragments: Fragments,
-    /// The last frame this client published; with `echo` off, an equal message coming
-    /// back from the broker is not sent to it (ws4redis behaviour).
-    last_published: Option<Bytes>,
-}
-
-/// Something to write to the socket.
-enum Outgoing {
-    Frame(Frame),
-    Text(String),
-    Ping,
-    Pong(Bytes),
-}
-
-/// When the next keep-alive action is due.
-struct Timers {
-    ping_interval: Option<Duration>,
-    ping_timeout: Duration,
-    heartbeat_interval: Option<Duration>,
-    next_ping: Instant,
-    pong_deadline: Option<Instant>,
-    last_write: Instant,
-    /// When this socket closes during a drain (spread over `drain_window`).
-    closing_at: Option<Instant>,
-}
-
-impl Timers {
-    fn next(&self) -> Instant {
-        let far = Instant::now() + Duration::from_secs(86400);
-        let ping = self.ping_interval.map_or(far, |_| self.next_ping);
-        let pong = self.pong_deadline.unwrap_or(far);
-        let heartbeat = self.heartbeat_interval.map_or(far, |i| self.last_write + i);
-        let closing = self.closing_at.unwrap_or(far);
-        ping.min(pong).min(heartbeat).min(closing)
-    }
-}
-
-enum Inbound {
-    Continue,
-    Close(CloseReason),
-}
-
-impl Conn<'_> {
-    async fn serve(&mut self, mut stream: MessageStream) -> CloseReason {
-        let config = &self.gateway.config;
-        let now = Instant::now();
-        let mut timers = Timers {
-            ping_interval: config.ping_interval(),
-            ping_timeout: config.ping_timeout(),
-            heartbeat_interval: config
-                .heartbeat
-                .as_ref()
-                .map(|_| config.heartbeat_interval()),
-            next_ping: now + config.ping_interval().unwrap_or_default(),
-            pong_deadline: None,
-            last_write: now,
-            closing_at: None,
-        };
-        let mut batch = VecDeque::new();
-        let wake = tokio::time::sleep_until(timers.next());
-        tokio::pin!(wake);
-        let shutdown = self.gateway.shutdown.clone();
-        loop {
-            // Inbound and timers before the outbox, so a busy stream of publications
-            // cannot starve pongs, client frames or the ping deadline.
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled(), if timers.closing_at.is_none() => {
-                    // Each socket closes at its own point of the drain window, so that
-                    // thousands of browsers do not reconnect in the same second.
-                    let window = self.gateway.config.drain_window();
-                    let share = (self.params.id.as_u128() % 1_000_000) as f64 / 1e6;
-                    timers.closing_at = Some(Instant::now() + window.mul_f64(share));
-                }
-                _ = &mut wake => {
-                    if let Err(reason) = self.on_timer(&mut timers).await {
-                        return reason;
-                    }
-                }
-                message = stream.recv() => {
-                    // Any frame proves the peer alive, not only the pong.
-                    timers.pong_deadline = None;
-                    if let Inbound::Close(reason) = self.on_inbound(message, &mut timers).await {
-                        return reason;
-                    }
-                }
-                _ = self.outbox.ready() => match self.flush(&mut batch).await {
-                    Err(reason) => return reason,
-                    Ok(0) => {}
-                    Ok(_) => timers.last_write = Instant::now(),
-                },
-            }
-            let next = timers.next();
-            if next != wake.deadline() {
-                wake.as_mut().reset(next);
-            }
-        }
-    }
-
-    /// Writes what is queued now, as one batch; returns the number of frames written.
-    /// Frames queued meanwhile wait for the next turn of the loop, so a steady stream of
-    /// publications cannot keep pings, the drain or the client's frames waiting.
-    async fn flush(&mut self, batch: &mut VecDeque<Queued>) -> Result<u64, CloseReason> {
-        let metrics = &self.gateway.metrics;
-        if !self.outbox.take_into(batch) {
-            return Err(CloseReason::SlowConsumer);
-        }
-        let Some(oldest) = batch.front().map(|q| q.received) else {
-            return Ok(0);
-        };
-        let (mut frames, mut bytes) = (0, 0);
-        while let Some(Queued { frame, .. }) = batch.pop_front() {
-            let len = frame.len();
-            let echo_of_own =
-                !self.params.echo && self.last_published.as_deref() == Some(frame.as_bytes());
-            if !echo_of_own {
-                self.send(Outgoing::Frame(frame)).await?;
-                frames += 1;
-                bytes += len as u64;
-            }
-            self.outbox.written(len);
-        }
-        metrics.frames_delivered.inc_by(frames);
-        metrics.bytes_out.inc_by(bytes);
-        metrics
-            .delivery_latency
-            .observe(oldest.elapsed().as_secs_f64());
-        Ok(frames)
-    }
-
-    /// Sends one message. Every write goes through here: an overflow of the outbox, or a
-    /// write stuck longer than `ping_timeout` (the peer stopped reading) ends the wait,
-    /// so no peer can hold the task.
-    async fn send(&mut self, message: Outgoing) -> Result<(), CloseReason> {
-        let outbox = self.outbox;
-        let session = &mut self.session;
-        let send = async move {
-            match message {
-                Outgoing::Frame(Frame::Text(t)) => session.text(t).await,
-                Outgoing::Frame(Frame::Binary(b)) => session.binary(b).await,
-                Outgoing::Text(t) => session.text(t).await,
-                Outgoing::Ping => session.ping(b"").await,
-                Outgoing::Pong(p) => session.pong(&p).await,
-            }
-        };
-        tokio::pin!(send);
-        // Fast path: the writer has room (the common case), so no timer is armed.
-        let first = std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await;
-        if let Poll::Ready(sent) = first {
-            return sent.map_err(|_| CloseReason::ClientGone);
-        }
-        let stuck = tokio::time::sleep(self.gateway.config.ping_timeout());
-        tokio::pin!(stuck);
-        let mut rearm = false;
-        let result = loop {
-            tokio::select! {
-                biased;
-                sent = &mut send => break sent.map_err(|_| CloseReason::ClientGone),
-                _ = &mut stuck => break Err(CloseReason::SlowConsumer),
-                _ = outbox.ready() => {
-                    if outbox.overflowed() {
-                        break Err(CloseReason::SlowConsumer);
-                    }
-                    // The wake-up was meant for the main loop; give it back.
-                    rearm = true;
-                }
-            }
-        };
-        if rearm {
-            outbox.wake();
-        }
-        result
-    }
-
-    async fn on_timer(&mut self, timers: &mut Timers) -> Result<(), CloseReason> {
-        let now = Instant::now();
-        if timers.closing_at.is_some_and(|t| t <= now) {
-            return Err(CloseReason::Shutdown);
-        }
-        if timers.pong_deadline.is_some_and(|d| d <= now) {
-            return Err(CloseReason::PingTimeout);
-        }
-        if let Some(interval) = timers.ping_interval {
-            if timers.next_ping <= now {
-                self.send(Outgoing::Ping).await?;
-                timers.next_ping = now + interval;
-                timers
-                    .pong_deadline
-                    .get_or_insert(now + timers.ping_timeout);
-            }
-        }
-        if let (Some(interval), Some(heartbeat)) =
-            (timers.heartbeat_interval, &self.gateway.config.heartbeat)
-        {
-            if timers.last_write + interval <= now {
-                self.send(Outgoing::Text(heartbeat.clone())).await?;
-                timers.last_write = now;
-            }
-        }
-        Ok(())
-    }
-
-    async fn on_inbound(
-        &mut self,
-        message: Option<Result<Message, ProtocolError>>,
-        timers: &mut Timers,
-    ) -> Inbound {
-        let message = match message {
-            None => return Inbound::Close(CloseReason::ClientGone),
-            Some(Err(e)) => return Inbound::Close(CloseReason::from_protocol_error(e)),
-            Some(Ok(m)) => m,
-        };
-        let result = match message {
-            Message::Text(_) | Message::Binary(_) if self.fragments.in_progress() => Err(
-                CloseReason::Protocol("new message inside a fragmented one".into()),
-            ),
-            Message::Text(text) => self.on_frame(Frame::Text(text), timers).await,
-            Message::Binary(bytes) => self.on_frame(Frame::Binary(bytes), timers).await,
-            Message::Continuation(item) => match self.fragments.push(item) {
-                Ok(Some(frame)) => self.on_frame(frame, timers).await,
-                Ok(None) => Ok(()),
-                Err(reason) => Err(reason),
-            },
-            Message::Ping(payload) => self.send(Outgoing::Pong(payload)).await,
-            Message::Pong(_) | Message::Nop => Ok(()),
-            Message::Close(theirs) => Err(CloseReason::ClientClosed(theirs)),
-        };
-        match result {
-            Ok(()) => Inbound::Continue,
-            Err(reason) => Inbound::Close(reason),
-        }
-    }
-
-    /// A complete message from the client: answer a heartbeat, publish anything else.
-    async fn on_frame(&mut self, frame: Frame, timers: &mut Timers) -> Result<(), CloseReason> {
-        if let Some(heartbeat) = &self.gateway.config.heartbeat {
-            if frame.as_bytes() == heartbeat.as_bytes() {
-                self.send(Outgoing::Text(heartbeat.clone())).await?;
-                timers.last_write = Instant::now();
-                return Ok(());
-            }
-        }
-        if self.params.publish.is_empty() {
-            debug!("conn {}: frame ignored, no publish flag", self.params.id);
-            return Ok(());
-        }
-        let payload = frame.payload();
-        let expire = self.gateway.config.redis.expire;
-        let broker = &self.gateway.broker;
-        if let Err(e) = broker.publish(&self.params.publish, &payload, expire).await {
-            debug!("conn {}: publish failed: {e}", self.params.id);
-            return Err(CloseReason::BrokerUnavailable);
-        }
-        self.last_published = Some(payload);
-        Ok(())
-    }
-}
-
-/// Reassembles a fragmented message, bounded by `max_message_size`.
-struct Fragments {
-    parts: BytesMut,
-    text: Option<bool>,
-    limit: usize,
-}
-
-impl Fragments {
-    fn new(limit: usize) -> Self {
-        Fragments {
-            parts: BytesMut::new(),
-            text: None,
-            limit,
-        }
-    }
-
-    fn in_progress(&self) -> bool {
-        self.text.is_some()
-    }
-
-    fn push(&mut self, item: Item) -> Result<Option<Frame>, CloseReason> {
-        let (data, first, last) = match item {
-            Item::FirstText(d) => (d, Some(true), false),
-            Item::FirstBinary(d) => (d, Some(false), false),
-            Item::Continue(d) => (d, None, false),
-            Item::Last(d) => (d, None, true),
-        };
-        match (first, self.text) {
-            (Some(_), Some(_)) => {
-                return Err(CloseReason::Protocol(
-                    "new message inside a fragmented one".into(),
-                ))
-            }
-            (None, None) => {
-                return Err(CloseReason::Protocol(
-                    "continuation without a first fragment".into(),
-                ))
-            }
-            (Some(kind), None) => self.text = Some(kind),
-            (None, Some(_)) => {}
-        }
-        if self.parts.len() + data.len() > self.limit {
-            return Err(CloseReason::TooBig);
-        }
-        self.parts.extend_from_slice(&data);
-        if !last {
-            return Ok(None);
-        }
-        let payload = std::mem::take(&mut self.parts).freeze();
-        match self.text.take() {
-            Some(true) => ByteString::try_from(payload)
-                .map(|t| Some(Frame::Text(t)))
-                .map_err(|_| CloseReason::InvalidUtf8),
-            _ => Ok(Some(Frame::Binary(payload))),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fragments_reassemble_within_the_bound() {
-        let mut f = Fragments::new(6);
-        assert_eq!(f.push(Item::FirstText(Bytes::from_static(b"ab"))), Ok(None));
-        assert_eq!(f.push(Item::Continue(Bytes::from_static(b"cd"))), Ok(None));
-        assert_eq!(
-            f.push(Item::Last(Bytes::from_static(b"ef"))),
-            Ok(Some(Frame::Text("abcdef".into())))
-        );
-        assert_eq!(
-            f.push(Item::FirstBinary(Bytes::from_static(b"1234"))),
-            Ok(None)
-        );
-        assert_eq!(
-            f.push(Item::Last(Bytes::from_static(b"567"))),
-            Err(CloseReason::TooBig)
-        );
-    }
-
-    #[test]
-    fn bad_fragment_sequences_are_protocol_errors() {
-        let mut f = Fragments::new(100);
-        assert!(matches!(
-            f.push(Item::Continue(Bytes::new())),
-            Err(CloseReason::Protocol(_))
-        ));
-        let mut f = Fragments::new(100);
-        f.push(Item::FirstText(Bytes::from_static(b"\xff")))
-            .unwrap();
-        assert_eq!(
-            f.push(Item::Last(Bytes::new())),
-            Err(CloseReason::InvalidUtf8)
-        );
-    }
-
-    #[test]
-    fn close_reasons_carry_documented_codes() {
-        let code = |r: CloseReason| r.frame().map(|f| u16::from(f.code));
-        assert_eq!(code(CloseReason::Shutdown), Some(1001));
-        assert_eq!(code(CloseReason::SlowConsumer), Some(4000));
-        assert_eq!(code(CloseReason::InvalidUtf8), Some(1007));
-        assert_eq!(code(CloseReason::TooBig), Some(1009));
-        assert_eq!(code(CloseReason::BrokerUnavailable), Some(1013));
-        assert_eq!(code(CloseReason::ClientClosed(None)), Some(1000));
-        assert_eq!(code(CloseReason::ClientGone), None);
-    }
 }

@@ -3,33 +3,46 @@
 //!
 //! # Layout
 //!
-//! - [`assets`]: the browser helper (`/wsrelay.js`) and the demo page, embedded.
 //! - [`config`]: settings (defaults < TOML file < `WSRELAY__*` environment).
 //! - [`channel`]: facilities, audiences, query flags and the Redis keys they make.
 //! - [`identity`]: who a socket belongs to (session key, user, groups), before the upgrade:
 //!   an identity record, Django's own sessions, an HTTP callback, or a signed token.
-//! - [`policy`]: which flags each socket may use, `Origin`, per-address and size limits.
-//! - [`http`]: the handshake, `/health` and `POST /api/publish`.
-//! - [`conn`]: one task per socket; close codes.
-//! - [`outbox`]: the per-socket queue, bounded in bytes.
-//! - [`registry`]: key → local sockets, and the ordered log of subscription changes.
+//! - [`policy`]: which flags each socket may use, `Origin`, per-address and socket limits.
+//! - [`server`]: the listener: HTTP/1 in actix-http, and the upgrade hook where a
+//!   WebSocket leaves it.
+//! - [`handshake`]: the WebSocket handshake, decided on the request head.
+//! - [`http`]: the HTTP routes (`/health`, `/ready`, `/metrics`, `POST /api/publish`);
+//!   [`assets`]: the browser helper (`/wsrelay.js`) and the demo page.
+//! - [`ws`]: RFC 6455 framing and the socket's stream.
+//! - [`conn`]: one task per socket: its loop, its timers, its close; the close codes.
+//! - [`socket`]: what a socket's task and its worker share; [`outbox`]: its queue of
+//!   frames, bounded in bytes.
+//! - [`worker`]: one per worker thread: its sockets' fan-out and timing [`wheel`].
+//! - [`registry`]: key → workers, and the ordered log of subscription changes.
 //! - [`broker`]: Redis (one pub/sub + one command connection per process) or the
 //!   embedded in-memory broker.
 //! - [`publisher`]: [`RedisPublisher`], for Rust web applications that publish.
-//! - [`shutdown`]: the stop signal.
 //! - [`metrics`]: Prometheus metrics at `/metrics`, summarised by `/health`.
-//! - [`notify`]: readiness and stop notifications to systemd.
+//! - [`shutdown`], [`notify`]: the stop signal; readiness notifications to systemd.
 //!
 //! # Data path
 //!
 //! ```text
-//! Redis ──(one pub/sub connection)──► broker::redis::Subscriber
-//!                                          │ key, payload (typed once: text or binary)
-//!                                          ▼
-//!                                 Registry::dispatch (never awaits)
-//!                                          │ shared bytes, no copy per socket
-//!                                          ▼
-//!                                 Outbox (bounded) ──► conn task ──► socket
+//! Redis ──(one pub/sub connection)──► broker::redis::Subscriber ──► broker::Inlet
+//!                                          (max_publication_size, heartbeat filter)
+//!                                                       │ key, payload
+//!                                                       ▼
+//!                              Registry::dispatch: encoded once as a frame (Bytes),
+//!                              handed to each worker with a socket on the key
+//!                                                       │ one inbox per worker thread
+//!                                                       ▼
+//!                              Worker: key → its sockets; the same Bytes queued in
+//!                              each socket's Outbox (bounded), then one vectored
+//!                              write per socket per batch
+//!                                                       │ kernel buffer full?
+//!                                                       ▼
+//!                              socket task waits for room, answers the client,
+//!                              keeps the timers (woken by the worker's wheel)
 //! ```
 
 pub mod assets;
@@ -37,6 +50,7 @@ pub mod broker;
 pub mod channel;
 pub mod config;
 pub mod conn;
+pub mod handshake;
 pub mod http;
 pub mod identity;
 pub mod metrics;
@@ -45,52 +59,54 @@ pub mod outbox;
 pub mod policy;
 pub mod publisher;
 pub mod registry;
+pub mod server;
 pub mod shutdown;
+pub mod socket;
+pub mod wheel;
+pub mod worker;
+pub mod ws;
 
 use std::future::Future;
+use std::io;
 use std::sync::Arc;
-use std::time::Duration;
 
-use actix_web::{web, App, HttpServer};
+use actix_web::web;
 use log::{info, warn};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{Broker, MemoryBroker, RedisBroker};
+use crate::broker::{redis::Subscriber, Broker, Inlet, MemoryBroker, RedisBroker};
 use crate::channel::KeySpace;
 use crate::config::{Config, IdentitySource};
+use crate::handshake::Handshaker;
+use crate::http::HttpState;
 use crate::identity::callback::CallbackResolver;
 use crate::identity::django::DjangoResolver;
 use crate::identity::record::RecordResolver;
 use crate::identity::token::TokenResolver;
 use crate::identity::IdentityResolver;
 use crate::metrics::Metrics;
-use crate::policy::IpLimiter;
+use crate::policy::SocketLimit;
 use crate::registry::Registry;
+use crate::worker::{Relay, SocketConfig};
 
 pub use crate::publisher::RedisPublisher;
 
-/// Everything the handlers and connection tasks share; one per process.
-pub struct Gateway {
-    pub config: Config,
-    /// The access policy in force (`policy`, plus the demo's rule when it is on).
-    pub policy: policy::PolicyConfig,
-    pub keys: KeySpace,
-    pub registry: Arc<Registry>,
-    pub broker: Arc<Broker>,
-    pub resolver: Box<dyn IdentityResolver>,
-    /// Cancelled when the gateway stops: every connection closes with 1001.
-    pub shutdown: CancellationToken,
+/// Descriptors kept for everything but sockets (listener, Redis, logs, HTTP clients).
+const RESERVED_DESCRIPTORS: usize = 128;
+
+/// The parts of one gateway process, built from its configuration. Nothing connects
+/// yet, so a gateway starts even when Redis is down.
+struct Parts {
+    config: Config,
+    relay: Arc<Relay>,
+    handshaker: Arc<Handshaker>,
+    http: web::Data<HttpState>,
+    /// The Redis subscriber task, to spawn (none with the embedded broker).
+    subscriber: Option<Subscriber>,
     /// Cancelled after the drain: stops the Redis subscriber.
-    pub broker_stop: CancellationToken,
-    /// Tracks connection tasks, so a stop can wait for them (bounded).
-    pub tracker: TaskTracker,
-    pub metrics: Arc<Metrics>,
-    /// The embedded browser helper and demo page.
-    pub assets: assets::Assets,
-    /// Open sockets per client address.
-    pub per_ip: Arc<IpLimiter>,
+    broker_stop: CancellationToken,
 }
 
 /// Builds the resolver `identity.source` names; an error names the setting.
@@ -122,126 +138,200 @@ fn build_resolver(
     })
 }
 
-impl Gateway {
-    /// Builds the gateway and, with Redis, the subscriber task to spawn.
-    pub fn new(config: Config) -> std::io::Result<(Gateway, Option<broker::redis::Subscriber>)> {
+/// `max_sockets`, lowered to what the open-files limit allows, so that the refusal a
+/// client gets is the documented 503 and not a failed accept.
+fn effective_max_sockets(configured: usize) -> usize {
+    let Some(limit) = descriptor_limit() else {
+        return configured;
+    };
+    let allowed = limit.saturating_sub(RESERVED_DESCRIPTORS).max(1);
+    if configured > allowed {
+        warn!(
+            "max_sockets lowered from {configured} to {allowed}: the open-files limit is {limit} \
+             (raise LimitNOFILE / ulimit -n for more)"
+        );
+        return allowed;
+    }
+    configured
+}
+
+/// The process's open-files limit (soft), if it can be read.
+fn descriptor_limit() -> Option<usize> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    let read = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    (read == 0 && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur as usize)
+}
+
+/// Raises the open-files limit to its hard limit (as nginx's `worker_rlimit_nofile`
+/// and Go's runtime do): every socket is a descriptor. Returns the limit in force.
+pub fn raise_descriptor_limit() -> Option<usize> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct they are given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    Some(limit.rlim_cur as usize)
+}
+
+impl Parts {
+    fn build(config: Config) -> io::Result<Parts> {
         let keys = KeySpace::new(config.redis.prefix.as_deref());
         let shutdown = CancellationToken::new();
         // The broker keeps relaying during the drain; it stops after the last socket.
         let broker_stop = CancellationToken::new();
         let metrics = Arc::new(Metrics::new());
-        let (registry, broker, subscriber) = match &config.redis.url {
-            Some(url) => {
+        let (changes, changes_rx) = match config.redis.url {
+            Some(_) => {
                 let (tx, rx) = mpsc::unbounded_channel();
-                let registry = Arc::new(Registry::new(Some(tx), metrics.clone()));
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        let registry = Arc::new(Registry::new(changes, metrics.clone()));
+        let inlet = Arc::new(Inlet::new(
+            registry.clone(),
+            config.heartbeat.as_deref(),
+            config.max_publication_size,
+        ));
+        let (broker, subscriber) = match (&config.redis.url, changes_rx) {
+            (Some(url), Some(rx)) => {
                 let (broker, subscriber) =
-                    RedisBroker::new(&config, url, registry.clone(), rx, broker_stop.clone())
-                        .map_err(std::io::Error::other)?;
-                (registry, Broker::Redis(broker), Some(subscriber))
+                    RedisBroker::new(&config, url, inlet, rx, broker_stop.clone())
+                        .map_err(io::Error::other)?;
+                (Broker::Redis(broker), Some(subscriber))
             }
-            None => {
-                let registry = Arc::new(Registry::new(None, metrics.clone()));
-                let broker = MemoryBroker::new(registry.clone(), config.heartbeat.clone());
-                (registry, Broker::Memory(broker), None)
-            }
+            _ => (Broker::Memory(MemoryBroker::new(inlet)), None),
         };
         let broker = Arc::new(broker);
         let resolver = build_resolver(&config, &broker, &keys, &metrics)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let gateway = Gateway {
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let handshaker = Arc::new(Handshaker {
+            websocket_url: config.websocket_url.clone(),
             policy: config.effective_policy(),
-            config,
-            keys,
-            registry,
-            broker,
+            keys: keys.clone(),
             resolver,
-            shutdown,
-            broker_stop,
-            tracker: TaskTracker::new(),
-            metrics,
-            assets: assets::Assets::default(),
             per_ip: Arc::default(),
-        };
-        Ok((gateway, subscriber))
-    }
-
-    /// Counters for `/health`.
-    pub fn stats_json(&self) -> serde_json::Value {
-        let m = &self.metrics;
-        serde_json::json!({
-            "status": "ok",
-            "broker": self.broker.kind(),
-            "sockets": m.sockets.get(),
-            "delivered": m.frames_delivered.get(),
-            "slow_consumer_closes": m.slow_consumer_closes.get(),
-            "counters": m.counters_json(),
+            sockets: SocketLimit::new(effective_max_sockets(config.max_sockets)),
+            shutdown: shutdown.clone(),
+            metrics: metrics.clone(),
+        });
+        let relay = Arc::new(Relay {
+            config: SocketConfig::new(&config),
+            broker: broker.clone(),
+            registry,
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+            tracker: TaskTracker::new(),
+        });
+        let http = web::Data::new(HttpState {
+            broker,
+            metrics,
+            keys,
+            handshaker: handshaker.clone(),
+            publish_token: config.publish_token.clone(),
+            max_message_size: config.max_message_size,
+            expire: config.redis.expire,
+            shutdown,
+            demo: config.demo_enabled(),
+            assets: assets::Assets::default(),
+        });
+        Ok(Parts {
+            config,
+            relay,
+            handshaker,
+            http,
+            subscriber,
+            broker_stop,
         })
     }
 }
 
+/// Checks what the settings alone cannot (secret files, URLs, identity sources) by
+/// building the gateway; connects to nothing. Must run inside a tokio runtime.
+pub fn check(config: &Config) -> io::Result<()> {
+    Parts::build(config.clone()).map(|_| ())
+}
+
 /// Serves on `listener` until `stop` completes, then closes every socket with 1001
-/// (bounded by `shutdown_timeout`) and returns. Must run inside an actix system.
+/// (spread over `drain_window`, bounded by `shutdown_timeout`) and returns. Runs on
+/// any tokio runtime; the worker threads are its own.
 pub async fn run(
     config: Config,
     listener: std::net::TcpListener,
     stop: impl Future<Output = ()>,
-) -> std::io::Result<()> {
-    let (gateway, subscriber) = Gateway::new(config)?;
-    let gateway = web::Data::new(gateway);
+) -> io::Result<()> {
+    let Parts {
+        config,
+        relay,
+        handshaker,
+        http,
+        subscriber,
+        broker_stop,
+    } = Parts::build(config)?;
     if let Some(subscriber) = subscriber {
-        actix_web::rt::spawn(subscriber.run());
-    }
-    let config = &gateway.config;
-    let (url, max) = (config.websocket_url.clone(), config.max_message_size);
-    let data = gateway.clone();
-    let mut server = HttpServer::new(move || {
-        App::new()
-            .app_data(data.clone())
-            // The identity callback's HTTP client; one per worker thread.
-            .app_data(awc::Client::default())
-            .configure(|cfg| http::configure(cfg, &url, max))
-            .configure(assets::configure)
-    })
-    .disable_signals()
-    .client_request_timeout(Duration::from_secs_f64(config.policy.handshake_timeout))
-    .shutdown_timeout(config.shutdown_timeout().as_secs().max(1));
-    if config.workers > 0 {
-        server = server.workers(config.workers);
+        tokio::spawn(subscriber.run());
     }
     let addr = listener.local_addr()?;
-    let server = server.listen(listener)?.run();
+    let server = server::Listener {
+        relay: relay.clone(),
+        handshaker,
+        http,
+        workers: config.workers,
+        handshake_timeout: config.handshake_timeout(),
+        keep_alive: config.http_keep_alive(),
+        shutdown_timeout: config.shutdown_timeout(),
+    }
+    .start(listener)?;
     let handle = server.handle();
-    let mut serving = actix_web::rt::spawn(server);
-    info!("listening on {addr} ({})", gateway.config.summary());
+    let mut serving = tokio::spawn(server);
+    info!("listening on {addr} ({})", config.summary());
     notify::notify("READY=1");
 
     tokio::select! {
         _ = stop => {
-            let window = gateway.config.drain_window();
+            let window = config.drain_window();
             info!("stop requested: draining, sockets close over {window:?}");
         }
         result = &mut serving => {
             warn!("HTTP server ended on its own");
-            return result.map_err(std::io::Error::other)?;
+            return result.map_err(io::Error::other)?;
         }
     }
     // Drain: `/ready` answers 503 and new handshakes get 503 (the listener stays open so
     // load balancers can read that), existing sockets close with 1001 spread over the
     // drain window; then the listener stops.
     notify::notify("STOPPING=1");
-    gateway.shutdown.cancel();
-    gateway.tracker.close();
-    let grace = gateway.config.drain_window() + gateway.config.shutdown_timeout();
-    if tokio::time::timeout(grace, gateway.tracker.wait())
+    relay.shutdown.cancel();
+    relay.tracker.close();
+    let grace = config.drain_window() + config.shutdown_timeout() + config.close_timeout();
+    if tokio::time::timeout(grace, relay.tracker.wait())
         .await
         .is_err()
     {
         warn!(
             "{} sockets still open after {grace:?}; dropping them",
-            gateway.tracker.len()
+            relay.tracker.len()
         );
     }
-    gateway.broker_stop.cancel();
+    broker_stop.cancel();
     handle.pause().await;
     handle.stop(true).await;
     let _ = serving.await;

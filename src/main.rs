@@ -61,17 +61,29 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("wsrelay: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     if args.check_only {
         // Building the gateway checks what the settings alone cannot (files, URLs); it
         // connects to nothing.
-        let built = actix_web::rt::System::new()
-            .block_on(async { wsrelay::Gateway::new(config.clone()).map(|_| ()) });
+        let built = runtime.block_on(async { wsrelay::check(&config) });
         if let Err(e) = built {
             eprintln!("wsrelay: configuration error: {e}");
             return ExitCode::from(2);
         }
         println!("configuration ok: {}", config.summary());
         return ExitCode::SUCCESS;
+    }
+    if let Some(limit) = wsrelay::raise_descriptor_limit() {
+        log::debug!("open-files limit: {limit}");
     }
     let listener = match std::net::TcpListener::bind(config.listen) {
         Ok(l) => l,
@@ -80,11 +92,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let served = actix_web::rt::System::new().block_on(wsrelay::run(
-        config,
-        listener,
-        wsrelay::shutdown::signal(),
-    ));
+    let served = runtime.block_on(wsrelay::run(config, listener, wsrelay::shutdown::signal()));
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -22,11 +22,13 @@ pub struct Metrics {
     pub identity_events: IntCounterVec,
     /// Publications received from the broker.
     pub broker_messages: IntCounter,
+    /// Publications not relayed, by reason (`too_large`: over `max_publication_size`).
+    pub publications_dropped: IntCounterVec,
     /// Frames handed to socket writers.
     pub frames_delivered: IntCounter,
     /// Payload bytes handed to socket writers.
     pub bytes_out: IntCounter,
-    /// Sockets closed because their outbox overflowed (close code 4000).
+    /// Sockets closed as slow consumers (close code 4000).
     pub slow_consumer_closes: IntCounter,
     /// Redis pub/sub links lost (each is followed by a reconnect).
     pub redis_reconnects: IntCounter,
@@ -95,6 +97,11 @@ impl Metrics {
                 "wsrelay_broker_messages_total",
                 "Publications received from the broker",
             ),
+            publications_dropped: counter_vec(
+                "wsrelay_publications_dropped_total",
+                "Publications not relayed, by reason",
+                "reason",
+            ),
             frames_delivered: counter(
                 "wsrelay_frames_delivered_total",
                 "Frames handed to socket writers",
@@ -105,7 +112,7 @@ impl Metrics {
             ),
             slow_consumer_closes: counter(
                 "wsrelay_slow_consumer_closes_total",
-                "Sockets closed because their outbox overflowed",
+                "Sockets closed as slow consumers",
             ),
             redis_reconnects: counter(
                 "wsrelay_redis_reconnects_total",

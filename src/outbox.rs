@@ -1,180 +1,112 @@
-//! The per-connection outbound queue, bounded in bytes.
+//! A socket's queue of encoded frames, bounded in bytes.
 //!
-//! The fan-out ([`crate::registry::Registry::dispatch`]) pushes into an [`Outbox`] without
-//! ever waiting: a push either fits under the byte bound or marks the outbox as
-//! overflowed. The connection task is the only reader and the only thing that waits on
-//! its socket. When a client reads too slowly, its outbox overflows and the connection
-//! closes with [`crate::conn::CloseReason::SlowConsumer`]; nothing grows without bound.
+//! Frames are the shared [`Bytes`] of a publication encoded once (header and payload):
+//! queuing one for a socket is a reference count, never a copy. Only bytes not yet
+//! written count against the bound, so a socket whose kernel buffer takes a frame at
+//! once never holds it. A queue that would pass its bound refuses the frame, and its
+//! socket is then a slow consumer (see [`crate::conn`]).
 //!
-//! Bytes count from the push until the connection task has handed the frame to the
-//! socket writer, so a socket whose writes are stuck still holds at most the bound.
+//! A frame is written in pieces when the kernel takes only part of it; `offset` is how
+//! far the first frame got, and that frame must be finished before anything else
+//! (a close frame included) may follow on the wire.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::io::IoSlice;
 
 use bytes::Bytes;
-use bytestring::ByteString;
-use tokio::sync::Notify;
-use tokio::time::Instant;
 
-/// A message on its way to sockets. Cloning shares the payload (no copy per socket).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Frame {
-    Text(ByteString),
-    Binary(Bytes),
-}
+/// The most frames handed to one vectored write.
+pub const MAX_IOVECS: usize = 64;
+/// Capacity kept by an empty queue; a burst's larger queue is freed once written.
+const KEEP_CAPACITY: usize = 8;
 
-impl Frame {
-    /// A payload from the broker carries no type: valid UTF-8 goes out as a text frame,
-    /// anything else as binary. The check runs once per message, not once per socket.
-    pub fn from_payload(payload: Bytes) -> Frame {
-        // The clone is a reference count, kept for the binary case.
-        match ByteString::try_from(payload.clone()) {
-            Ok(text) => Frame::Text(text),
-            Err(_) => Frame::Binary(payload),
-        }
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        match self {
-            Frame::Text(t) => t.as_bytes(),
-            Frame::Binary(b) => b,
-        }
-    }
-
-    /// The payload as shared bytes.
-    pub fn payload(&self) -> Bytes {
-        match self {
-            Frame::Text(t) => t.as_bytes().clone(),
-            Frame::Binary(b) => b.clone(),
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.as_bytes().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// A frame in an outbox, with the time the broker received it (for the latency metric).
-#[derive(Debug, Clone)]
-pub struct Queued {
-    pub frame: Frame,
-    pub received: Instant,
-}
-
-/// What [`Outbox::push`] did.
+/// The queue refused a frame: it would pass the bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pushed {
-    Queued,
-    /// The bound was hit now: the connection must close as a slow consumer.
-    Overflowed,
-    /// The outbox had already overflowed or closed; the frame was dropped.
-    Refused,
-}
+pub struct Full;
 
-#[derive(Default)]
-struct State {
-    frames: VecDeque<Queued>,
-    /// Bytes queued plus bytes taken but not yet written (see [`Outbox::written`]).
-    bytes: usize,
-    overflowed: bool,
-}
-
-/// A bounded queue of frames for one socket.
+#[derive(Debug, Default)]
 pub struct Outbox {
-    state: Mutex<State>,
-    ready: Notify,
-    limit: usize,
+    frames: VecDeque<Bytes>,
+    /// Bytes of the first frame already written.
+    offset: usize,
+    /// Bytes queued and not yet written.
+    unwritten: usize,
 }
 
 impl Outbox {
-    pub fn new(limit: usize) -> Self {
-        Outbox {
-            state: Mutex::new(State::default()),
-            ready: Notify::new(),
-            limit,
+    /// Queues `frame` unless the unwritten bytes would pass `limit`.
+    pub fn push(&mut self, frame: Bytes, limit: usize) -> Result<(), Full> {
+        if self.unwritten + frame.len() > limit {
+            return Err(Full);
+        }
+        self.unwritten += frame.len();
+        self.frames.push_back(frame);
+        Ok(())
+    }
+
+    /// Queues `frame` whatever the bound: for control frames, which are tiny and must
+    /// not be lost (pongs, heartbeats, the close frame).
+    pub fn push_control(&mut self, frame: Bytes) {
+        self.unwritten += frame.len();
+        self.frames.push_back(frame);
+    }
+
+    /// Queues `frames` ahead of everything not yet started. Used once, for the stored
+    /// messages, before the socket's first data write: every frame queued by then is a
+    /// live publication at least as new, so it must come after them.
+    pub fn push_front(&mut self, frames: Vec<Bytes>) {
+        let at = usize::from(self.offset > 0);
+        for (i, frame) in frames.into_iter().enumerate() {
+            self.unwritten += frame.len();
+            self.frames.insert(at + i, frame);
         }
     }
 
-    /// Queues `frame` without waiting. Never blocks on the socket.
-    pub fn push(&self, frame: &Frame, received: Instant) -> Pushed {
-        let mut state = self.lock();
-        if state.overflowed {
-            return Pushed::Refused;
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    pub fn unwritten(&self) -> usize {
+        self.unwritten
+    }
+
+    /// Fills `out` with the unwritten bytes, first frame first; returns how many slices.
+    pub fn slices<'a>(&'a self, out: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (i, frame) in self.frames.iter().take(out.len()).enumerate() {
+            let start = if i == 0 { self.offset } else { 0 };
+            out[i] = IoSlice::new(&frame[start..]);
+            n += 1;
         }
-        let len = frame.len();
-        // One frame is always accepted when nothing is pending, so a message larger than
-        // the bound does not close every subscriber; the bound applies to a backlog.
-        if state.bytes > 0 && state.bytes + len > self.limit {
-            state.overflowed = true;
-            state.frames.clear();
-            drop(state);
-            self.ready.notify_one();
-            return Pushed::Overflowed;
+        n
+    }
+
+    /// Records that `written` bytes went out.
+    pub fn advance(&mut self, mut written: usize) {
+        self.unwritten -= written;
+        while written > 0 {
+            // unwrap: the writer never reports more bytes than were handed to it.
+            let left = self.frames.front().unwrap().len() - self.offset;
+            if written < left {
+                self.offset += written;
+                return;
+            }
+            written -= left;
+            self.offset = 0;
+            self.frames.pop_front();
         }
-        state.bytes += len;
-        state.frames.push_back(Queued {
-            frame: frame.clone(),
-            received,
-        });
-        drop(state);
-        self.ready.notify_one();
-        Pushed::Queued
-    }
-
-    /// Queues `frames` ahead of everything already queued, whatever the bound. Used once,
-    /// before the socket's first write, for the stored messages: everything queued by
-    /// then is a live publication at least as new, so it must come after them.
-    pub fn push_front(&self, frames: Vec<Frame>) {
-        let received = Instant::now();
-        let mut state = self.lock();
-        for frame in frames.into_iter().rev() {
-            state.bytes += frame.len();
-            state.frames.push_front(Queued { frame, received });
+        if self.frames.is_empty() && self.frames.capacity() > KEEP_CAPACITY {
+            self.frames = VecDeque::new();
         }
-        drop(state);
-        self.ready.notify_one();
     }
 
-    /// Wakes the reader as a push would.
-    pub fn wake(&self) {
-        self.ready.notify_one();
-    }
-
-    /// Waits until frames are queued or the outbox overflowed.
-    pub async fn ready(&self) {
-        self.ready.notified().await
-    }
-
-    /// Moves every queued frame into `batch` (which keeps its capacity between calls).
-    /// Returns `false` once the outbox has overflowed.
-    pub fn take_into(&self, batch: &mut VecDeque<Queued>) -> bool {
-        let mut state = self.lock();
-        if state.overflowed {
-            return false;
+    /// Drops every frame not yet started, keeping a partly written first frame (it must
+    /// be finished before a close frame can follow).
+    pub fn drop_unstarted(&mut self) {
+        let keep = usize::from(self.offset > 0);
+        for frame in self.frames.drain(keep..) {
+            self.unwritten -= frame.len();
         }
-        std::mem::swap(&mut state.frames, batch);
-        true
-    }
-
-    /// Whether the bound was hit; the connection must then close.
-    pub fn overflowed(&self) -> bool {
-        self.lock().overflowed
-    }
-
-    /// Reports that `len` bytes taken by [`Outbox::take_into`] reached the socket writer.
-    pub fn written(&self, len: usize) {
-        let mut state = self.lock();
-        state.bytes = state.bytes.saturating_sub(len);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // unwrap: the critical sections above cannot panic, so the lock is never poisoned.
-        self.state.lock().unwrap()
     }
 }
 
@@ -182,61 +114,71 @@ impl Outbox {
 mod tests {
     use super::*;
 
-    #[test]
-    fn frames_are_typed_by_utf8_validity() {
-        assert_eq!(
-            Frame::from_payload(Bytes::from_static(b"hi")),
-            Frame::Text("hi".into())
-        );
-        let raw = Bytes::from_static(b"\xff\x00");
-        assert_eq!(Frame::from_payload(raw.clone()), Frame::Binary(raw));
+    fn b(s: &'static str) -> Bytes {
+        Bytes::from_static(s.as_bytes())
+    }
+
+    fn pending(outbox: &Outbox) -> Vec<u8> {
+        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+        let n = outbox.slices(&mut slices);
+        slices[..n].iter().flat_map(|s| s.to_vec()).collect()
     }
 
     #[test]
-    fn push_is_bounded_in_bytes_and_overflow_is_sticky() {
-        let outbox = Outbox::new(10);
-        let f = Frame::Text("12345".into());
-        assert_eq!(outbox.push(&f, Instant::now()), Pushed::Queued);
-        assert_eq!(outbox.push(&f, Instant::now()), Pushed::Queued);
-        let mut batch = VecDeque::new();
-        assert!(outbox.take_into(&mut batch));
-        assert_eq!(batch.len(), 2);
-        // Taken but not written still counts against the bound.
-        assert_eq!(outbox.push(&f, Instant::now()), Pushed::Overflowed);
-        assert_eq!(outbox.push(&f, Instant::now()), Pushed::Refused);
-        assert!(!outbox.take_into(&mut batch));
+    fn the_bound_counts_unwritten_bytes_only() {
+        let mut outbox = Outbox::default();
+        assert_eq!(outbox.push(b("12345"), 10), Ok(()));
+        assert_eq!(outbox.push(b("67890"), 10), Ok(()));
+        assert_eq!(outbox.push(b("x"), 10), Err(Full));
+        outbox.advance(7);
+        assert_eq!(outbox.unwritten(), 3);
+        assert_eq!(pending(&outbox), b"890");
+        assert_eq!(outbox.push(b("abcdefg"), 10), Ok(()));
+        assert_eq!(outbox.push(b("h"), 10), Err(Full));
     }
 
     #[test]
-    fn one_oversized_frame_passes_when_nothing_is_pending() {
-        let outbox = Outbox::new(4);
-        let big = Frame::Text("123456".into());
-        assert_eq!(outbox.push(&big, Instant::now()), Pushed::Queued);
-        assert_eq!(
-            outbox.push(&Frame::Text("1".into()), Instant::now()),
-            Pushed::Overflowed
-        );
+    fn a_frame_larger_than_the_bound_is_refused_even_when_empty() {
+        let mut outbox = Outbox::default();
+        assert_eq!(outbox.push(b("123456"), 4), Err(Full));
+        assert!(outbox.is_empty());
     }
 
     #[test]
-    fn stored_frames_go_first() {
-        let outbox = Outbox::new(100);
-        outbox.push(&Frame::Text("live".into()), Instant::now());
-        outbox.push_front(vec![Frame::Text("a".into()), Frame::Text("b".into())]);
-        let mut batch = VecDeque::new();
-        outbox.take_into(&mut batch);
-        let texts: Vec<_> = batch.iter().map(|q| q.frame.as_bytes().to_vec()).collect();
-        assert_eq!(texts, [b"a".to_vec(), b"b".to_vec(), b"live".to_vec()]);
+    fn stored_frames_go_before_unstarted_ones() {
+        let mut outbox = Outbox::default();
+        outbox.push(b("live1"), 100).unwrap();
+        outbox.push(b("live2"), 100).unwrap();
+        outbox.push_front(vec![b("a"), b("b")]);
+        assert_eq!(pending(&outbox), b"ablive1live2");
+        // A frame already started is finished first.
+        outbox.advance(3);
+        outbox.push_front(vec![b("c")]);
+        assert_eq!(pending(&outbox), b"ive1clive2");
     }
 
     #[test]
-    fn written_bytes_free_room() {
-        let outbox = Outbox::new(10);
-        let f = Frame::Binary(Bytes::from_static(b"1234567890"));
-        assert_eq!(outbox.push(&f, Instant::now()), Pushed::Queued);
-        let mut batch = VecDeque::new();
-        outbox.take_into(&mut batch);
-        outbox.written(10);
-        assert_eq!(outbox.push(&f, Instant::now()), Pushed::Queued);
+    fn dropping_keeps_a_started_frame() {
+        let mut outbox = Outbox::default();
+        outbox.push(b("abc"), 100).unwrap();
+        outbox.push(b("def"), 100).unwrap();
+        outbox.advance(1);
+        outbox.drop_unstarted();
+        assert_eq!(pending(&outbox), b"bc");
+        assert_eq!(outbox.unwritten(), 2);
+        outbox.advance(2);
+        outbox.drop_unstarted();
+        assert!(outbox.is_empty());
+        assert_eq!(outbox.unwritten(), 0);
+    }
+
+    #[test]
+    fn a_burst_queue_is_freed_once_written() {
+        let mut outbox = Outbox::default();
+        for _ in 0..1000 {
+            outbox.push(b("x"), usize::MAX).unwrap();
+        }
+        outbox.advance(1000);
+        assert!(outbox.frames.capacity() <= KEEP_CAPACITY);
     }
 }

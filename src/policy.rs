@@ -19,10 +19,11 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use actix_web::http::header;
-use actix_web::HttpRequest;
+use actix_http::header;
+use actix_http::RequestHead;
 use serde::Deserialize;
 
 use crate::channel::{AudienceKinds, Flags};
@@ -190,12 +191,25 @@ impl PolicyConfig {
         Ok(())
     }
 
-    /// Checks `Origin` against the request's own host and `allowed_origins`.
-    pub fn check_origin(&self, request: &HttpRequest) -> Result<(), String> {
-        let Some(origin) = request.headers().get(header::ORIGIN) else {
+    /// Checks `Origin`: an http or https origin whose scheme and host are the
+    /// request's own (the scheme is http, or what `X-Forwarded-Proto` says when a
+    /// trusted proxy sent the request), or one of `allowed_origins`. Other schemes never
+    /// pass. Requests without `Origin` do not come from a browser page and pass.
+    pub fn check_origin(&self, head: &RequestHead, peer: Option<IpAddr>) -> Result<(), String> {
+        let Some(origin) = head.headers.get(header::ORIGIN) else {
             return Ok(());
         };
         let origin = origin.to_str().unwrap_or("");
+        let refused = || Err(format!("origin {origin:?} is not allowed"));
+        let Some((scheme, authority)) = origin.split_once("://") else {
+            return refused();
+        };
+        if !["http", "https"]
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case(scheme))
+        {
+            return refused();
+        }
         if self
             .allowed_origins
             .iter()
@@ -203,24 +217,45 @@ impl PolicyConfig {
         {
             return Ok(());
         }
-        let authority = origin.split_once("://").map_or("", |(_, rest)| rest);
-        let host = request
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok());
-        if host.is_some_and(|h| !authority.is_empty() && h.eq_ignore_ascii_case(authority)) {
+        let host = head.headers.get(header::HOST).and_then(|h| h.to_str().ok());
+        let own_host =
+            host.is_some_and(|h| !authority.is_empty() && h.eq_ignore_ascii_case(authority));
+        if own_host && scheme.eq_ignore_ascii_case(self.request_scheme(head, peer)) {
             return Ok(());
         }
-        Err(format!("origin {origin:?} is not allowed"))
+        refused()
+    }
+
+    /// The scheme the client used: `http` (the gateway serves plain HTTP), or the one
+    /// a trusted proxy names in `X-Forwarded-Proto`.
+    fn request_scheme(&self, head: &RequestHead, peer: Option<IpAddr>) -> &'static str {
+        if !peer.is_some_and(|p| self.trusted_proxies.contains(&p)) {
+            return "http";
+        }
+        let forwarded = head
+            .headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(str::trim);
+        match forwarded {
+            Some(p) if p.eq_ignore_ascii_case("https") => "https",
+            _ => "http",
+        }
+    }
+
+    /// Whether `peer` is one of the trusted proxies.
+    pub fn is_trusted_proxy(&self, peer: IpAddr) -> bool {
+        self.trusted_proxies.contains(&peer)
     }
 
     /// The client's address: the peer, or what a trusted proxy says it forwarded.
-    pub fn client_ip(&self, request: &HttpRequest) -> Option<IpAddr> {
-        let peer = request.peer_addr()?.ip();
+    pub fn client_ip(&self, head: &RequestHead, peer: Option<IpAddr>) -> Option<IpAddr> {
+        let peer = peer?;
         if !self.trusted_proxies.contains(&peer) {
             return Some(peer);
         }
-        let headers = request.headers();
+        let headers = &head.headers;
         let real_ip = headers
             .get("x-real-ip")
             .and_then(|v| v.to_str().ok())
@@ -243,6 +278,47 @@ impl PolicyConfig {
             break;
         }
         Some(forwarded.or(real_ip).unwrap_or(peer))
+    }
+}
+
+/// Counts the sockets of the process against `max_sockets`: the one ceiling on sockets.
+#[derive(Debug)]
+pub struct SocketLimit {
+    open: AtomicUsize,
+    max: usize,
+}
+
+/// One socket's place under `max_sockets`; given back when dropped (when the socket's
+/// descriptor is released).
+#[derive(Debug)]
+pub struct SocketPermit(Arc<SocketLimit>);
+
+impl SocketLimit {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(SocketLimit {
+            open: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// A place, or `None` when `max` sockets are open.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<SocketPermit> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| SocketPermit(self.clone()))
+    }
+}
+
+impl Drop for SocketPermit {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -292,6 +368,7 @@ impl Drop for IpSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use actix_web::http::header;
     use actix_web::test::TestRequest;
 
     fn policy(rules: Vec<Rule>) -> PolicyConfig {
@@ -395,53 +472,78 @@ mod tests {
     }
 
     #[test]
-    fn origin_must_be_own_host_or_listed() {
+    fn origin_must_be_own_scheme_and_host_or_listed() {
         let p = policy(vec![]);
-        let req = |origin: Option<&str>| {
+        let direct: IpAddr = "9.9.9.9".parse().unwrap();
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let req = |origin: Option<&str>, proto: Option<&str>| {
             let mut r = TestRequest::default().insert_header((header::HOST, "app.example.com"));
             if let Some(o) = origin {
                 r = r.insert_header((header::ORIGIN, o));
             }
+            if let Some(p) = proto {
+                r = r.insert_header(("x-forwarded-proto", p));
+            }
             r.to_http_request()
         };
-        assert!(p
-            .check_origin(&req(Some("https://app.example.com")))
-            .is_ok());
-        assert!(p.check_origin(&req(None)).is_ok());
-        assert!(p.check_origin(&req(Some("https://evil.example"))).is_err());
-        assert!(p.check_origin(&req(Some("null"))).is_err());
+        let check = |origin, proto, peer| p.check_origin(req(origin, proto).head(), Some(peer));
+        assert!(check(Some("http://app.example.com"), None, direct).is_ok());
+        assert!(check(None, None, direct).is_ok());
+        // The scheme counts: plain HTTP here, so an https page is another origin.
+        assert!(check(Some("https://app.example.com"), None, direct).is_err());
+        assert!(check(Some("ftp://app.example.com"), None, direct).is_err());
+        // Behind a trusted TLS proxy the request's scheme is https.
+        assert!(check(Some("https://app.example.com"), Some("https"), proxy).is_ok());
+        assert!(check(Some("http://app.example.com"), Some("https"), proxy).is_err());
+        // X-Forwarded-Proto from anybody else is not believed.
+        assert!(check(Some("https://app.example.com"), Some("https"), direct).is_err());
+        assert!(check(Some("https://evil.example"), None, direct).is_err());
+        assert!(check(Some("null"), None, direct).is_err());
         let listed = PolicyConfig {
-            allowed_origins: vec!["https://evil.example".into()],
+            allowed_origins: vec!["https://evil.example".into(), "*".into()],
             ..policy(vec![])
         };
-        assert!(listed
-            .check_origin(&req(Some("https://evil.example")))
-            .is_ok());
+        let req = req(Some("https://evil.example"), None);
+        assert!(listed.check_origin(req.head(), Some(direct)).is_ok());
+        let other = TestRequest::default()
+            .insert_header((header::ORIGIN, "chrome-extension://abc"))
+            .to_http_request();
+        assert!(listed.check_origin(other.head(), Some(direct)).is_err());
     }
 
     #[test]
     fn forwarded_addresses_count_only_from_trusted_proxies() {
         let p = policy(vec![]);
-        let req = |peer: &str| {
-            TestRequest::default()
-                .peer_addr(format!("{peer}:5000").parse().unwrap())
-                .insert_header(("x-forwarded-for", "1.2.3.4, 10.0.0.1"))
-                .to_http_request()
-        };
+        let req = TestRequest::default()
+            .insert_header(("x-forwarded-for", "1.2.3.4, 10.0.0.1"))
+            .to_http_request();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(
-            p.client_ip(&req("10.0.0.1")),
-            Some("1.2.3.4".parse().unwrap())
+            p.client_ip(req.head(), Some(ip("10.0.0.1"))),
+            Some(ip("1.2.3.4"))
         );
         assert_eq!(
-            p.client_ip(&req("9.9.9.9")),
-            Some("9.9.9.9".parse().unwrap())
+            p.client_ip(req.head(), Some(ip("9.9.9.9"))),
+            Some(ip("9.9.9.9"))
         );
         // A client-written entry left of an unparsable one is never believed.
         let spoofed = TestRequest::default()
-            .peer_addr("10.0.0.1:5000".parse().unwrap())
             .insert_header(("x-forwarded-for", "6.6.6.6, 1.2.3.4:999"))
             .to_http_request();
-        assert_eq!(p.client_ip(&spoofed), Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(
+            p.client_ip(spoofed.head(), Some(ip("10.0.0.1"))),
+            Some(ip("10.0.0.1"))
+        );
+    }
+
+    #[test]
+    fn socket_places_are_bounded_and_released() {
+        let limit = SocketLimit::new(2);
+        let a = limit.try_acquire().unwrap();
+        let _b = limit.try_acquire().unwrap();
+        assert!(limit.try_acquire().is_none());
+        drop(a);
+        assert!(limit.try_acquire().is_some());
     }
 
     #[test]

@@ -1,27 +1,64 @@
-//! Which local sockets listen to which key, and the ordered log of subscription changes.
+//! Which worker threads have sockets on which key, and the ordered log of subscription
+//! changes; the meeting point of brokers and workers.
 //!
-//! The registry is the source of truth for this process's Redis subscriptions: a key is
-//! subscribed while at least one local socket listens to it. [`Registry::register`] and
-//! [`Registry::unregister`] record the 0→1 and 1→0 transitions in a change log that the
-//! Redis broker consumes in order, so Redis sees one SUBSCRIBE when the first socket
-//! arrives and one UNSUBSCRIBE after the last one leaves, whatever the number of sockets.
-//! Changes are sent while the shard lock is held, so two racing transitions of one key
-//! reach the broker in the order they happened.
+//! Each worker keeps its own map of key → local sockets ([`crate::worker`]). This
+//! registry only knows, per key, the set of workers with at least one socket on it, so
+//! a publication is encoded once ([`Publication`]) and handed to each of those workers
+//! through its inbox, and the worker fans it out to its sockets without locks.
 //!
-//! The map is split into shards by key hash so that connects, disconnects and fan-out on
-//! different keys do not contend on one lock. No lock is ever held across an `.await`.
+//! The registry is the source of truth for this process's Redis subscriptions: a key
+//! is subscribed while some worker has a socket on it. [`Registry::add`] and
+//! [`Registry::remove`] record the 0→1 and 1→0 transitions in a change log that the
+//! Redis broker applies in order, so Redis sees one SUBSCRIBE when the first socket
+//! arrives and one UNSUBSCRIBE after the last one leaves. Changes are sent while the
+//! shard lock is held, so two racing transitions of one key reach the broker in the
+//! order they happened. No lock is ever held across an `.await`.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
+use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
-use crate::outbox::{Frame, Outbox, Pushed};
+use crate::ws::frame;
 
 const SHARDS: usize = 16;
+/// Workers a process may have (one bit each in a key's worker set).
+pub const MAX_WORKERS: usize = 64;
+/// Publications waiting in one worker's inbox before the broker waits for it.
+const INBOX: usize = 1024;
+
+/// A publication encoded once as a server frame, shared by every socket it goes to.
+#[derive(Debug)]
+pub struct Publication {
+    pub key: Arc<str>,
+    /// Header and payload: the exact bytes every socket receives.
+    pub frame: Bytes,
+    /// Where the payload starts in `frame`.
+    header: usize,
+    /// When the broker received it (for the delivery latency metric).
+    pub received: Instant,
+}
+
+impl Publication {
+    /// A payload carries no type: valid UTF-8 goes out as a text frame, anything else
+    /// as binary. Checked once per publication, not once per socket.
+    pub fn new(key: Arc<str>, payload: &[u8], received: Instant) -> Self {
+        Publication {
+            key,
+            frame: frame::encode_message(payload),
+            header: frame::server_header_size(payload.len()),
+            received,
+        }
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        &self.frame[self.header..]
+    }
+}
 
 /// A subscription change, in the order the broker must apply it.
 #[derive(Debug)]
@@ -33,11 +70,14 @@ pub enum Change {
     Barrier(oneshot::Sender<bool>),
 }
 
-type Shard = HashMap<Arc<str>, Vec<Arc<Outbox>>>;
+/// Key → the set of workers (one bit each) with a socket on it.
+type Shard = HashMap<Arc<str>, u64>;
 
 pub struct Registry {
     shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
+    /// Each worker's inbox, by worker number; workers attach as they start.
+    inboxes: RwLock<Vec<mpsc::Sender<Arc<Publication>>>>,
     /// The change log; `None` for a broker that needs none (the in-memory one).
     changes: Option<mpsc::UnboundedSender<Change>>,
     /// The process's metrics, counted where publications enter the fan-out.
@@ -49,6 +89,7 @@ impl Registry {
         Registry {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
+            inboxes: RwLock::default(),
             changes,
             metrics,
         }
@@ -67,32 +108,39 @@ impl Registry {
         }
     }
 
-    /// Adds `outbox` as a listener of every key in `keys`.
-    pub fn register(&self, keys: &[Arc<str>], outbox: &Arc<Outbox>) {
-        for key in keys {
-            let mut shard = self.shard(key);
-            let listeners = shard.entry(key.clone()).or_default();
-            listeners.push(outbox.clone());
-            if listeners.len() == 1 {
-                self.log(Change::Subscribe(key.clone()));
-            }
-        }
+    /// Gives a starting worker its number and its inbox.
+    ///
+    /// # Panics
+    /// Beyond [`MAX_WORKERS`] workers (the configuration refuses more).
+    pub fn attach_worker(&self) -> (usize, mpsc::Receiver<Arc<Publication>>) {
+        let (tx, rx) = mpsc::channel(INBOX);
+        // unwrap: nothing panics while the inbox list is locked.
+        let mut inboxes = self.inboxes.write().unwrap();
+        assert!(inboxes.len() < MAX_WORKERS, "at most {MAX_WORKERS} workers");
+        inboxes.push(tx);
+        (inboxes.len() - 1, rx)
     }
 
-    /// Removes `outbox` from every key in `keys`.
-    pub fn unregister(&self, keys: &[Arc<str>], outbox: &Arc<Outbox>) {
-        for key in keys {
-            let mut shard = self.shard(key);
-            let Some(listeners) = shard.get_mut(&**key) else {
-                continue;
-            };
-            if let Some(i) = listeners.iter().position(|o| Arc::ptr_eq(o, outbox)) {
-                listeners.swap_remove(i);
-            }
-            if listeners.is_empty() {
-                shard.remove(&**key);
-                self.log(Change::Unsubscribe(key.clone()));
-            }
+    /// Worker `worker` has its first socket on `key`.
+    pub fn add(&self, key: &Arc<str>, worker: usize) {
+        let mut shard = self.shard(key);
+        let workers = shard.entry(key.clone()).or_default();
+        if *workers == 0 {
+            self.log(Change::Subscribe(key.clone()));
+        }
+        *workers |= 1 << worker;
+    }
+
+    /// Worker `worker` has no socket left on `key`.
+    pub fn remove(&self, key: &Arc<str>, worker: usize) {
+        let mut shard = self.shard(key);
+        let Some(workers) = shard.get_mut(&**key) else {
+            return;
+        };
+        *workers &= !(1 << worker);
+        if *workers == 0 {
+            shard.remove(&**key);
+            self.log(Change::Unsubscribe(key.clone()));
         }
     }
 
@@ -110,7 +158,7 @@ impl Registry {
         wait.await.unwrap_or(false)
     }
 
-    /// Every key with at least one listener, for resubscribing after a reconnect.
+    /// Every key with at least one socket, for resubscribing after a reconnect.
     pub fn keys(&self) -> Vec<Arc<str>> {
         let mut keys = Vec::new();
         for shard in self.shards.iter() {
@@ -120,29 +168,43 @@ impl Registry {
         keys
     }
 
-    /// Hands `frame` to every listener of `key`. Never waits: a listener whose outbox is
-    /// full is marked as a slow consumer and closes itself. Returns the number queued.
-    pub fn dispatch(&self, key: &str, frame: &Frame, received: Instant) -> usize {
-        let shard = self.shard(key);
-        let Some(listeners) = shard.get(key) else {
-            return 0;
+    /// Hands `payload`, published on `key`, to every worker with a socket on it;
+    /// encodes it only if there is one. Waits only when a worker's inbox is full (the
+    /// broker then stops reading, and Redis buffers). Returns the workers reached.
+    pub async fn dispatch(&self, key: &str, payload: &[u8], received: Instant) -> usize {
+        let (key, workers) = {
+            let shard = self.shard(key);
+            match shard.get_key_value(key) {
+                Some((key, &workers)) => (key.clone(), workers),
+                None => return 0,
+            }
         };
-        let mut queued = 0;
-        for outbox in listeners {
-            match outbox.push(frame, received) {
-                Pushed::Queued => queued += 1,
-                // The connection sees the overflow and closes itself.
-                Pushed::Overflowed | Pushed::Refused => {}
+        let publication = Arc::new(Publication::new(key, payload, received));
+        let mut waiting = Vec::new();
+        {
+            // unwrap: see `attach_worker`.
+            let inboxes = self.inboxes.read().unwrap();
+            for (i, inbox) in inboxes.iter().enumerate() {
+                if workers & (1 << i) == 0 {
+                    continue;
+                }
+                if let Err(mpsc::error::TrySendError::Full(p)) = inbox.try_send(publication.clone())
+                {
+                    waiting.push((inbox.clone(), p));
+                }
             }
         }
-        queued
+        for (inbox, p) in waiting {
+            // A closed inbox belongs to a worker that stopped; nothing to deliver.
+            let _ = inbox.send(p).await;
+        }
+        workers.count_ones() as usize
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::VecDeque;
 
     fn key(s: &str) -> Arc<str> {
         Arc::from(s)
@@ -152,12 +214,14 @@ mod tests {
     fn transitions_are_logged_once_per_key() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let reg = Registry::new(Some(tx), Arc::default());
-        let (a, b) = (Arc::new(Outbox::new(100)), Arc::new(Outbox::new(100)));
-        let keys = [key("broadcast:x"), key("user:u:x")];
-        reg.register(&keys, &a);
-        reg.register(&keys[..1], &b);
-        reg.unregister(&keys, &a);
-        reg.unregister(&keys[..1], &b);
+        let (k1, k2) = (key("broadcast:x"), key("user:u:x"));
+        reg.add(&k1, 0);
+        reg.add(&k2, 0);
+        reg.add(&k1, 1);
+        reg.remove(&k2, 0);
+        reg.remove(&k1, 0);
+        assert_eq!(reg.keys(), std::slice::from_ref(&k1));
+        reg.remove(&k1, 1);
         let mut log = Vec::new();
         while let Ok(c) = rx.try_recv() {
             log.push(format!("{c:?}"));
@@ -174,36 +238,27 @@ mod tests {
         assert!(reg.keys().is_empty());
     }
 
-    #[test]
-    fn dispatch_reaches_only_listeners_of_the_key() {
+    #[tokio::test]
+    async fn dispatch_reaches_only_workers_of_the_key() {
         let reg = Registry::new(None, Arc::default());
-        let (a, b) = (Arc::new(Outbox::new(100)), Arc::new(Outbox::new(100)));
-        reg.register(&[key("k1")], &a);
-        reg.register(&[key("k2")], &b);
-        assert_eq!(
-            reg.dispatch("k1", &Frame::Text("m".into()), Instant::now()),
-            1
-        );
-        assert_eq!(
-            reg.dispatch("nobody", &Frame::Text("m".into()), Instant::now()),
-            0
-        );
-        let mut batch = VecDeque::new();
-        a.take_into(&mut batch);
-        assert_eq!(batch.len(), 1);
-        b.take_into(&mut batch);
-        assert!(batch.is_empty());
+        let (w0, mut rx0) = reg.attach_worker();
+        let (w1, mut rx1) = reg.attach_worker();
+        reg.add(&key("k1"), w0);
+        reg.add(&key("k2"), w1);
+        assert_eq!(reg.dispatch("k1", b"m", Instant::now()).await, 1);
+        assert_eq!(reg.dispatch("nobody", b"m", Instant::now()).await, 0);
+        let p = rx0.try_recv().unwrap();
+        assert_eq!((&*p.key, p.payload()), ("k1", &b"m"[..]));
+        assert_eq!(&p.frame[..], [0x81, 1, b'm']);
+        assert!(rx1.try_recv().is_err());
     }
 
     #[test]
-    fn a_full_outbox_does_not_hold_back_the_others() {
-        let reg = Registry::new(None, Arc::default());
-        let (slow, fine) = (Arc::new(Outbox::new(3)), Arc::new(Outbox::new(100)));
-        reg.register(&[key("k")], &slow);
-        reg.register(&[key("k")], &fine);
-        let frame = Frame::Text("ab".into());
-        assert_eq!(reg.dispatch("k", &frame, Instant::now()), 2);
-        assert_eq!(reg.dispatch("k", &frame, Instant::now()), 1);
-        assert!(slow.overflowed() && !fine.overflowed());
+    fn payloads_are_typed_by_utf8_validity() {
+        let text = Publication::new(key("k"), b"hi", Instant::now());
+        assert_eq!(text.frame[0], 0x81);
+        let binary = Publication::new(key("k"), &[0xFF, 0], Instant::now());
+        assert_eq!(binary.frame[0], 0x82);
+        assert_eq!(binary.payload(), [0xFF, 0]);
     }
 }

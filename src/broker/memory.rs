@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::deliver;
-use crate::registry::Registry;
+use super::Inlet;
 
 /// Expired entries are swept when the map has grown by this many inserts.
 const SWEEP_EVERY: usize = 1024;
@@ -20,21 +19,19 @@ struct Store {
 }
 
 pub struct MemoryBroker {
-    registry: Arc<Registry>,
-    heartbeat: Option<String>,
+    inlet: Arc<Inlet>,
     store: Mutex<Store>,
 }
 
 impl MemoryBroker {
-    pub fn new(registry: Arc<Registry>, heartbeat: Option<String>) -> Self {
+    pub fn new(inlet: Arc<Inlet>) -> Self {
         MemoryBroker {
-            registry,
-            heartbeat,
+            inlet,
             store: Mutex::default(),
         }
     }
 
-    pub fn publish(&self, keys: &[Arc<str>], payload: &Bytes, expire: u64) {
+    pub async fn publish(&self, keys: &[Arc<str>], payload: &Bytes, expire: u64) {
         if expire > 0 {
             let until = Instant::now() + Duration::from_secs(expire);
             let mut store = self.lock();
@@ -49,12 +46,7 @@ impl MemoryBroker {
             }
         }
         for key in keys {
-            deliver(
-                &self.registry,
-                self.heartbeat.as_deref(),
-                key,
-                payload.clone(),
-            );
+            self.inlet.deliver(key, payload).await;
         }
     }
 

@@ -7,20 +7,28 @@
 //! - [`MemoryBroker`]: one process, no Redis. Publications come from clients and the
 //!   HTTP API of this process only.
 //!
-//! Both hand every publication to [`Registry::dispatch`] through [`deliver`], so the
-//! filtering and typing of payloads is the same for both.
+//! Both hand every publication to the registry through one [`Inlet`], so the filtering
+//! and the bounds on publications are the same for both.
 
 mod memory;
 pub mod redis;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
+use log::warn;
+use tokio::time::Instant;
 
 pub use self::memory::MemoryBroker;
 pub use self::redis::RedisBroker;
-use crate::outbox::Frame;
 use crate::registry::Registry;
+
+/// How often an oversized publication on one key is reported in the log.
+const OVERSIZE_WARNING_EVERY: Duration = Duration::from_secs(60);
+/// Keys remembered for those warnings; beyond, the memory of them starts over.
+const OVERSIZE_KEYS: usize = 1024;
 
 /// A broker operation that could not be done; sockets stay open, the caller decides.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -47,7 +55,7 @@ impl Broker {
         match self {
             Broker::Redis(b) => b.publish(keys, payload, expire).await,
             Broker::Memory(b) => {
-                b.publish(keys, payload, expire);
+                b.publish(keys, payload, expire).await;
                 Ok(())
             }
         }
@@ -77,13 +85,72 @@ impl Broker {
     }
 }
 
-/// Relays one publication to the local sockets of `key`. The ws4redis heartbeat string
-/// is never relayed, whoever published it.
-pub fn deliver(registry: &Registry, heartbeat: Option<&str>, key: &str, payload: Bytes) -> usize {
-    let received = tokio::time::Instant::now();
-    registry.metrics.broker_messages.inc();
-    if heartbeat.is_some_and(|h| h.as_bytes() == payload) {
-        return 0;
+/// Where publications enter the gateway, from either broker.
+pub struct Inlet {
+    registry: Arc<Registry>,
+    /// The ws4redis heartbeat string: never relayed, whoever published it.
+    heartbeat: Option<Bytes>,
+    max_publication_size: usize,
+    /// When an oversized publication was last reported, per key.
+    oversize_warned: Mutex<HashMap<String, Instant>>,
+}
+
+impl Inlet {
+    pub fn new(
+        registry: Arc<Registry>,
+        heartbeat: Option<&str>,
+        max_publication_size: usize,
+    ) -> Self {
+        Inlet {
+            registry,
+            heartbeat: heartbeat.map(|h| Bytes::copy_from_slice(h.as_bytes())),
+            max_publication_size,
+            oversize_warned: Mutex::default(),
+        }
     }
-    registry.dispatch(key, &Frame::from_payload(payload), received)
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Relays one publication to the sockets of `key`, on every worker. A publication
+    /// over `max_publication_size` is dropped here, counted, and reported once per key
+    /// per minute.
+    pub async fn deliver(&self, key: &str, payload: &[u8]) {
+        let received = Instant::now();
+        let metrics = &self.registry.metrics;
+        metrics.broker_messages.inc();
+        if self.heartbeat.as_deref() == Some(payload) {
+            return;
+        }
+        if payload.len() > self.max_publication_size {
+            metrics
+                .publications_dropped
+                .with_label_values(&["too_large"])
+                .inc();
+            self.warn_oversize(key, payload.len());
+            return;
+        }
+        self.registry.dispatch(key, payload, received).await;
+    }
+
+    fn warn_oversize(&self, key: &str, len: usize) {
+        // unwrap: nothing panics while the map is locked.
+        let mut warned = self.oversize_warned.lock().unwrap();
+        if warned
+            .get(key)
+            .is_some_and(|at| at.elapsed() < OVERSIZE_WARNING_EVERY)
+        {
+            return;
+        }
+        if warned.len() >= OVERSIZE_KEYS {
+            warned.clear();
+        }
+        warned.insert(key.to_string(), Instant::now());
+        warn!(
+            "publication on {key} dropped: {len} bytes, over max_publication_size ({}); \
+             reported once a minute per key",
+            self.max_publication_size
+        );
+    }
 }

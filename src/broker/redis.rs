@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::{deliver, BrokerError};
+use super::{BrokerError, Inlet};
 use crate::channel::KeySpace;
 use crate::config::Config;
 use crate::publisher::publish_pipeline;
@@ -62,7 +62,7 @@ impl RedisBroker {
     pub fn new(
         config: &Config,
         url: &str,
-        registry: Arc<Registry>,
+        inlet: Arc<Inlet>,
         changes: mpsc::UnboundedReceiver<Change>,
         shutdown: CancellationToken,
     ) -> redis::RedisResult<(RedisBroker, Subscriber)> {
@@ -73,12 +73,12 @@ impl RedisBroker {
             .internal(&format!("probe:{}", uuid::Uuid::new_v4()));
         let subscriber = Subscriber {
             client,
-            registry,
+            registry: inlet.registry().clone(),
+            inlet,
             changes,
             commands: commands.clone(),
             link: link.clone(),
             probe_channel,
-            heartbeat: config.heartbeat.clone(),
             waiting: Vec::new(),
             reconnect_max: config.reconnect_max(),
             probe_interval: config.probe_interval(),
@@ -136,11 +136,11 @@ fn unavailable(e: redis::RedisError) -> BrokerError {
 pub struct Subscriber {
     client: redis::Client,
     registry: Arc<Registry>,
+    inlet: Arc<Inlet>,
     changes: mpsc::UnboundedReceiver<Change>,
     commands: ConnectionManager,
     link: Arc<Link>,
     probe_channel: String,
-    heartbeat: Option<String>,
     reconnect_max: Duration,
     probe_interval: Duration,
     shutdown: CancellationToken,
@@ -254,8 +254,7 @@ impl Subscriber {
                     probe_sent = None;
                     let channel = message.get_channel_name();
                     if channel != self.probe_channel {
-                        let payload = Bytes::copy_from_slice(message.get_payload_bytes());
-                        deliver(&self.registry, self.heartbeat.as_deref(), channel, payload);
+                        self.inlet.deliver(channel, message.get_payload_bytes()).await;
                     }
                 }
                 _ = probe.tick() => match probe_sent {

@@ -107,7 +107,7 @@ impl CallbackResolver {
         };
         part(handshake.facility.as_bytes());
         part(handshake.flags.to_string().as_bytes());
-        let headers = handshake.request.headers();
+        let headers = &handshake.head.headers;
         for name in std::iter::once(&COOKIE).chain(&self.forward) {
             let values: Vec<_> = headers.get_all(name).collect();
             part(name.as_str().as_bytes());
@@ -148,10 +148,7 @@ impl CallbackResolver {
         &self,
         handshake: &Handshake<'_>,
     ) -> Result<Result<Identity, String>, IdentityError> {
-        let request = handshake.request;
-        let client = request
-            .app_data::<awc::Client>()
-            .ok_or_else(|| IdentityError::Unavailable("no HTTP client on this worker".into()))?;
+        let client = handshake.http;
         let sep = if self.url.contains('?') { '&' } else { '?' };
         let flags = handshake.flags.to_string();
         let url = format!(
@@ -164,7 +161,7 @@ impl CallbackResolver {
             .get(url)
             .timeout(Duration::from_secs_f64(self.config.timeout));
         for name in std::iter::once(&COOKIE).chain(&self.forward) {
-            for value in request.headers().get_all(name) {
+            for value in handshake.head.headers.get_all(name) {
                 call = call.append_header((name.clone(), value.clone()));
             }
         }

@@ -277,7 +277,7 @@ impl DjangoResolver {
     }
 
     async fn lookup(&self, handshake: &Handshake<'_>) -> Result<Identity, IdentityError> {
-        let Some(session) = session_key(handshake.request, &self.cookie)? else {
+        let Some(session) = session_key(&handshake.head.headers, &self.cookie)? else {
             return Ok(Identity::default());
         };
         let raw: Option<Vec<u8>> = redis::cmd("GET")

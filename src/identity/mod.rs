@@ -18,8 +18,8 @@ pub mod django;
 pub mod record;
 pub mod token;
 
-use actix_web::http::header;
-use actix_web::HttpRequest;
+use actix_http::header::{self, HeaderMap};
+use actix_http::RequestHead;
 use futures_util::future::LocalBoxFuture;
 use log::warn;
 
@@ -87,11 +87,13 @@ pub enum IdentityError {
     Unavailable(String),
 }
 
-/// What a resolver may look at.
+/// What a resolver may look at: the request head, before any upgrade.
 pub struct Handshake<'a> {
-    pub request: &'a HttpRequest,
+    pub head: &'a RequestHead,
     pub facility: &'a str,
     pub flags: Flags,
+    /// This worker's HTTP client (for the callback source).
+    pub http: &'a awc::Client,
 }
 
 /// A source of identities. Implementations run before the WebSocket upgrade.
@@ -103,9 +105,8 @@ pub trait IdentityResolver: Send + Sync {
 }
 
 /// The value of cookie `name`, if present and non-empty (not validated).
-pub fn cookie<'r>(request: &'r HttpRequest, name: &str) -> Option<&'r str> {
-    request
-        .headers()
+pub fn cookie<'r>(headers: &'r HeaderMap, name: &str) -> Option<&'r str> {
+    headers
         .get_all(header::COOKIE)
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
@@ -116,8 +117,8 @@ pub fn cookie<'r>(request: &'r HttpRequest, name: &str) -> Option<&'r str> {
 }
 
 /// The value of cookie `name`, validated as a session key; `None` when absent or empty.
-pub fn session_key(request: &HttpRequest, name: &str) -> Result<Option<String>, IdentityError> {
-    match cookie(request, name) {
+pub fn session_key(headers: &HeaderMap, name: &str) -> Result<Option<String>, IdentityError> {
+    match cookie(headers, name) {
         None => Ok(None),
         Some(v) => {
             validate_name(NameKind::Session, v).map_err(IdentityError::BadCookie)?;
@@ -129,6 +130,7 @@ pub fn session_key(request: &HttpRequest, name: &str) -> Result<Option<String>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use actix_web::http::header;
     use actix_web::test::TestRequest;
 
     #[test]
@@ -137,10 +139,10 @@ mod tests {
             .insert_header((header::COOKIE, "csrftoken=x; sessionid=abc123; theme=dark"))
             .to_http_request();
         assert_eq!(
-            session_key(&req, "sessionid").unwrap().as_deref(),
+            session_key(req.headers(), "sessionid").unwrap().as_deref(),
             Some("abc123")
         );
-        assert_eq!(session_key(&req, "sid").unwrap(), None);
+        assert_eq!(session_key(req.headers(), "sid").unwrap(), None);
     }
 
     #[test]
@@ -149,7 +151,7 @@ mod tests {
             .insert_header((header::COOKIE, "sessionid=a:b"))
             .to_http_request();
         assert!(matches!(
-            session_key(&req, "sessionid"),
+            session_key(req.headers(), "sessionid"),
             Err(IdentityError::BadCookie(_))
         ));
     }

@@ -44,7 +44,7 @@ impl RecordResolver {
     }
 
     async fn lookup(&self, handshake: &Handshake<'_>) -> Result<Identity, IdentityError> {
-        let Some(session) = session_key(handshake.request, &self.cookie)? else {
+        let Some(session) = session_key(&handshake.head.headers, &self.cookie)? else {
             return Ok(Identity::default());
         };
         let key: Arc<str> = self.keys.internal(&format!("identity:{session}")).into();

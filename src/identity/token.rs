@@ -78,14 +78,16 @@ impl TokenResolver {
 
     fn token<'r>(&self, handshake: &'r Handshake<'_>) -> Option<std::borrow::Cow<'r, str>> {
         let from_query = handshake
-            .request
-            .query_string()
+            .head
+            .uri
+            .query()
+            .unwrap_or("")
             .split('&')
             .find_map(|p| p.strip_prefix("token="))
             .map(|t| percent_encoding::percent_decode_str(t).decode_utf8_lossy());
         from_query.or_else(|| {
             let name = self.cookie.as_deref()?;
-            cookie(handshake.request, name).map(std::borrow::Cow::Borrowed)
+            cookie(&handshake.head.headers, name).map(std::borrow::Cow::Borrowed)
         })
     }
 

@@ -178,54 +178,114 @@ impl Drop for RedisServer {
     }
 }
 
-/// The `wsrelay` binary, started on a free port with the given `WSRELAY__*` settings.
+/// Settings every test gateway starts with (as `WSRELAY__*` names); a test's own
+/// settings win.
+const DEFAULTS: [(&str, &str); 6] = [
+    ("WORKERS", "2"),
+    ("PUBLISH_TOKEN", TOKEN),
+    // Most tests publish from clients; the access tests turn this off again.
+    ("POLICY__COMPAT", "true"),
+    ("REDIS__RECONNECT_MAX", "0.5"),
+    ("REDIS__PROBE_INTERVAL", "1"),
+    ("DRAIN_WINDOW", "0.2"),
+];
+
+/// How a test gateway exits.
+#[derive(Debug)]
+pub struct Exit(Result<(), String>);
+
+impl Exit {
+    pub fn success(&self) -> bool {
+        self.0.is_ok()
+    }
+}
+
+enum Runner {
+    /// `wsrelay::run` on a thread of its own, in this process.
+    InProcess {
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    },
+    /// The `wsrelay` binary, for what only a process shows: signals, exit status,
+    /// the service-manager protocol, the log.
+    Process {
+        child: Child,
+        log: Arc<Mutex<Vec<String>>>,
+    },
+}
+
+/// A gateway on a free port with the given settings (named as in `WSRELAY__*`
+/// variables, lower case, without the prefix: `("redis__url", …)`).
 pub struct Gateway {
     pub addr: SocketAddr,
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
+    runner: Runner,
 }
 
 impl Gateway {
+    /// `wsrelay::run` in this process.
     pub fn start(settings: &[(&str, &str)]) -> Gateway {
-        Self::start_env(settings, &[])
+        Self::in_process(settings, None)
     }
 
-    /// Starts with `WSRELAY__*` settings and other environment variables.
-    pub fn start_env(settings: &[(&str, &str)], env: &[(&str, &str)]) -> Gateway {
-        Self::launch(settings, env, None)
-    }
-
-    /// Starts with a TOML configuration file (environment settings still win).
+    /// In this process, with a TOML configuration file (settings still win).
     pub fn start_with_file(toml: &str, settings: &[(&str, &str)]) -> Gateway {
-        // The gateway reads the file before it reports listening; the directory goes
-        // when this function returns (or panics).
         let dir = TempDir::new("config");
         let path = dir.join("wsrelay.toml");
         std::fs::write(&path, toml).unwrap();
-        Self::launch(settings, &[], Some(&path))
+        Self::in_process(settings, Some(&path))
     }
 
-    fn launch(
-        settings: &[(&str, &str)],
-        env: &[(&str, &str)],
-        file: Option<&std::path::Path>,
-    ) -> Gateway {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsrelay"));
-        if let Some(file) = file {
-            cmd.arg("--config").arg(file);
+    /// The binary, with settings and other environment variables.
+    pub fn start_process(settings: &[(&str, &str)], env: &[(&str, &str)]) -> Gateway {
+        Self::launch(settings, env)
+    }
+
+    fn in_process(settings: &[(&str, &str)], file: Option<&std::path::Path>) -> Gateway {
+        init_test_process();
+        let mut vars: std::collections::HashMap<String, String> = DEFAULTS
+            .iter()
+            .map(|(k, v)| (format!("WSRELAY__{k}"), v.to_string()))
+            .collect();
+        for (name, value) in settings {
+            vars.insert(
+                format!("WSRELAY__{}", name.to_uppercase()),
+                value.to_string(),
+            );
         }
+        let config = wsrelay::config::Config::load_from(file, vars).expect("test configuration");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("wsrelay-gateway".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(wsrelay::run(config, listener, async {
+                    let _ = stopped.await;
+                }))
+            })
+            .unwrap();
+        Gateway {
+            addr,
+            runner: Runner::InProcess {
+                stop: Some(stop),
+                thread: Some(thread),
+            },
+        }
+    }
+
+    fn launch(settings: &[(&str, &str)], env: &[(&str, &str)]) -> Gateway {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsrelay"));
         cmd.env_clear()
             .env("RUST_LOG", "info")
             .env("WSRELAY__LISTEN", "127.0.0.1:0")
-            .env("WSRELAY__WORKERS", "2")
-            .env("WSRELAY__PUBLISH_TOKEN", TOKEN)
-            // Most tests publish from clients; the access tests turn this off again.
-            .env("WSRELAY__POLICY__COMPAT", "true")
-            .env("WSRELAY__REDIS__RECONNECT_MAX", "0.5")
-            .env("WSRELAY__REDIS__PROBE_INTERVAL", "1")
-            .env("WSRELAY__DRAIN_WINDOW", "0.2")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        for (name, value) in DEFAULTS {
+            cmd.env(format!("WSRELAY__{name}"), value);
+        }
         for (name, value) in settings {
             cmd.env(format!("WSRELAY__{}", name.to_uppercase()), value);
         }
@@ -248,38 +308,69 @@ impl Gateway {
             Ok(addr) => addr.parse().expect("listening address"),
             Err(_) => panic!("wsrelay did not start: {:?}", log.lock().unwrap()),
         };
-        Gateway { addr, child, log }
+        Gateway {
+            addr,
+            runner: Runner::Process { child, log },
+        }
     }
 
     pub fn ws_url(&self, path: &str) -> String {
         format!("ws://{}{}", self.addr, path)
     }
 
-    /// Sends SIGTERM without waiting.
-    pub fn terminate(&self) {
-        signal(&self.child, "TERM");
+    /// Asks the gateway to stop (SIGTERM for the binary) without waiting.
+    pub fn terminate(&mut self) {
+        match &mut self.runner {
+            Runner::InProcess { stop, .. } => {
+                if let Some(stop) = stop.take() {
+                    let _ = stop.send(());
+                }
+            }
+            Runner::Process { child, .. } => signal(child, "TERM"),
+        }
     }
 
-    /// Sends SIGTERM and waits (bounded) for the exit status.
-    pub fn stop(&mut self) -> std::process::ExitStatus {
+    /// Stops the gateway and waits (bounded) for it to end.
+    pub fn stop(&mut self) -> Exit {
         self.terminate();
         self.wait_exit()
     }
 
-    /// Waits (bounded) for the process to exit.
-    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+    /// Waits (bounded) for the gateway to end.
+    pub fn wait_exit(&mut self) -> Exit {
         let deadline = std::time::Instant::now() + WAIT;
         loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
+            match &mut self.runner {
+                Runner::InProcess { thread, .. } => {
+                    if thread.as_ref().is_none_or(|t| t.is_finished()) {
+                        return match thread.take().map(|t| t.join()) {
+                            Some(Ok(Ok(()))) | None => Exit(Ok(())),
+                            Some(Ok(Err(e))) => Exit(Err(e.to_string())),
+                            Some(Err(_)) => Exit(Err("the gateway thread panicked".into())),
+                        };
+                    }
+                }
+                Runner::Process { child, .. } => {
+                    if let Some(status) = child.try_wait().unwrap() {
+                        return Exit(if status.success() {
+                            Ok(())
+                        } else {
+                            Err(status.to_string())
+                        });
+                    }
+                }
             }
             assert!(std::time::Instant::now() < deadline, "wsrelay did not stop");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
+    /// The binary's log lines (in-process gateways log through this process's logger).
     pub fn log(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
+        match &self.runner {
+            Runner::Process { log, .. } => log.lock().unwrap().clone(),
+            Runner::InProcess { .. } => panic!("only a gateway started as a process has a log"),
+        }
     }
 
     pub async fn health(&self) -> (u16, serde_json::Value) {
@@ -319,12 +410,44 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- wsrelay log ---\n{}", self.log().join("\n"));
+        match &mut self.runner {
+            Runner::Process { child, log } => {
+                let _ = child.kill();
+                let _ = child.wait();
+                if std::thread::panicking() {
+                    eprintln!("--- wsrelay log ---\n{}", log.lock().unwrap().join("\n"));
+                }
+            }
+            Runner::InProcess { .. } => {
+                self.terminate();
+                // Bounded: a gateway that does not stop is left behind, the test has
+                // its answer already.
+                let deadline = std::time::Instant::now() + WAIT;
+                while let Runner::InProcess {
+                    thread: Some(thread),
+                    ..
+                } = &self.runner
+                {
+                    if thread.is_finished() || std::time::Instant::now() > deadline {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
         }
     }
+}
+
+/// Once per test process: a logger (`RUST_LOG`, off by default) and the open-files
+/// limit raised, since clients and in-process gateways share this process.
+fn init_test_process() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("off"))
+            .is_test(true)
+            .try_init();
+        wsrelay::raise_descriptor_limit();
+    });
 }
 
 pub struct HttpReply {

@@ -465,10 +465,14 @@ async fn socket_through_nginx_receives_a_redis_publication() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_sees_the_client_address_nginx_forwards() {
-    let gw = Gateway::start(&[
-        ("policy__trusted_proxies", "127.0.0.1"),
-        ("policy__max_connections_per_ip", "1"),
-    ]);
+    // A process of its own: the test reads its log.
+    let gw = Gateway::start_process(
+        &[
+            ("policy__trusted_proxies", "127.0.0.1"),
+            ("policy__max_connections_per_ip", "1"),
+        ],
+        &[],
+    );
     let nginx = plain_nginx(&[&gw], None, None);
     let (two, three): (IpAddr, IpAddr) = ([127, 0, 0, 2].into(), [127, 0, 0, 3].into());
 

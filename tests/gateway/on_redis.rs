@@ -200,7 +200,10 @@ async fn a_thousand_sockets_share_one_subscriber_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sockets_survive_a_redis_restart() {
-    let (mut redis, gw) = start(&[]).await;
+    let mut redis = RedisServer::start().await;
+    // A process of its own: the test reads its log.
+    let gw = Gateway::start_process(&[("redis__url", &redis.url())], &[]);
+    gw.wait_health(200).await;
     let mut c = ready_on(
         &redis,
         &gw,
@@ -411,7 +414,8 @@ async fn tls_unix_socket_password_and_db_urls_all_work_and_share_publications() 
     .await;
 
     let tls_url = format!("rediss://:s3cret@127.0.0.1:{port}/3");
-    let over_tls = Gateway::start_env(
+    // The CA file is handed over in the environment: a process of its own.
+    let over_tls = Gateway::start_process(
         &[("redis__url", &tls_url)],
         &[("SSL_CERT_FILE", &file("ca.pem"))],
     );
@@ -445,7 +449,11 @@ async fn a_silently_dead_pubsub_connection_is_detected_and_replaced() {
     let redis = RedisServer::start().await;
     let proxy = crate::harness::FreezingProxy::start(([127, 0, 0, 1], redis.port).into()).await;
     let url = format!("redis://127.0.0.1:{}/0", proxy.port);
-    let gw = Gateway::start(&[("redis__url", &url), ("redis__probe_interval", "0.5")]);
+    // A process of its own: the test reads its log.
+    let gw = Gateway::start_process(
+        &[("redis__url", &url), ("redis__probe_interval", "0.5")],
+        &[],
+    );
     gw.wait_health(200).await;
     let mut c = ready_on(
         &redis,

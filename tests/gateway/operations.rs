@@ -86,7 +86,7 @@ async fn readiness_and_stop_are_notified_to_the_service_manager() {
     let socket = UnixDatagram::bind(&path).unwrap();
     socket.set_read_timeout(Some(WAIT)).unwrap();
     let notify = path.to_string_lossy().to_string();
-    let mut gw = Gateway::start_env(&[], &[("NOTIFY_SOCKET", &notify)]);
+    let mut gw = Gateway::start_process(&[], &[("NOTIFY_SOCKET", &notify)]);
     let mut buf = [0u8; 256];
     let n = socket.recv(&mut buf).expect("READY=1 in time");
     assert_eq!(&buf[..n], b"READY=1");
@@ -103,7 +103,12 @@ async fn a_drain_reports_not_ready_refuses_new_sockets_and_closes_the_rest() {
     let mut gw = Gateway::start(&[("drain_window", "1.5")]);
     let r = http(gw.addr, "GET", "/ready", &[], "").await;
     assert_eq!((r.status, r.body.as_str()), (200, "ready"));
-    let mut open = Client::connect(&gw.ws_url("/ws/chat?subscribe-broadcast")).await;
+    // Each socket closes at its own point of the window; with twenty, the listener
+    // stays up long enough to watch the drain.
+    let mut open = Vec::new();
+    for _ in 0..20 {
+        open.push(Client::connect(&gw.ws_url("/ws/chat?subscribe-broadcast")).await);
+    }
     gw.terminate();
     let deadline = tokio::time::Instant::now() + WAIT;
     let body = loop {
@@ -126,10 +131,12 @@ async fn a_drain_reports_not_ready_refuses_new_sockets_and_closes_the_rest() {
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("a socket opened during the drain"),
     }
-    assert_eq!(
-        open.closed().await,
-        Some((1001, "server shutting down".into()))
-    );
+    for mut socket in open {
+        assert_eq!(
+            socket.closed().await,
+            Some((1001, "server shutting down".into()))
+        );
+    }
     assert!(gw.wait_exit().success());
 }
 
@@ -152,7 +159,13 @@ async fn metrics_count_sockets_handshakes_deliveries_and_the_redis_link() {
         gw.addr,
         "GET",
         "/ws/m",
-        &[("Upgrade", "websocket"), ("Origin", "https://evil.example")],
+        &[
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", "13"),
+            ("Origin", "https://evil.example"),
+        ],
         "",
     )
     .await;

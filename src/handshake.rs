@@ -1,0 +1,516 @@
+//! The WebSocket handshake, decided on the request head before anything is upgraded.
+//!
+//! Everything about a socket is settled here: the RFC 6455 headers, the access policy
+//! (`Origin`, limits, rules), facility and flags from the URL, identity from the
+//! request, and from those the exact Redis keys. Checks run cheapest first. A request
+//! that cannot be served gets an HTTP status and a plain-text reason, never an upgrade;
+//! an accepted one gets the `101` answer and the [`SocketParams`] its task runs with.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use actix_http::header::{self, HeaderMap};
+use actix_http::{Method, RequestHead, StatusCode};
+use base64::Engine as _;
+use log::debug;
+use sha1::{Digest, Sha1};
+use tokio_util::sync::CancellationToken;
+
+use crate::channel::{
+    validate_name, Audience, AudienceKinds, Flags, KeySpace, NameError, NameKind,
+};
+use crate::conn::{Holds, SocketParams};
+use crate::identity::{Handshake, Identity, IdentityError, IdentityResolver};
+use crate::metrics::Metrics;
+use crate::policy::{IpLimiter, IpSlot, PolicyConfig, SocketLimit};
+
+/// The GUID of RFC 6455 §1.3, hashed with the client's key.
+const ACCEPT_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+/// Versions accepted: 13 (RFC 6455) and the drafts 7 and 8, which ws4redis accepted
+/// and which frame messages the same way.
+const VERSIONS: [&str; 3] = ["13", "8", "7"];
+
+/// Why a handshake was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("not found: WebSocket URLs start with {0}")]
+    NotFound(String),
+    #[error("HTTP method must be a GET")]
+    MethodNotGet,
+    #[error("Client does not wish to upgrade to a websocket")]
+    NotUpgrade,
+    #[error("invalid WebSocket handshake: the Connection header must include 'upgrade'")]
+    NoConnectionUpgrade,
+    #[error("Sec-WebSocket-Version is missing; this server speaks version 13")]
+    MissingVersion,
+    #[error("unsupported WebSocket version {0:?}; this server speaks version 13")]
+    UnsupportedVersion(String),
+    #[error("invalid WebSocket handshake: Sec-WebSocket-Key must be 16 bytes in base64")]
+    BadKey,
+    #[error("facility is not valid percent-encoded UTF-8")]
+    BadPath,
+    #[error("{0}")]
+    Facility(NameError),
+    #[error("cookie header is larger than {0} bytes")]
+    CookieTooLarge(usize),
+    #[error("{0}")]
+    Origin(String),
+    #[error("too many sockets: this gateway holds at most {0} (max_sockets)")]
+    TooManySockets(usize),
+    #[error("too many connections from {0}")]
+    PerIpLimit(IpAddr),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("{0}")]
+    Policy(String),
+    #[error("too many subscriptions: {0} keys, at most {1}")]
+    TooManySubscriptions(usize, usize),
+    #[error("server is shutting down")]
+    ShuttingDown,
+}
+
+impl HandshakeError {
+    /// The reason this refusal is counted under (`wsrelay_handshakes_total{result}`).
+    pub fn counter(&self) -> &'static str {
+        use HandshakeError::*;
+        match self {
+            CookieTooLarge(_) => "cookie_size",
+            Origin(_) => "origin",
+            PerIpLimit(_) => "per_ip_limit",
+            TooManySockets(_) => "max_sockets",
+            Identity(IdentityError::Unavailable(_)) => "identity_unavailable",
+            Identity(_) => "identity",
+            Policy(_) => "policy",
+            TooManySubscriptions(..) => "subscriptions",
+            ShuttingDown => "shutting_down",
+            _ => "bad_request",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        use HandshakeError::*;
+        match self {
+            NotFound(_) => StatusCode::NOT_FOUND,
+            MissingVersion => StatusCode::UPGRADE_REQUIRED,
+            Identity(IdentityError::Unavailable(_)) | ShuttingDown | TooManySockets(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Identity(IdentityError::Refused(_))
+            | Origin(_)
+            | Policy(_)
+            | TooManySubscriptions(..) => StatusCode::FORBIDDEN,
+            CookieTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            PerIpLimit(_) => StatusCode::TOO_MANY_REQUESTS,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// A header the answer carries besides the reason (RFC 6455 §4.4: the versions
+    /// this server speaks).
+    pub fn header(&self) -> Option<(&'static str, &'static str)> {
+        matches!(
+            self,
+            HandshakeError::MissingVersion | HandshakeError::UnsupportedVersion(_)
+        )
+        .then_some(("sec-websocket-version", "13"))
+    }
+
+    /// The whole HTTP answer, for a connection that leaves the HTTP server.
+    pub fn to_http(&self) -> Vec<u8> {
+        let status = self.status();
+        let body = self.to_string();
+        let extra = self
+            .header()
+            .map_or_else(String::new, |(n, v)| format!("{n}: {v}\r\n"));
+        format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n{body}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            body.len()
+        )
+        .into_bytes()
+    }
+}
+
+impl actix_web::ResponseError for HandshakeError {
+    fn status_code(&self) -> StatusCode {
+        self.status()
+    }
+
+    fn error_response(&self) -> actix_web::HttpResponse {
+        let mut response = actix_web::HttpResponse::build(self.status());
+        if let Some(header) = self.header() {
+            response.insert_header(header);
+        }
+        response
+            .content_type("text/plain; charset=utf-8")
+            .body(self.to_string())
+    }
+}
+
+/// An accepted handshake: the `101` answer to send, and the socket it opens.
+pub struct Accepted {
+    pub response: Vec<u8>,
+    pub params: SocketParams,
+}
+
+/// Decides handshakes; one per process, shared by the workers.
+pub struct Handshaker {
+    pub websocket_url: String,
+    /// The access policy in force (`policy`, plus the demo's rule when it is on).
+    pub policy: PolicyConfig,
+    pub keys: KeySpace,
+    pub resolver: Box<dyn IdentityResolver>,
+    /// Open sockets and pending connections per client address.
+    pub per_ip: Arc<IpLimiter>,
+    pub sockets: Arc<SocketLimit>,
+    pub shutdown: CancellationToken,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Handshaker {
+    /// Decides the handshake of `head` and counts the result. `slot` is the place the
+    /// connection took under `max_connections_per_ip` when it was accepted; `http` is
+    /// the worker's client for the identity callback.
+    pub async fn accept(
+        &self,
+        head: &RequestHead,
+        slot: Option<IpSlot>,
+        http: &awc::Client,
+    ) -> Result<Accepted, HandshakeError> {
+        let accepted = self.decide(head, slot, http).await;
+        self.count(accepted.as_ref().err());
+        accepted
+    }
+
+    /// The refusal for a request that reached the HTTP routes (it did not ask to
+    /// upgrade, or not properly), counted like any other.
+    pub fn refuse_plain(&self, head: &RequestHead) -> HandshakeError {
+        let refusal = self
+            .check_protocol(head)
+            .err()
+            .unwrap_or(HandshakeError::NotUpgrade);
+        self.count(Some(&refusal));
+        refusal
+    }
+
+    fn count(&self, refusal: Option<&HandshakeError>) {
+        let result = match refusal {
+            None => "accepted",
+            Some(e) => {
+                debug!("handshake refused ({}): {e}", e.counter());
+                e.counter()
+            }
+        };
+        self.metrics.handshakes.with_label_values(&[result]).inc();
+    }
+
+    /// RFC 6455 §4.2.1: method, upgrade headers, version and key.
+    fn check_protocol<'h>(&self, head: &'h RequestHead) -> Result<&'h str, HandshakeError> {
+        if head.method != Method::GET {
+            return Err(HandshakeError::MethodNotGet);
+        }
+        let headers = &head.headers;
+        if !has_token(headers, header::UPGRADE, "websocket") {
+            return Err(HandshakeError::NotUpgrade);
+        }
+        if !has_token(headers, header::CONNECTION, "upgrade") {
+            return Err(HandshakeError::NoConnectionUpgrade);
+        }
+        let version = headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .ok_or(HandshakeError::MissingVersion)?;
+        let version = version.to_str().unwrap_or("").trim();
+        if !VERSIONS.contains(&version) {
+            return Err(HandshakeError::UnsupportedVersion(version.to_string()));
+        }
+        let key = headers
+            .get(header::SEC_WEBSOCKET_KEY)
+            .and_then(|k| k.to_str().ok())
+            .map(str::trim)
+            .filter(|k| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(k)
+                    .is_ok_and(|raw| raw.len() == 16)
+            })
+            .ok_or(HandshakeError::BadKey)?;
+        Ok(key)
+    }
+
+    async fn decide(
+        &self,
+        head: &RequestHead,
+        slot: Option<IpSlot>,
+        http: &awc::Client,
+    ) -> Result<Accepted, HandshakeError> {
+        let policy = &self.policy;
+        if self.shutdown.is_cancelled() {
+            return Err(HandshakeError::ShuttingDown);
+        }
+        let path = head.uri.path();
+        let Some(rest) = path.strip_prefix(self.websocket_url.as_str()) else {
+            return Err(HandshakeError::NotFound(self.websocket_url.clone()));
+        };
+        let key = self.check_protocol(head)?;
+        let cookie_bytes: usize = head.headers.get_all(header::COOKIE).map(|v| v.len()).sum();
+        if cookie_bytes > policy.max_cookie_bytes {
+            return Err(HandshakeError::CookieTooLarge(policy.max_cookie_bytes));
+        }
+        let peer = head.peer_addr.map(|a: SocketAddr| a.ip());
+        policy
+            .check_origin(head, peer)
+            .map_err(HandshakeError::Origin)?;
+        let facility = facility_from_path(rest)?;
+        let permit = self
+            .sockets
+            .try_acquire()
+            .ok_or(HandshakeError::TooManySockets(self.sockets.max()))?;
+        let client = policy.client_ip(head, peer);
+        let ip_slot = match (slot, client) {
+            // The connection came through a proxy: the client's own slot is taken now.
+            (None, Some(ip)) => Some(
+                self.per_ip
+                    .acquire(ip, policy.max_connections_per_ip)
+                    .ok_or(HandshakeError::PerIpLimit(ip))?,
+            ),
+            (slot, _) => slot,
+        };
+        let requested = Flags::parse(head.uri.query().unwrap_or(""));
+        let handshake = Handshake {
+            head,
+            facility: &facility,
+            flags: requested,
+            http,
+        };
+        let identity = self.resolver.resolve(&handshake).await?;
+        let flags = match &identity.allowed {
+            Some(allowed) => requested.narrow(allowed),
+            None => requested,
+        };
+        policy
+            .check_flags(&facility, &flags, &identity)
+            .map_err(HandshakeError::Policy)?;
+        let listening = audiences_for(flags.subscribe, &identity);
+        let subscribe = self.keys_of(&facility, &listening);
+        let publish = self.keys_of(&facility, &audiences_for(flags.publish, &identity));
+        if subscribe.len() > policy.max_subscriptions {
+            return Err(HandshakeError::TooManySubscriptions(
+                subscribe.len(),
+                policy.max_subscriptions,
+            ));
+        }
+        // Identity resolution may have taken a while: a stop may have begun meanwhile.
+        if self.shutdown.is_cancelled() {
+            return Err(HandshakeError::ShuttingDown);
+        }
+        let params = SocketParams {
+            id: uuid::Uuid::new_v4(),
+            peer: client.map_or_else(|| "-".into(), |ip| ip.to_string()),
+            facility,
+            // Metric labels: the kinds listened to, each once (audiences_for emits each
+            // kind's audiences together, so adjacent duplicates are all the duplicates).
+            audiences: {
+                let mut kinds: Vec<&'static str> = listening.iter().map(Audience::kind).collect();
+                kinds.dedup();
+                kinds
+            },
+            user: identity.user,
+            subscribe,
+            publish,
+            echo: flags.echo,
+            holds: Holds {
+                ip_slot,
+                permit: Some(permit),
+            },
+        };
+        Ok(Accepted {
+            response: switching_protocols(key, first_requested_protocol(&head.headers)),
+            params,
+        })
+    }
+
+    fn keys_of(&self, facility: &str, audiences: &[Audience]) -> Arc<[Arc<str>]> {
+        audiences
+            .iter()
+            .map(|a| Arc::from(self.keys.key(a, facility)))
+            .collect()
+    }
+}
+
+/// Whether a comma-separated header lists `token` (case-insensitive).
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// The `101` answer for `key`, echoing `protocol` when the client offered one.
+pub fn switching_protocols(key: &str, protocol: Option<&str>) -> Vec<u8> {
+    let mut sha = Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(ACCEPT_GUID.as_bytes());
+    let accept = base64::engine::general_purpose::STANDARD.encode(sha.finalize());
+    let protocol =
+        protocol.map_or_else(String::new, |p| format!("sec-websocket-protocol: {p}\r\n"));
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n{protocol}\r\n"
+    )
+    .into_bytes()
+}
+
+/// The facility is the rest of the path after `websocket_url`, percent-decoded and
+/// validated (it becomes part of Redis keys).
+fn facility_from_path(raw: &str) -> Result<String, HandshakeError> {
+    let facility = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| HandshakeError::BadPath)?;
+    validate_name(NameKind::Facility, &facility).map_err(HandshakeError::Facility)?;
+    Ok(facility.into_owned())
+}
+
+/// The first subprotocol the client offered, if it is a valid token; it is echoed, as
+/// ws4redis did.
+fn first_requested_protocol(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find(|p| !p.is_empty())
+        .filter(|p| {
+            p.bytes()
+                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+        })
+}
+
+/// The audiences of the requested kinds that this identity has: user and group need a
+/// user, session needs a session key; the others are skipped.
+fn audiences_for(kinds: AudienceKinds, identity: &Identity) -> Vec<Audience> {
+    let mut audiences = Vec::new();
+    if kinds.broadcast {
+        audiences.push(Audience::Broadcast);
+    }
+    if let (true, Some(user)) = (kinds.user, &identity.user) {
+        audiences.push(Audience::User(user.clone()));
+    }
+    if kinds.group && identity.user.is_some() {
+        audiences.extend(identity.groups.iter().cloned().map(Audience::Group));
+    }
+    if let (true, Some(session)) = (kinds.session, &identity.session) {
+        audiences.push(Audience::Session(session.clone()));
+    }
+    audiences
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_accept_key_is_the_rfc_example() {
+        let answer =
+            String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", None)).unwrap();
+        assert!(answer.contains("sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+        assert!(!answer.contains("protocol"));
+        let answer = String::from_utf8(switching_protocols("k", Some("chat"))).unwrap();
+        assert!(answer.contains("sec-websocket-protocol: chat\r\n"));
+    }
+
+    #[test]
+    fn refusals_carry_status_reason_and_version() {
+        let raw = String::from_utf8(HandshakeError::MissingVersion.to_http()).unwrap();
+        assert!(
+            raw.starts_with("HTTP/1.1 426 Upgrade Required\r\n"),
+            "{raw}"
+        );
+        assert!(raw.contains("sec-websocket-version: 13\r\n"));
+        assert!(raw
+            .ends_with("\r\n\r\nSec-WebSocket-Version is missing; this server speaks version 13"));
+        let e = HandshakeError::UnsupportedVersion("12".into());
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert!(e.to_string().contains("\"12\""));
+    }
+
+    #[test]
+    fn facility_is_the_decoded_rest_of_the_path() {
+        assert_eq!(facility_from_path("chat/room1").unwrap(), "chat/room1");
+        assert_eq!(facility_from_path("caf%C3%A9").unwrap(), "café");
+        assert!(matches!(
+            facility_from_path("a%3Ab"),
+            Err(HandshakeError::Facility(_))
+        ));
+        assert!(matches!(
+            facility_from_path("%FF"),
+            Err(HandshakeError::BadPath)
+        ));
+        assert!(matches!(
+            facility_from_path(""),
+            Err(HandshakeError::Facility(NameError::Empty(_)))
+        ));
+    }
+
+    /// Fuzz-style: whatever a client sends in the path, query or cookie, nothing panics
+    /// and every name that reaches a key passed validation.
+    mod fuzz {
+        use super::*;
+        use crate::channel::KeySpace;
+        use crate::identity::{session_key, Identity};
+        use actix_web::test::TestRequest;
+        use proptest::prelude::*;
+
+        fn key_is_safe(key: &str) -> bool {
+            !key.chars()
+                .any(|c| c.is_control() || c.is_whitespace() || "*?[]{}\\\"'".contains(c))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn facility_paths(raw in "(/ws/)?([a-z:/%*?. \\[\\]{}\\x00-\\x1f\u{80}-\u{10ffff}]|%[0-9A-Fa-f]{2}){0,40}") {
+                let rest = raw.strip_prefix("/ws/").unwrap_or(&raw);
+                if let Ok(facility) = facility_from_path(rest) {
+                    prop_assert!(validate_name(NameKind::Facility, &facility).is_ok());
+                    let key = KeySpace::new(Some("p")).key(&Audience::Broadcast, &facility);
+                    prop_assert_eq!(key.matches(':').count(), 2);
+                    prop_assert!(key_is_safe(&key));
+                }
+            }
+
+            #[test]
+            fn query_strings(query in "\\PC{0,200}") {
+                let flags = Flags::parse(&query);
+                let _ = flags.to_string();
+            }
+
+            #[test]
+            fn cookies(header in "\\PC{0,300}") {
+                if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&header) {
+                    let req = TestRequest::default().insert_header((actix_web::http::header::COOKIE, value)).to_http_request();
+                    if let Ok(Some(key)) = session_key(req.headers(), "sessionid") {
+                        prop_assert!(!key.contains(':') && key_is_safe(&key) && key.len() <= crate::channel::MAX_NAME_LEN);
+                    }
+                }
+            }
+
+            #[test]
+            fn identity_names(user in "\\PC{0,40}", groups in proptest::collection::vec("\\PC{0,20}", 0..100)) {
+                let id = Identity::from_names(Some(user.clone()), Some(user), groups);
+                for name in id.user.iter().chain(&id.groups).chain(&id.session) {
+                    prop_assert!(!name.contains(':') && !name.contains('/') && key_is_safe(name));
+                }
+                prop_assert!(id.groups.len() <= crate::identity::MAX_GROUPS);
+            }
+
+            #[test]
+            fn stored_sessions_and_tokens(raw in proptest::collection::vec(any::<u8>(), 0..400)) {
+                use crate::identity::django;
+                let _ = django::unsign(&raw, "salt", "secret");
+                let _ = django::fields_from_pickle(&raw, "u", "g");
+                let _ = django::fields_from_json(&raw, "u", "g");
+            }
+        }
+    }
+}

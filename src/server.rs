@@ -1,0 +1,479 @@
+//! The listener: every connection starts as HTTP/1 in actix-http's dispatcher, and a
+//! WebSocket leaves it at the upgrade.
+//!
+//! ```text
+//! accept ─► HttpConn (per-address slot, request-head deadline)
+//!             │
+//!             ▼
+//!           actix-http HTTP/1 dispatcher ─► actix-web routes (crate::http, assets)
+//!             │ request with `Upgrade: websocket`
+//!             ▼
+//!           upgrade hook ─► handshake (crate::handshake) ─► 101 ─► socket task (crate::conn)
+//!                                                  └─► refusal: status + plain reason
+//! ```
+//!
+//! The dispatcher keeps 16 KiB of buffers per connection; an upgraded socket leaves it
+//! with its raw stream and whatever the client sent behind the handshake, so a socket
+//! owns none of those buffers and holds none of actix-server's per-worker connection
+//! places (those now only bound connections still speaking HTTP). Sockets are bounded
+//! by `max_sockets` instead.
+//!
+//! [`HttpConn`] bounds the HTTP part: every request head on a connection, keep-alive
+//! included, must arrive within `policy.handshake_timeout` (the dispatcher itself only
+//! times the first one), and a connection from a client address holds one of that
+//! address's `max_connections_per_ip` places until it closes or becomes a socket.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use actix_codec::Framed;
+use actix_http::{h1, HttpService, KeepAlive, Request};
+use actix_server::Server;
+use actix_service::{fn_factory, fn_service, map_config, ServiceFactoryExt};
+use actix_web::dev::AppConfig;
+use actix_web::{web, App};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+use crate::conn;
+use crate::handshake::Handshaker;
+use crate::http::HttpState;
+use crate::policy::IpSlot;
+use crate::worker::{Relay, Worker};
+use crate::ws::Stream;
+
+/// How long a closing HTTP connection may take to flush its last answer.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a refused connection is kept to deliver its answer (see [`close_gently`]).
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+/// Bytes read and dropped from a refused client before its connection is closed.
+const REFUSAL_DISCARD: usize = 64 * 1024;
+
+/// What the listener needs to serve.
+pub struct Listener {
+    pub relay: Arc<Relay>,
+    pub handshaker: Arc<Handshaker>,
+    pub http: web::Data<HttpState>,
+    pub workers: usize,
+    pub handshake_timeout: Duration,
+    pub keep_alive: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+impl Listener {
+    /// Starts serving on `listener` (worker threads are started by actix-server).
+    pub fn start(self, listener: std::net::TcpListener) -> io::Result<Server> {
+        let mut builder = Server::build()
+            .disable_signals()
+            .shutdown_timeout(self.shutdown_timeout.as_secs().max(1));
+        if self.workers > 0 {
+            builder = builder.workers(self.workers);
+        }
+        let this = Arc::new(self);
+        Ok(builder
+            .listen("wsrelay", listener, move || this.worker_service())?
+            .run())
+    }
+
+    /// The service of one worker thread; called once on each.
+    fn worker_service(
+        self: &Arc<Self>,
+    ) -> impl actix_service::ServiceFactory<
+        TcpStream,
+        Config = (),
+        Response = (),
+        Error = actix_http::error::DispatchError,
+        InitError = (),
+    > {
+        let worker = Worker::start(self.relay.clone());
+        let this = self.clone();
+        let accept = fn_service(move |tcp: TcpStream| {
+            let accepted = this.accept(tcp);
+            async move { accepted }
+        });
+        let upgrade = {
+            let this = self.clone();
+            fn_factory(move || {
+                let context = Rc::new(UpgradeContext {
+                    worker: worker.clone(),
+                    handshaker: this.handshaker.clone(),
+                    http: awc::Client::default(),
+                    timeout: this.handshake_timeout,
+                });
+                async move {
+                    Ok::<_, ()>(fn_service(move |(req, framed)| {
+                        upgrade(context.clone(), req, framed)
+                    }))
+                }
+            })
+        };
+        let http = self.http.clone();
+        let url = http.handshaker.websocket_url.clone();
+        let max = http.max_message_size;
+        let app = App::new()
+            .app_data(http)
+            .configure(move |cfg| crate::http::configure(cfg, &url, max))
+            .configure(crate::assets::configure);
+        let keep_alive = if self.keep_alive.is_zero() {
+            KeepAlive::Disabled
+        } else {
+            KeepAlive::Timeout(self.keep_alive)
+        };
+        let h1 = HttpService::<HttpConn, _, _>::build()
+            .keep_alive(keep_alive)
+            // Request heads are timed by `HttpConn`, the first one included.
+            .client_request_timeout(Duration::ZERO)
+            .client_disconnect_timeout(DISCONNECT_TIMEOUT)
+            .upgrade(upgrade)
+            .h1(map_config(app, |_| AppConfig::default()));
+        accept.and_then(h1)
+    }
+
+    /// Takes the client address's place and wraps the connection.
+    fn accept(
+        &self,
+        tcp: TcpStream,
+    ) -> Result<(HttpConn, Option<SocketAddr>), actix_http::error::DispatchError> {
+        let peer = tcp.peer_addr().ok();
+        let _ = tcp.set_nodelay(true);
+        let policy = &self.handshaker.policy;
+        let slot = match peer.map(|p| p.ip()) {
+            // Behind a trusted proxy the client is known only from the request.
+            Some(ip) if !policy.is_trusted_proxy(ip) => {
+                match self
+                    .handshaker
+                    .per_ip
+                    .acquire(ip, policy.max_connections_per_ip)
+                {
+                    Some(slot) => Some(slot),
+                    None => {
+                        let refusal = crate::handshake::HandshakeError::PerIpLimit(ip);
+                        tokio::task::spawn_local(close_gently(tcp, refusal.to_http()));
+                        self.handshaker
+                            .metrics
+                            .handshakes
+                            .with_label_values(&[refusal.counter()])
+                            .inc();
+                        return Err(io::Error::other("per-address limit").into());
+                    }
+                }
+            }
+            _ => None,
+        };
+        Ok((HttpConn::new(tcp, slot, self.handshake_timeout), peer))
+    }
+}
+
+/// What the upgrade hook of one worker needs.
+struct UpgradeContext {
+    worker: Rc<Worker>,
+    handshaker: Arc<Handshaker>,
+    /// This worker's HTTP client, for the identity callback.
+    http: awc::Client,
+    /// Bound on writing the handshake's answer.
+    timeout: Duration,
+}
+
+/// Takes a WebSocket request out of the dispatcher: decides the handshake, answers it,
+/// and hands the raw stream (and what the client sent behind the request) to a socket
+/// task on this worker.
+async fn upgrade(
+    context: Rc<UpgradeContext>,
+    req: Request,
+    framed: Framed<HttpConn, h1::Codec>,
+) -> Result<(), actix_http::Error> {
+    let parts = framed.into_parts();
+    let (mut tcp, slot) = parts.io.into_inner();
+    let decided = context
+        .handshaker
+        .accept(req.head(), slot, &context.http)
+        .await;
+    let mut answer = parts.write_buf.to_vec();
+    match decided {
+        Ok(accepted) => {
+            answer.extend_from_slice(&accepted.response);
+            if write_bounded(&mut tcp, &answer, context.timeout).await {
+                conn::spawn(
+                    &context.worker,
+                    Stream::Tcp(tcp),
+                    accepted.params,
+                    parts.read_buf,
+                );
+            }
+        }
+        Err(refusal) => {
+            answer.extend_from_slice(&refusal.to_http());
+            close_gently(tcp, answer).await;
+        }
+    }
+    Ok(())
+}
+
+/// Sends `answer` and closes without a reset: closing a socket with unread bytes
+/// makes the kernel reset it, and a reset can destroy the answer before the client
+/// reads it. So the write side is shut first and what the client still sends is read
+/// and dropped, within [`REFUSAL_LINGER`] and [`REFUSAL_DISCARD`].
+async fn close_gently(mut tcp: TcpStream, answer: Vec<u8>) {
+    let linger = async {
+        tcp.write_all(&answer).await?;
+        tcp.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        let mut dropped = 0;
+        while dropped < REFUSAL_DISCARD {
+            match tcp.read(&mut sink).await? {
+                0 => break,
+                n => dropped += n,
+            }
+        }
+        Ok::<_, io::Error>(())
+    };
+    let _ = tokio::time::timeout(REFUSAL_LINGER, linger).await;
+}
+
+async fn write_bounded(tcp: &mut TcpStream, bytes: &[u8], limit: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(limit, tcp.write_all(bytes)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// An HTTP connection: the TCP stream, the client address's place, and the deadline of
+/// the request head being received.
+pub struct HttpConn {
+    stream: TcpStream,
+    slot: Option<IpSlot>,
+    head: HeadClock,
+}
+
+impl HttpConn {
+    fn new(stream: TcpStream, slot: Option<IpSlot>, limit: Duration) -> Self {
+        let mut head = HeadClock::new(limit);
+        // The first head's time runs from the connect.
+        head.start();
+        HttpConn { stream, slot, head }
+    }
+
+    /// The stream and the address's place, for the socket this connection becomes.
+    pub fn into_inner(self) -> (TcpStream, Option<IpSlot>) {
+        (self.stream, self.slot)
+    }
+
+    /// The head did not arrive in time: answer 408 if the socket takes it at once,
+    /// and end the connection.
+    fn time_out(&self) -> Poll<io::Result<()>> {
+        let body = "request head not received within policy.handshake_timeout";
+        let answer = format!(
+            "HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = self.stream.try_write(answer.as_bytes());
+        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, body)))
+    }
+}
+
+/// Where a connection is in its current request, as seen from the bytes it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Between requests: the dispatcher's keep-alive timer applies.
+    Idle,
+    /// Receiving a request head; `line` bytes into the current line, `lines` lines.
+    Head { line: usize, lines: usize },
+    /// Past the head (body, handler, answer).
+    Past,
+}
+
+/// Times request heads: from the first byte of a request (or the connect) to the blank
+/// line that ends its head.
+struct HeadClock {
+    limit: Duration,
+    phase: Phase,
+    deadline: Instant,
+    /// Made on first use and reset for each head; `armed` says whether it is set to
+    /// the current deadline.
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl HeadClock {
+    fn new(limit: Duration) -> Self {
+        HeadClock {
+            limit,
+            phase: Phase::Idle,
+            deadline: Instant::now(),
+            timer: None,
+            armed: false,
+        }
+    }
+
+    fn start(&mut self) {
+        self.phase = Phase::Head { line: 0, lines: 0 };
+        self.deadline = Instant::now() + self.limit;
+        self.armed = false;
+    }
+
+    /// Follows the bytes just read.
+    fn saw(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            match self.phase {
+                Phase::Past => return,
+                Phase::Idle => {
+                    self.start();
+                    self.step(byte);
+                }
+                Phase::Head { .. } => self.step(byte),
+            }
+        }
+    }
+
+    fn step(&mut self, byte: u8) {
+        let Phase::Head { line, lines } = self.phase else {
+            return;
+        };
+        self.phase = match byte {
+            // An empty line after at least one line ends the head (empty lines before
+            // the request line are skipped, as RFC 9112 allows).
+            b'\n' if line == 0 && lines > 0 => Phase::Past,
+            b'\n' if line == 0 => Phase::Head { line, lines },
+            b'\n' => Phase::Head {
+                line: 0,
+                lines: lines + 1,
+            },
+            b'\r' => Phase::Head { line, lines },
+            _ => Phase::Head {
+                line: line + 1,
+                lines,
+            },
+        };
+    }
+
+    /// The answer to the current request started: the next bytes begin a new request.
+    fn answered(&mut self) {
+        if self.phase == Phase::Past {
+            self.phase = Phase::Idle;
+        }
+    }
+
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if !matches!(self.phase, Phase::Head { .. }) {
+            return false;
+        }
+        let deadline = self.deadline;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !std::mem::replace(&mut self.armed, true) {
+            timer.as_mut().reset(deadline);
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
+}
+
+impl AsyncRead for HttpConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                this.head.saw(&buf.filled()[before..]);
+                let late = matches!(this.head.phase, Phase::Head { .. })
+                    && Instant::now() >= this.head.deadline;
+                if late {
+                    return this.time_out();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if this.head.expired(cx) => this.time_out(),
+            other => other,
+        }
+    }
+}
+
+impl AsyncWrite for HttpConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.stream).poll_write(cx, buf);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            this.head.answered();
+        }
+        written
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            this.head.answered();
+        }
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phase_after(chunks: &[&[u8]]) -> Phase {
+        let mut clock = HeadClock::new(Duration::from_secs(1));
+        for chunk in chunks {
+            clock.saw(chunk);
+        }
+        clock.phase
+    }
+
+    #[test]
+    fn a_head_ends_at_its_blank_line_whatever_the_pieces() {
+        let head = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(phase_after(&[head]), Phase::Past);
+        let pieces: Vec<&[u8]> = head.chunks(1).collect();
+        assert_eq!(phase_after(&pieces), Phase::Past);
+        assert!(matches!(phase_after(&[&head[..20]]), Phase::Head { .. }));
+        // Bare line feeds, and empty lines before the request line.
+        assert_eq!(
+            phase_after(&[b"\r\n\r\nGET / HTTP/1.1\nA: b\n\n"]),
+            Phase::Past
+        );
+        assert!(matches!(phase_after(&[b"\r\n\r\n"]), Phase::Head { .. }));
+    }
+
+    #[test]
+    fn an_answer_starts_the_next_request() {
+        let mut clock = HeadClock::new(Duration::from_secs(1));
+        clock.saw(b"GET / HTTP/1.1\r\n\r\nbody");
+        assert_eq!(clock.phase, Phase::Past);
+        clock.answered();
+        assert_eq!(clock.phase, Phase::Idle);
+        clock.saw(b"G");
+        assert!(matches!(clock.phase, Phase::Head { .. }));
+    }
+}

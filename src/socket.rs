@@ -1,0 +1,287 @@
+//! What a socket's task and its worker share: the stream, the frames waiting to be
+//! written, and the signals between the two.
+//!
+//! Both run on the same worker thread and never at the same time, so the shared state
+//! is in `Cell`s and `RefCell`s, and no borrow is ever held across an `.await`. The
+//! worker writes publications straight to the stream when it fans them out (one
+//! vectored write per socket per batch, no task wake-up); the socket's task writes
+//! when the kernel buffer had no room ([`Socket::wants_write`]), answers the client and
+//! keeps the timers. An idle socket owns no buffer: its queue and its read state are
+//! empty and allocate nothing.
+
+use std::cell::{Cell, RefCell};
+use std::io::{self, IoSlice};
+use std::rc::Rc;
+use std::task::Waker;
+
+use bytes::Bytes;
+
+use crate::outbox::{Full, Outbox, MAX_IOVECS};
+use crate::registry::Publication;
+use crate::wheel::Tick;
+use crate::ws::Stream;
+
+/// State bits, changed by the task and the worker.
+mod flag {
+    /// Setup is not done: live frames wait in `held` behind the stored messages.
+    pub const HELD: u8 = 1;
+    /// The last write found the kernel buffer full; the task waits for room.
+    pub const WANT_WRITE: u8 = 2;
+    /// In the worker's list of sockets to flush at the end of this batch.
+    pub const DIRTY: u8 = 4;
+    /// Closing: publications are no longer queued.
+    pub const CLOSING: u8 = 8;
+    /// The client asked for `echo`: its own messages come back to it.
+    pub const ECHO: u8 = 16;
+}
+
+/// Why the worker woke the task.
+pub mod signal {
+    /// A deadline the task asked for has come.
+    pub const TIMER: u8 = 1;
+    /// A frame did not fit under `queue_bytes`: the socket is a slow consumer.
+    pub const OVERFLOW: u8 = 2;
+    /// A write failed: the peer is gone.
+    pub const BROKEN: u8 = 4;
+    /// A write stopped on a full kernel buffer: the task must wait for room.
+    pub const BLOCKED: u8 = 8;
+    /// The gateway is stopping: `closing_at` is set.
+    pub const DRAIN: u8 = 16;
+}
+
+/// Tick value meaning "never".
+pub const NEVER: Tick = Tick::MAX;
+
+pub struct Socket {
+    pub stream: Stream,
+    out: RefCell<Outbox>,
+    /// Live frames that arrived during setup, before the stored messages.
+    held: RefCell<Vec<Bytes>>,
+    flags: Cell<u8>,
+    signals: Cell<u8>,
+    waker: RefCell<Option<Waker>>,
+    /// The tick this socket's wheel entry fires at ([`NEVER`]: none pending).
+    pub due: Cell<Tick>,
+    /// When a write last made progress (for heartbeats and the stuck-write guard).
+    last_write: Cell<Tick>,
+    /// When the kernel buffer first had no room since the queue was last empty
+    /// ([`NEVER`] while the queue drains freely).
+    blocked_since: Cell<Tick>,
+    /// The last message this client published: with `echo` off, the same message
+    /// coming back from the broker is not sent to it (ws4redis behaviour).
+    last_published: RefCell<Option<Bytes>>,
+    /// This socket's place in its worker's list.
+    pub slot: Cell<usize>,
+}
+
+impl Socket {
+    pub fn new(stream: Stream, echo: bool, now: Tick) -> Self {
+        Socket {
+            stream,
+            out: RefCell::default(),
+            held: RefCell::default(),
+            flags: Cell::new(flag::HELD | if echo { flag::ECHO } else { 0 }),
+            signals: Cell::new(0),
+            waker: RefCell::default(),
+            due: Cell::new(NEVER),
+            last_write: Cell::new(now),
+            blocked_since: Cell::new(NEVER),
+            last_published: RefCell::default(),
+            slot: Cell::new(usize::MAX),
+        }
+    }
+
+    fn has(&self, bits: u8) -> bool {
+        self.flags.get() & bits != 0
+    }
+
+    fn set(&self, bits: u8, on: bool) {
+        let flags = self.flags.get();
+        self.flags
+            .set(if on { flags | bits } else { flags & !bits });
+    }
+
+    /// Raises `bits` and wakes the task.
+    pub fn signal(&self, bits: u8) {
+        self.signals.set(self.signals.get() | bits);
+        if let Some(waker) = self.waker.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+
+    /// Takes the raised signals, and keeps `waker` to be woken by the next ones.
+    pub fn take_signals(&self, waker: &Waker) -> u8 {
+        let mut slot = self.waker.borrow_mut();
+        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
+        self.signals.replace(0)
+    }
+
+    pub fn wants_write(&self) -> bool {
+        self.has(flag::WANT_WRITE)
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.has(flag::CLOSING)
+    }
+
+    pub fn last_write(&self) -> Tick {
+        self.last_write.get()
+    }
+
+    /// While writes wait for room: since when no byte went out (the later of the last
+    /// progress and the moment the kernel buffer first filled up).
+    pub fn stalled_since(&self) -> Option<Tick> {
+        self.wants_write()
+            .then(|| self.last_write.get().max(self.blocked_since.get()))
+            .filter(|&t| t != NEVER)
+    }
+
+    /// Unwritten bytes, live frames held during setup included.
+    pub fn queued(&self) -> usize {
+        let held: usize = self.held.borrow().iter().map(Bytes::len).sum();
+        self.out.borrow().unwritten() + held
+    }
+
+    pub fn has_unwritten(&self) -> bool {
+        !self.out.borrow().is_empty()
+    }
+
+    /// Queues a publication for this socket (the worker's fan-out). Returns whether it
+    /// was queued; `dirty` collects the sockets to flush at the end of the batch.
+    pub fn deliver(
+        self: &Rc<Self>,
+        publication: &Publication,
+        limit: usize,
+        now: Tick,
+        dirty: &mut Vec<Rc<Socket>>,
+    ) -> bool {
+        if self.has(flag::CLOSING) {
+            return false;
+        }
+        if !self.has(flag::ECHO)
+            && self.last_published.borrow().as_deref() == Some(publication.payload())
+        {
+            return false;
+        }
+        let frame = publication.frame.clone();
+        if self.has(flag::HELD) {
+            if self.queued() + frame.len() > limit {
+                self.overflow();
+                return false;
+            }
+            self.held.borrow_mut().push(frame);
+            return true;
+        }
+        let mut pushed = self.out.borrow_mut().push(frame.clone(), limit);
+        if pushed == Err(Full) && !self.has(flag::WANT_WRITE) {
+            // Give a socket that keeps up the chance to take the frame now.
+            self.flush(now);
+            pushed = self.out.borrow_mut().push(frame, limit);
+        }
+        if pushed.is_err() {
+            self.overflow();
+            return false;
+        }
+        if !self.has(flag::WANT_WRITE | flag::DIRTY) {
+            self.set(flag::DIRTY, true);
+            dirty.push(self.clone());
+        }
+        true
+    }
+
+    /// Called by the worker for each socket it collected in a batch.
+    pub fn flush_dirty(&self, now: Tick) {
+        self.set(flag::DIRTY, false);
+        self.flush(now);
+    }
+
+    fn overflow(&self) {
+        self.set(flag::CLOSING, true);
+        self.signal(signal::OVERFLOW);
+    }
+
+    /// Queues a control frame (pong, heartbeat, close) and writes what it can.
+    pub fn send_control(&self, frame: Bytes, now: Tick) {
+        self.out.borrow_mut().push_control(frame);
+        self.flush(now);
+    }
+
+    /// Ends setup: `stored` go out first, then the live frames held meanwhile.
+    pub fn release(&self, stored: Vec<Bytes>, now: Tick) {
+        let mut out = self.out.borrow_mut();
+        out.push_front(stored);
+        for frame in self.held.take() {
+            out.push_control(frame);
+        }
+        drop(out);
+        self.set(flag::HELD, false);
+        self.flush(now);
+    }
+
+    /// Remembers what this client just published (see `last_published`).
+    pub fn published(&self, payload: Bytes) {
+        if !self.has(flag::ECHO) {
+            *self.last_published.borrow_mut() = Some(payload);
+        }
+    }
+
+    /// Stops queuing publications; with `keep_queued` off, drops every frame not yet
+    /// started (a partly written one is finished first).
+    pub fn start_closing(&self, keep_queued: bool) {
+        self.set(flag::CLOSING, true);
+        self.held.take();
+        if !keep_queued {
+            self.out.borrow_mut().drop_unstarted();
+        }
+    }
+
+    /// The kernel buffer has room again (the task saw the stream writable).
+    pub fn writable(&self, now: Tick) {
+        self.set(flag::WANT_WRITE, false);
+        self.flush(now);
+    }
+
+    /// Writes queued frames until done or the kernel buffer is full. Never waits.
+    fn flush(&self, now: Tick) {
+        if self.has(flag::WANT_WRITE) {
+            return;
+        }
+        let mut out = self.out.borrow_mut();
+        loop {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let n = out.slices(&mut slices);
+            if n == 0 {
+                self.blocked_since.set(NEVER);
+                return;
+            }
+            match self.stream.try_write_vectored(&slices[..n]) {
+                Ok(0) => {
+                    drop(out);
+                    self.signal(signal::BROKEN);
+                    return;
+                }
+                Ok(written) => {
+                    out.advance(written);
+                    self.last_write.set(now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drop(out);
+                    if self.blocked_since.get() == NEVER {
+                        self.blocked_since.set(now);
+                    }
+                    self.set(flag::WANT_WRITE, true);
+                    self.signal(signal::BLOCKED);
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    drop(out);
+                    self.signal(signal::BROKEN);
+                    return;
+                }
+            }
+        }
+    }
+}
