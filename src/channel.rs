@@ -177,6 +177,32 @@ impl AudienceKinds {
     pub fn any(&self) -> bool {
         self.broadcast || self.user || self.group || self.session
     }
+
+    /// The kinds of `audiences`.
+    pub fn of(audiences: &[Audience]) -> Self {
+        let mut kinds = AudienceKinds::default();
+        for audience in audiences {
+            match audience {
+                Audience::Broadcast => kinds.broadcast = true,
+                Audience::User(_) => kinds.user = true,
+                Audience::Group(_) => kinds.group = true,
+                Audience::Session(_) => kinds.session = true,
+            }
+        }
+        kinds
+    }
+
+    /// The names of the kinds present (metric labels), in a fixed order.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> {
+        [
+            (self.broadcast, "broadcast"),
+            (self.user, "user"),
+            (self.group, "group"),
+            (self.session, "session"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+    }
 }
 
 /// The query flags of a WebSocket request (`?subscribe-broadcast&publish-user&echo`).

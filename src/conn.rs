@@ -33,6 +33,7 @@
 use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -42,6 +43,7 @@ use bytes::{Bytes, BytesMut};
 use log::{debug, info};
 
 use crate::broker::BrokerError;
+use crate::channel::AudienceKinds;
 use crate::policy::{IpSlot, SocketPermit};
 use crate::socket::{signal, Socket, NEVER};
 use crate::wheel::Tick;
@@ -64,16 +66,16 @@ const MAX_DISCARD: usize = 1024 * 1024;
 pub struct SocketParams {
     pub id: uuid::Uuid,
     /// The client's address (forwarded by a trusted proxy, or the peer's).
-    pub peer: String,
-    pub facility: String,
-    pub user: Option<String>,
+    pub peer: Option<IpAddr>,
+    pub facility: Box<str>,
+    pub user: Option<Box<str>>,
     /// Keys this socket listens to.
     pub subscribe: Arc<[Arc<str>]>,
     /// Keys that messages from this socket are published to.
     pub publish: Arc<[Arc<str>]>,
     pub echo: bool,
     /// The audience kinds this socket listens to (metric labels).
-    pub audiences: Vec<&'static str>,
+    pub listening: AudienceKinds,
     /// Held until the descriptor is released.
     pub holds: Holds,
 }
@@ -144,21 +146,29 @@ pub fn spawn(worker: &Rc<Worker>, stream: Stream, params: SocketParams, leftover
     tokio::task::spawn_local(task);
 }
 
-/// The socket task. Public for the tests that measure it.
-pub async fn serve(worker: Rc<Worker>, stream: Stream, params: SocketParams, leftover: BytesMut) {
+/// The socket task: registers the socket at once, and returns the future that serves
+/// it. Everything the future needs lives in one [`Conn`], so the task stays small.
+pub fn serve(
+    worker: Rc<Worker>,
+    stream: Stream,
+    params: SocketParams,
+    leftover: BytesMut,
+) -> impl Future<Output = ()> {
     let now = worker.clock.now();
     let socket = Rc::new(Socket::new(stream, params.echo, now));
-    let started = tokio::time::Instant::now();
     let mut conn = Conn::new(worker, socket, params, now);
     conn.count(1);
     conn.log_open();
-    let reason = match conn.on_leftover(leftover, now) {
-        Ok(()) => conn.run().await,
-        Err(reason) => reason,
-    };
-    conn.close(&reason).await;
-    conn.count(-1);
-    conn.log_closed(&reason, started);
+    let first = conn.on_leftover(leftover, now);
+    async move {
+        let reason = match first {
+            Ok(()) => conn.run().await,
+            Err(reason) => reason,
+        };
+        conn.close(&reason).await;
+        conn.count(-1);
+        conn.log_closed(&reason);
+    }
 }
 
 /// Deadlines of one socket, in wheel ticks ([`NEVER`]: not set).
@@ -186,6 +196,8 @@ struct Conn {
     params: SocketParams,
     /// Whether the socket is still in the worker's fan-out.
     attached: bool,
+    /// When the socket opened (for the log).
+    opened: Tick,
     reader: Reader,
     timers: Timers,
     /// Waiting for the subscriptions and the stored messages.
@@ -221,6 +233,7 @@ impl Conn {
             socket,
             params,
             attached: true,
+            opened: now,
             reader: Reader::default(),
             timers,
             setup: Some(setup),
@@ -495,6 +508,35 @@ impl Conn {
         }));
     }
 
+    /// Messages the client sent before the socket closed are still published, in
+    /// order, by a task of their own (tracked, so a stop waits for them).
+    fn finish_publishing(&mut self) {
+        let publishing = self.publishing.take();
+        let waiting = std::mem::take(&mut self.unpublished);
+        if publishing.is_none() && waiting.is_empty() {
+            return;
+        }
+        let relay = self.worker.relay.clone();
+        let keys = self.params.publish.clone();
+        let id = self.params.id;
+        let task = async move {
+            if let Some(publishing) = publishing {
+                if publishing.await.is_err() {
+                    return;
+                }
+            }
+            for payload in waiting {
+                let published = relay.broker.publish(&keys, &payload, relay.config.expire);
+                if let Err(e) = published.await {
+                    debug!("conn {id}: publish after close failed: {e}");
+                    return;
+                }
+            }
+        };
+        let task = self.worker.relay.tracker.track_future(task);
+        tokio::task::spawn_local(task);
+    }
+
     fn detach(&mut self) {
         if std::mem::take(&mut self.attached) {
             self.worker.detach(&self.socket, &self.params.subscribe);
@@ -506,7 +548,9 @@ impl Conn {
     async fn close(&mut self, reason: &CloseReason) {
         self.detach();
         self.setup = None;
-        self.publishing = None;
+        if *reason != CloseReason::BrokerUnavailable {
+            self.finish_publishing();
+        }
         self.socket
             .start_closing(matches!(reason, CloseReason::Shutdown));
         if reason.is_slow_consumer() {
@@ -520,6 +564,7 @@ impl Conn {
         let deadline = now + self.config().close_timeout;
         self.worker.schedule(&self.socket, deadline);
         let echoing = matches!(reason, CloseReason::ClientClosed(_));
+        let parse = !matches!(reason, CloseReason::Protocol(_));
         let mut shut = false;
         let mut discarded = 0;
         let clean = loop {
@@ -539,7 +584,7 @@ impl Conn {
                     self.worker.schedule(&self.socket, deadline);
                 }
                 Event::Writable(Ok(())) => self.socket.writable(self.worker.clock.now()),
-                Event::Readable(Ok(())) => match self.discard() {
+                Event::Readable(Ok(())) => match self.discard(parse) {
                     Some(n) if discarded + n <= MAX_DISCARD => discarded += n,
                     Some(_) => break false,
                     None => break true,
@@ -571,22 +616,37 @@ impl Conn {
         Poll::Pending
     }
 
-    /// Reads and drops what a closing client still sends; `None` once it closed.
-    fn discard(&self) -> Option<usize> {
-        let mut scratch = self.worker.scratch.borrow_mut();
-        match self.socket.stream.try_read(&mut scratch) {
-            Ok(0) => None,
-            Ok(n) => Some(n),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Some(0),
-            Err(_) => None,
+    /// Reads what a closing client still sends, dropping messages; `None` once it
+    /// closed (its close frame, or the end of the stream). After a protocol error its
+    /// bytes are not parsed any more, only dropped.
+    fn discard(&mut self, parse: bool) -> Option<usize> {
+        let worker = self.worker.clone();
+        let mut scratch = worker.scratch.borrow_mut();
+        let n = match self.socket.stream.try_read(&mut scratch) {
+            Ok(0) => return None,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(0),
+            Err(_) => return None,
+        };
+        if parse {
+            let limit = self.config().max_message_size;
+            let mut input = Input::new(&mut scratch[..n]);
+            loop {
+                match self.reader.next(&mut input, limit) {
+                    Ok(Some(Message::Close(_))) | Err(_) => return None,
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                }
+            }
         }
+        Some(n)
     }
 
     /// Adds `delta` to the open-socket gauges of this socket's labels.
     fn count(&self, delta: i64) {
         let metrics = &self.worker.relay.metrics;
         metrics.sockets.add(delta);
-        for audience in &self.params.audiences {
+        for audience in self.params.listening.names() {
             metrics
                 .sockets_by_audience
                 .with_label_values(&[audience])
@@ -599,29 +659,42 @@ impl Conn {
         info!(
             "conn {} open: client={} facility={} user={} audiences={:?} subscribe={:?} publish={:?}",
             p.id,
-            p.peer,
+            Peer(p.peer),
             p.facility,
             p.user.as_deref().unwrap_or("-"),
-            p.audiences,
+            p.listening.names().collect::<Vec<_>>(),
             p.subscribe,
             p.publish
         );
     }
 
-    fn log_closed(&self, reason: &CloseReason, started: tokio::time::Instant) {
+    fn log_closed(&self, reason: &CloseReason) {
+        let lived = self.worker.clock.now().saturating_sub(self.opened);
         let p = &self.params;
         info!(
             "conn {} closed: client={} facility={} user={} after {:.1}s: code={} {:?}",
             p.id,
-            p.peer,
+            Peer(p.peer),
             p.facility,
             p.user.as_deref().unwrap_or("-"),
-            started.elapsed().as_secs_f64(),
+            f64::from(lived) * crate::wheel::TICK.as_secs_f64(),
             reason
                 .close_frame()
                 .map_or_else(|| "-".to_string(), |(code, _)| code.to_string()),
             reason
         );
+    }
+}
+
+/// A client address in the log: `-` when unknown.
+struct Peer(Option<IpAddr>);
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(ip) => ip.fmt(f),
+            None => f.write_str("-"),
+        }
     }
 }
 
@@ -651,3 +724,6 @@ fn shut_write(stream: &Stream) {
         Stream::Unix(s) => socket2::SockRef::from(s).shutdown(std::net::Shutdown::Write),
     };
 }
+
+#[cfg(test)]
+mod tests;

@@ -305,16 +305,10 @@ impl Handshaker {
         }
         let params = SocketParams {
             id: uuid::Uuid::new_v4(),
-            peer: client.map_or_else(|| "-".into(), |ip| ip.to_string()),
-            facility,
-            // Metric labels: the kinds listened to, each once (audiences_for emits each
-            // kind's audiences together, so adjacent duplicates are all the duplicates).
-            audiences: {
-                let mut kinds: Vec<&'static str> = listening.iter().map(Audience::kind).collect();
-                kinds.dedup();
-                kinds
-            },
-            user: identity.user,
+            peer: client,
+            facility: facility.into(),
+            listening: AudienceKinds::of(&listening),
+            user: identity.user.map(Into::into),
             subscribe,
             publish,
             echo: flags.echo,

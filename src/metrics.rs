@@ -14,6 +14,8 @@ pub struct Metrics {
     registry: Registry,
     /// Open sockets.
     pub sockets: IntGauge,
+    /// Connections still speaking HTTP (handshakes in progress included).
+    pub http_connections: IntGauge,
     /// Open sockets listening to at least one key of each audience kind.
     pub sockets_by_audience: IntGaugeVec,
     /// Handshakes, by result: `accepted` or the refusal reason.
@@ -86,6 +88,10 @@ impl Metrics {
             .unwrap();
         Metrics {
             sockets: gauge("wsrelay_sockets", "Open sockets"),
+            http_connections: gauge(
+                "wsrelay_http_connections",
+                "Connections still speaking HTTP, handshakes in progress included",
+            ),
             sockets_by_audience,
             handshakes: counter_vec("wsrelay_handshakes_total", "Handshakes by result", "result"),
             identity_events: counter_vec(

@@ -167,7 +167,11 @@ impl Listener {
             }
             _ => None,
         };
-        Ok((HttpConn::new(tcp, slot, self.handshake_timeout), peer))
+        let counted = Counted::new(&self.handshaker.metrics.http_connections);
+        Ok((
+            HttpConn::new(tcp, slot, counted, self.handshake_timeout),
+            peer,
+        ))
     }
 }
 
@@ -250,14 +254,36 @@ pub struct HttpConn {
     stream: TcpStream,
     slot: Option<IpSlot>,
     head: HeadClock,
+    _counted: Counted,
+}
+
+/// Counts one connection in a gauge for as long as it lives.
+struct Counted(prometheus::IntGauge);
+
+impl Counted {
+    fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Counted(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl HttpConn {
-    fn new(stream: TcpStream, slot: Option<IpSlot>, limit: Duration) -> Self {
+    fn new(stream: TcpStream, slot: Option<IpSlot>, counted: Counted, limit: Duration) -> Self {
         let mut head = HeadClock::new(limit);
         // The first head's time runs from the connect.
         head.start();
-        HttpConn { stream, slot, head }
+        HttpConn {
+            stream,
+            slot,
+            head,
+            _counted: counted,
+        }
     }
 
     /// The stream and the address's place, for the socket this connection becomes.

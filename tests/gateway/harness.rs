@@ -365,6 +365,14 @@ impl Gateway {
         }
     }
 
+    /// The process id of a gateway started as a process.
+    pub fn pid(&self) -> u32 {
+        match &self.runner {
+            Runner::Process { child, .. } => child.id(),
+            Runner::InProcess { .. } => panic!("an in-process gateway has no process of its own"),
+        }
+    }
+
     /// The binary's log lines (in-process gateways log through this process's logger).
     pub fn log(&self) -> Vec<String> {
         match &self.runner {
@@ -454,6 +462,32 @@ pub struct HttpReply {
     pub status: u16,
     pub head: String,
     pub body: String,
+}
+
+/// The resident memory of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Open descriptors of process `pid`.
+pub fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// The value of a metric line (`name{labels} value`) in Prometheus text.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
 }
 
 /// One HTTP/1.1 request on a fresh connection. `Connection: close` is added unless the

@@ -10,9 +10,11 @@
 
 mod access;
 mod browser;
+mod conformance;
 mod harness;
 mod http_api;
 mod identity;
+mod limits;
 mod nginx;
 mod on_redis;
 mod operations;

@@ -5,18 +5,9 @@ use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{http, Client, Gateway, RedisServer, TempDir, WAIT};
+use crate::harness::{http, metric, Client, Gateway, RedisServer, TempDir, WAIT};
 
-/// The value of a metric line (`name{labels} value`) in Prometheus text.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
-}
-
-async fn metrics(gw: &Gateway) -> String {
+pub async fn metrics(gw: &Gateway) -> String {
     let r = http(gw.addr, "GET", "/metrics", &[], "").await;
     assert_eq!(r.status, 200);
     assert!(
