@@ -1,17 +1,10 @@
 //! The access policy with its safe defaults, the Origin check and the limits.
 
-use std::time::Duration;
-
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::{http, Client, Gateway};
 
-const UPGRADE: [(&str, &str); 4] = [
-    ("Upgrade", "websocket"),
-    ("Connection", "Upgrade"),
-    ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-    ("Sec-WebSocket-Version", "13"),
-];
+use crate::harness::UPGRADE;
 
 async fn handshake(gw: &Gateway, path: &str, extra: &[(&str, &str)]) -> (u16, String) {
     let headers = [UPGRADE.as_slice(), extra].concat();
@@ -147,14 +140,7 @@ async fn connections_per_address_are_limited_and_released() {
     );
     first.close().await;
     // The slot frees when the socket's task ends.
-    let deadline = tokio::time::Instant::now() + crate::harness::WAIT;
-    while handshake(&gw, "/ws/chat", &[]).await.0 != 101 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "slot never released"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::harness::until_upgraded(gw.addr, "/ws/chat").await;
 }
 
 #[tokio::test]

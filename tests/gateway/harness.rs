@@ -490,6 +490,27 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
 }
 
+/// The headers of a valid WebSocket handshake request.
+pub const UPGRADE: [(&str, &str); 4] = [
+    ("Upgrade", "websocket"),
+    ("Connection", "Upgrade"),
+    ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ("Sec-WebSocket-Version", "13"),
+];
+
+/// Retries a handshake for `path` until it is accepted (a place was given back), at
+/// most [`WAIT`].
+pub async fn until_upgraded(addr: SocketAddr, path: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while http(addr, "GET", path, &UPGRADE, "").await.status != 101 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path}: place never released"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// One HTTP/1.1 request on a fresh connection. `Connection: close` is added unless the
 /// caller sets `Connection`; a 101 answer is returned as soon as its head arrives.
 pub async fn http(

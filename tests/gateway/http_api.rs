@@ -2,14 +2,7 @@
 
 use std::process::Command;
 
-use crate::harness::{http, Client, Gateway, TOKEN};
-
-const UPGRADE: [(&str, &str); 4] = [
-    ("Upgrade", "websocket"),
-    ("Connection", "Upgrade"),
-    ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-    ("Sec-WebSocket-Version", "13"),
-];
+use crate::harness::{http, Client, Gateway, TOKEN, UPGRADE};
 
 #[tokio::test]
 async fn refused_handshakes_get_400_with_a_plain_reason() {

@@ -11,15 +11,10 @@ use futures_util::SinkExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::harness::{descriptors, http, metric, rss_kib, Client, Gateway, WAIT};
+use crate::harness::{
+    descriptors, http, metric, rss_kib, until_upgraded, Client, Gateway, UPGRADE, WAIT,
+};
 use crate::operations::metrics;
-
-const UPGRADE: [(&str, &str); 4] = [
-    ("Upgrade", "websocket"),
-    ("Connection", "Upgrade"),
-    ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-    ("Sec-WebSocket-Version", "13"),
-];
 
 /// A raw handshake on `tcp`; returns the answer's head (and whatever body came along).
 async fn raw_handshake(tcp: &mut TcpStream, path: &str) -> String {
@@ -229,14 +224,7 @@ async fn connections_still_in_their_handshake_count_against_the_address_limit() 
     );
     // A closed pending connection gives its place back.
     pending.pop();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while http(gw.addr, "GET", "/ws/chat", &UPGRADE, "").await.status != 101 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "place never released"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_upgraded(gw.addr, "/ws/chat").await;
 }
 
 #[tokio::test]
@@ -254,14 +242,7 @@ async fn max_sockets_is_the_ceiling_and_says_so() {
         )
     );
     first.close().await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while http(gw.addr, "GET", "/ws/chat", &UPGRADE, "").await.status != 101 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "place never released"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_upgraded(gw.addr, "/ws/chat").await;
 }
 
 #[tokio::test]
