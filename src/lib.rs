@@ -93,6 +93,11 @@ use crate::worker::{Relay, SocketConfig};
 
 pub use crate::publisher::RedisPublisher;
 
+/// Connections the kernel queues for accepting (Linux caps it at `net.core.somaxconn`):
+/// a storm of reconnecting browsers must not find the queue full, or each retries a
+/// second later.
+pub const LISTEN_BACKLOG: i32 = 4096;
+
 /// Descriptors kept for everything but sockets (listener, Redis, logs, HTTP clients).
 const RESERVED_DESCRIPTORS: usize = 128;
 
@@ -153,6 +158,19 @@ fn effective_max_sockets(configured: usize) -> usize {
         return allowed;
     }
     configured
+}
+
+/// Binds `addr` for [`run`], with a listen queue of [`LISTEN_BACKLOG`].
+pub fn bind(addr: std::net::SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// The process's open-files limit (soft), if it can be read.

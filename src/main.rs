@@ -85,7 +85,7 @@ fn main() -> ExitCode {
     if let Some(limit) = wsrelay::raise_descriptor_limit() {
         log::debug!("open-files limit: {limit}");
     }
-    let listener = match std::net::TcpListener::bind(config.listen) {
+    let listener = match wsrelay::bind(config.listen) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("wsrelay: cannot listen on {}: {e}", config.listen);

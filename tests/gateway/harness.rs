@@ -253,7 +253,7 @@ impl Gateway {
             );
         }
         let config = wsrelay::config::Config::load_from(file, vars).expect("test configuration");
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = wsrelay::bind(([127, 0, 0, 1], 0).into()).unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
