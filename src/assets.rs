@@ -13,8 +13,6 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use sha2::{Digest, Sha256};
 
-use crate::http::HttpState;
-
 const HELPER: &str = include_str!("../assets/wsrelay.js");
 const MODULE_EXPORTS: &str = "\nexport default WS4Redis;\nexport { WS4Redis };\n";
 const DEMO: &str = include_str!("../assets/demo.html");
@@ -78,10 +76,12 @@ pub struct Assets {
     script: Asset,
     module: Asset,
     demo: Asset,
+    /// Whether `/` serves the demo page (setting `demo`).
+    demo_on: bool,
 }
 
-impl Default for Assets {
-    fn default() -> Self {
+impl Assets {
+    pub fn new(demo_on: bool) -> Self {
         Assets {
             script: Asset::new(HELPER.to_string(), "text/javascript; charset=utf-8"),
             module: Asset::new(
@@ -89,29 +89,32 @@ impl Default for Assets {
                 "text/javascript; charset=utf-8",
             ),
             demo: Asset::new(DEMO.to_string(), "text/html; charset=utf-8"),
+            demo_on,
         }
     }
 }
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/wsrelay.js").get(script))
+/// Mounts the files; `assets` is shared by the workers.
+pub fn configure(cfg: &mut web::ServiceConfig, assets: web::Data<Assets>) {
+    cfg.app_data(assets)
+        .service(web::resource("/wsrelay.js").get(script))
         .service(web::resource("/wsrelay.mjs").get(module))
         .service(web::resource("/").get(demo));
 }
 
-async fn script(req: HttpRequest, state: web::Data<HttpState>) -> HttpResponse {
-    state.assets.script.respond(&req)
+async fn script(req: HttpRequest, assets: web::Data<Assets>) -> HttpResponse {
+    assets.script.respond(&req)
 }
 
-async fn module(req: HttpRequest, state: web::Data<HttpState>) -> HttpResponse {
-    state.assets.module.respond(&req)
+async fn module(req: HttpRequest, assets: web::Data<Assets>) -> HttpResponse {
+    assets.module.respond(&req)
 }
 
-async fn demo(req: HttpRequest, state: web::Data<HttpState>) -> HttpResponse {
-    if !state.demo {
+async fn demo(req: HttpRequest, assets: web::Data<Assets>) -> HttpResponse {
+    if !assets.demo_on {
         return HttpResponse::NotFound()
             .content_type("text/plain; charset=utf-8")
             .body("the demo page is off (setting `demo`)");
     }
-    state.assets.demo.respond(&req)
+    assets.demo.respond(&req)
 }

@@ -18,6 +18,9 @@
 
 use std::fmt;
 
+/// ws4redis's `WS4REDIS_EXPIRE`: how long the last message of a key is kept, in seconds.
+pub const DEFAULT_EXPIRE: u64 = 3600;
+
 /// The longest facility, user, group or session name accepted, in bytes.
 pub const MAX_NAME_LEN: usize = 256;
 

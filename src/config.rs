@@ -12,16 +12,16 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::channel::DEFAULT_EXPIRE;
 use crate::identity::callback::CallbackConfig;
 use crate::identity::django::DjangoConfig;
 use crate::identity::token::TokenConfig;
 use crate::policy::PolicyConfig;
+pub use crate::secret::Secret;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// ws4redis's `WEBSOCKET_URL`.
 pub const DEFAULT_WEBSOCKET_URL: &str = "/ws/";
-/// ws4redis's `WS4REDIS_EXPIRE`: how long the last message of a key is kept, in seconds.
-pub const DEFAULT_EXPIRE: u64 = 3600;
 /// How often the ws4redis heartbeat string is sent to an idle socket, in seconds.
 pub const DEFAULT_HEARTBEAT_INTERVAL: f64 = 4.0;
 /// WebSocket ping period, in seconds; 0 disables pings. Keep it below nginx's
@@ -85,43 +85,6 @@ pub struct Config {
     pub session: SessionConfig,
     pub identity: IdentityConfig,
     pub policy: PolicyConfig,
-}
-
-/// A setting that must never reach a log: `Debug` shows `***`.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("***")
-    }
-}
-
-/// A secret given inline (`value`) or as a file (`file`, its trailing line break
-/// dropped); the inline value wins. `file_setting` names the file setting in errors.
-pub fn secret_value(
-    value: Option<&Secret>,
-    file: Option<&Path>,
-    file_setting: &str,
-) -> Result<Option<String>, String> {
-    match (value, file) {
-        (Some(secret), _) => Ok(Some(secret.expose().to_string())),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_string()))
-            .map_err(|e| format!("{file_setting}: {e}")),
-        (None, None) => Ok(None),
-    }
 }
 
 /// Where identities come from (see [`crate::identity`]).

@@ -13,10 +13,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
 use crate::channel::{KeySpace, NameError};
-use crate::config::{Secret, MAX_EXPIRE};
+use crate::config::MAX_EXPIRE;
 use crate::handshake::Handshaker;
 use crate::metrics::Metrics;
 use crate::publisher::Recipients;
+use crate::secret::Secret;
 
 /// Most keys one `POST /api/publish` may name.
 pub const MAX_PUBLISH_KEYS: usize = 1024;
@@ -36,9 +37,6 @@ pub struct HttpState {
     pub expire: u64,
     /// Cancelled when the gateway stops: `/ready` answers 503.
     pub shutdown: CancellationToken,
-    pub demo: bool,
-    /// The embedded browser helper and demo page.
-    pub assets: crate::assets::Assets,
 }
 
 impl HttpState {

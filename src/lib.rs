@@ -24,6 +24,7 @@
 //! - [`publisher`]: [`RedisPublisher`], for Rust web applications that publish.
 //! - [`metrics`]: Prometheus metrics at `/metrics`, summarised by `/health`.
 //! - [`shutdown`], [`notify`]: the stop signal; readiness notifications to systemd.
+//! - [`secret`]: secrets in the configuration (never logged; inline or from a file).
 //!
 //! # Data path
 //!
@@ -59,6 +60,7 @@ pub mod outbox;
 pub mod policy;
 pub mod publisher;
 pub mod registry;
+pub mod secret;
 pub mod server;
 pub mod shutdown;
 pub mod socket;
@@ -76,7 +78,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{redis::Subscriber, Broker, Inlet, MemoryBroker, RedisBroker};
+use crate::broker::redis::{LinkSettings, Subscriber};
+use crate::broker::{Broker, Inlet, MemoryBroker, RedisBroker};
 use crate::channel::KeySpace;
 use crate::config::{Config, IdentitySource};
 use crate::handshake::Handshaker;
@@ -108,6 +111,7 @@ struct Parts {
     relay: Arc<Relay>,
     handshaker: Arc<Handshaker>,
     http: web::Data<HttpState>,
+    assets: web::Data<assets::Assets>,
     /// The Redis subscriber task, to spawn (none with the embedded broker).
     subscriber: Option<Subscriber>,
     /// Cancelled after the drain: stops the Redis subscriber.
@@ -231,9 +235,14 @@ impl Parts {
         ));
         let (broker, subscriber) = match (&config.redis.url, changes_rx) {
             (Some(url), Some(rx)) => {
-                let (broker, subscriber) =
-                    RedisBroker::new(&config, url, inlet, rx, broker_stop.clone())
-                        .map_err(io::Error::other)?;
+                let link = LinkSettings {
+                    url: url.clone(),
+                    keys: keys.clone(),
+                    reconnect_max: config.reconnect_max(),
+                    probe_interval: config.probe_interval(),
+                };
+                let (broker, subscriber) = RedisBroker::new(link, inlet, rx, broker_stop.clone())
+                    .map_err(io::Error::other)?;
                 (Broker::Redis(broker), Some(subscriber))
             }
             _ => (Broker::Memory(MemoryBroker::new(inlet)), None),
@@ -268,14 +277,14 @@ impl Parts {
             max_message_size: config.max_message_size,
             expire: config.redis.expire,
             shutdown,
-            demo: config.demo_enabled(),
-            assets: assets::Assets::default(),
         });
+        let assets = web::Data::new(assets::Assets::new(config.demo_enabled()));
         Ok(Parts {
             config,
             relay,
             handshaker,
             http,
+            assets,
             subscriber,
             broker_stop,
         })
@@ -301,6 +310,7 @@ pub async fn run(
         relay,
         handshaker,
         http,
+        assets,
         subscriber,
         broker_stop,
     } = Parts::build(config)?;
@@ -312,6 +322,7 @@ pub async fn run(
         relay: relay.clone(),
         handshaker,
         http,
+        assets,
         workers: config.workers,
         handshake_timeout: config.handshake_timeout(),
         keep_alive: config.http_keep_alive(),

@@ -28,8 +28,7 @@
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
 
-use crate::channel::{validate_name, Audience, KeySpace, NameError, NameKind};
-use crate::config::DEFAULT_EXPIRE;
+use crate::channel::{validate_name, Audience, KeySpace, NameError, NameKind, DEFAULT_EXPIRE};
 
 /// Why a publication failed.
 #[derive(Debug, thiserror::Error)]

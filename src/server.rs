@@ -61,6 +61,7 @@ pub struct Listener {
     pub relay: Arc<Relay>,
     pub handshaker: Arc<Handshaker>,
     pub http: web::Data<HttpState>,
+    pub assets: web::Data<crate::assets::Assets>,
     pub workers: usize,
     pub handshake_timeout: Duration,
     pub keep_alive: Duration,
@@ -117,10 +118,11 @@ impl Listener {
         let http = self.http.clone();
         let url = http.handshaker.websocket_url.clone();
         let max = http.max_message_size;
+        let assets = self.assets.clone();
         let app = App::new()
             .app_data(http)
             .configure(move |cfg| crate::http::configure(cfg, &url, max))
-            .configure(crate::assets::configure);
+            .configure(move |cfg| crate::assets::configure(cfg, assets));
         let keep_alive = if self.keep_alive.is_zero() {
             KeepAlive::Disabled
         } else {

@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::{BrokerError, Inlet};
 use crate::channel::KeySpace;
-use crate::config::Config;
 use crate::publisher::publish_pipeline;
 use crate::registry::{Change, Registry};
 
@@ -56,20 +55,32 @@ pub struct RedisBroker {
     link: Arc<Link>,
 }
 
+/// How the pub/sub link is kept (from `redis.*` settings).
+#[derive(Debug, Clone)]
+pub struct LinkSettings {
+    pub url: String,
+    /// The key prefix, for the probe channel's name.
+    pub keys: KeySpace,
+    /// Longest pause between reconnect attempts.
+    pub reconnect_max: Duration,
+    /// Period of the probe that detects a silently dead link.
+    pub probe_interval: Duration,
+}
+
 impl RedisBroker {
     /// Creates the broker and its subscriber task (to be spawned once). Nothing connects
     /// yet, so the gateway starts even when Redis is down.
     pub fn new(
-        config: &Config,
-        url: &str,
+        settings: LinkSettings,
         inlet: Arc<Inlet>,
         changes: mpsc::UnboundedReceiver<Change>,
         shutdown: CancellationToken,
     ) -> redis::RedisResult<(RedisBroker, Subscriber)> {
-        let client = redis::Client::open(url)?;
+        let client = redis::Client::open(settings.url.as_str())?;
         let commands = command_connection(&client)?;
         let link = Arc::new(Link(Mutex::new(Err("connecting to redis".into()))));
-        let probe_channel = KeySpace::new(config.redis.prefix.as_deref())
+        let probe_channel = settings
+            .keys
             .internal(&format!("probe:{}", uuid::Uuid::new_v4()));
         let subscriber = Subscriber {
             client,
@@ -80,8 +91,8 @@ impl RedisBroker {
             link: link.clone(),
             probe_channel,
             waiting: Vec::new(),
-            reconnect_max: config.reconnect_max(),
-            probe_interval: config.probe_interval(),
+            reconnect_max: settings.reconnect_max,
+            probe_interval: settings.probe_interval,
             shutdown,
         };
         Ok((RedisBroker { commands, link }, subscriber))

@@ -36,8 +36,8 @@ use sha2::{Digest, Sha256};
 use super::callback::CallbackResolver;
 use super::{session_key, Handshake, Identity, IdentityError, IdentityResolver};
 use crate::broker::redis::command_connection;
-use crate::config::{secret_value, Secret};
 use crate::metrics::Metrics;
+use crate::secret::{secret_value, Secret};
 
 /// Largest session value read (and largest decompressed payload), in bytes.
 const MAX_SESSION_BYTES: usize = 1 << 20;

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use sha2::Sha256;
 
 use super::{cookie, Handshake, Identity, IdentityError, IdentityResolver};
-use crate::config::{secret_value, Secret};
+use crate::secret::{secret_value, Secret};
 
 /// Longest token accepted, in bytes.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;

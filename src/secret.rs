@@ -1,0 +1,42 @@
+//! Secrets in the configuration: never shown in logs, given inline or as a file.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// A setting that must never reach a log: `Debug` shows `***`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// A secret given inline (`value`) or as a file (`file`, its trailing line break
+/// dropped); the inline value wins. `file_setting` names the file setting in errors.
+pub fn secret_value(
+    value: Option<&Secret>,
+    file: Option<&Path>,
+    file_setting: &str,
+) -> Result<Option<String>, String> {
+    match (value, file) {
+        (Some(secret), _) => Ok(Some(secret.expose().to_string())),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_string()))
+            .map_err(|e| format!("{file_setting}: {e}")),
+        (None, None) => Ok(None),
+    }
+}
