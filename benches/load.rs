@@ -281,6 +281,22 @@ impl Target {
 }
 
 async fn start_wsrelay(redis: &Redis, extra: &[(&str, &str)]) -> Target {
+    start_gateway(
+        redis,
+        extra,
+        env!("CARGO_BIN_EXE_wsrelay").into(),
+        "wsrelay",
+    )
+    .await
+}
+
+/// The gateway binary at `bin` (this build, or an earlier one to compare with).
+async fn start_gateway(
+    redis: &Redis,
+    extra: &[(&str, &str)],
+    bin: std::path::PathBuf,
+    name: &str,
+) -> Target {
     let port = free_port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let mut env: Vec<(String, String)> = vec![
@@ -301,7 +317,7 @@ async fn start_wsrelay(redis: &Redis, extra: &[(&str, &str)]) -> Target {
     // WSRELAY_BENCH_LOG=1 shows the gateway's warnings (closes, errors) on stderr.
     let log = std::env::var_os("WSRELAY_BENCH_LOG").is_some();
     let spawn = move || {
-        Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        Command::new(&bin)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stderr(if log { Stdio::inherit() } else { Stdio::null() })
             .spawn()
@@ -311,7 +327,7 @@ async fn start_wsrelay(redis: &Redis, extra: &[(&str, &str)]) -> Target {
     wait_port(addr).await;
     wait_ready(addr).await;
     Target {
-        name: "wsrelay".into(),
+        name: name.into(),
         kind: Kind::Wsrelay,
         proc,
         addr,
@@ -516,15 +532,22 @@ async fn start_nchan(workers: usize) -> Target {
 
 /// The servers a comparison runs: wsrelay, the minimal server, and Nchan with each of
 /// `WSRELAY_BENCH_NCHAN_WORKERS` (default 1 and 2) worker processes when asked for.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Server {
     Wsrelay,
+    /// A gateway binary built from an earlier commit (`WSRELAY_BENCH_BEFORE`), to show
+    /// before and after in the same run.
+    Before(std::path::PathBuf),
     Minimal,
     Nchan(usize),
 }
 
 fn servers(nchan: bool) -> Vec<Server> {
-    let mut list = vec![Server::Wsrelay, Server::Minimal];
+    let mut list = vec![Server::Wsrelay];
+    if let Some(before) = std::env::var_os("WSRELAY_BENCH_BEFORE") {
+        list.push(Server::Before(before.into()));
+    }
+    list.push(Server::Minimal);
     if nchan {
         list.extend(
             env_list("WSRELAY_BENCH_NCHAN_WORKERS", &[1.0, 2.0])
@@ -546,6 +569,11 @@ async fn start(
         Server::Wsrelay => {
             let redis = start_redis().await;
             (start_wsrelay(&redis, wsrelay_extra).await, Some(redis))
+        }
+        Server::Before(bin) => {
+            let redis = start_redis().await;
+            let target = start_gateway(&redis, wsrelay_extra, bin, "wsrelay-before").await;
+            (target, Some(redis))
         }
         Server::Minimal => {
             let redis = start_redis().await;
