@@ -17,13 +17,14 @@ use wsrelay::ws::reader::{Input, Reader};
 fn fan_out(c: &mut Criterion) {
     let mut group = c.benchmark_group("fan-out");
     let publication = Publication::new(Arc::from("broadcast:chat"), &[b'x'; 100], Instant::now());
+    let frame = std::rc::Rc::new(publication.frame.clone());
     for n in [1usize, 100, 10_000] {
         let mut outboxes: Vec<Outbox> = (0..n).map(|_| Outbox::default()).collect();
         group.throughput(Throughput::Elements(n as u64));
         group.bench_function(format!("{n} sockets"), |b| {
             b.iter(|| {
                 for o in &mut outboxes {
-                    o.push(publication.frame.clone(), 1 << 20).unwrap();
+                    o.push(&frame, 1 << 20).unwrap();
                     let mut slices = [std::io::IoSlice::new(&[]); 4];
                     let n = o.slices(&mut slices);
                     let len: usize = slices[..n].iter().map(|s| s.len()).sum();

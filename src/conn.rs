@@ -60,6 +60,9 @@ pub const CLOSE_SLOW_CONSUMER: u16 = 4000;
 const READS_PER_TURN: usize = 4;
 /// Bytes read and discarded while waiting for a closing client, before it is reset.
 const MAX_DISCARD: usize = 1024 * 1024;
+/// Ticks without a write after which a socket counts as idle and its queue's memory is
+/// freed (checked when a timer wakes it: pings, heartbeats).
+const IDLE: Tick = 100;
 
 /// What the handshake decided for this socket.
 #[derive(Debug)]
@@ -384,6 +387,9 @@ impl Conn {
             );
             self.setup = None;
             self.on_setup_done(None, now);
+        }
+        if self.socket.last_write() + IDLE <= now {
+            self.socket.shrink_idle();
         }
         if let Some(interval) = config.ping_interval {
             if self.timers.next_ping <= now {

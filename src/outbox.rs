@@ -1,7 +1,9 @@
 //! A socket's queue of encoded frames, bounded in bytes.
 //!
 //! Frames are the shared [`Bytes`] of a publication encoded once (header and payload):
-//! queuing one for a socket is a reference count, never a copy. Only bytes not yet
+//! queuing one for a socket is a reference count, never a copy. The count is a
+//! [`Frame`] (an `Rc`): a worker wraps each publication once, and its sockets count
+//! their references without atomic operations. Only bytes not yet
 //! written count against the bound, so a socket whose kernel buffer takes a frame at
 //! once never holds it. A queue that would pass its bound refuses the frame, and its
 //! socket is then a slow consumer (see [`crate::conn`]).
@@ -13,12 +15,19 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 
+use std::rc::Rc;
+
 use bytes::Bytes;
+
+/// An encoded frame as a worker's sockets share it.
+pub type Frame = Rc<Bytes>;
 
 /// The most frames handed to one vectored write.
 pub const MAX_IOVECS: usize = 64;
-/// Capacity kept by an empty queue; a burst's larger queue is freed once written.
-const KEEP_CAPACITY: usize = 8;
+/// Capacity an emptied queue keeps while the socket is busy (a steady stream reuses it
+/// batch after batch); [`Outbox::shrink`] frees it once the socket is idle, and a
+/// burst's larger queue is freed as soon as it is written.
+const KEEP_CAPACITY: usize = 256;
 
 /// The queue refused a frame: it would pass the bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,7 +35,7 @@ pub struct Full;
 
 #[derive(Debug, Default)]
 pub struct Outbox {
-    frames: VecDeque<Bytes>,
+    frames: VecDeque<Frame>,
     /// Bytes of the first frame already written.
     offset: usize,
     /// Bytes queued and not yet written.
@@ -34,19 +43,25 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Queues `frame` unless the unwritten bytes would pass `limit`.
-    pub fn push(&mut self, frame: Bytes, limit: usize) -> Result<(), Full> {
+    /// Queues `frame` (a reference to it: it is cloned only when it fits) unless the
+    /// unwritten bytes would pass `limit`.
+    pub fn push(&mut self, frame: &Frame, limit: usize) -> Result<(), Full> {
         if self.unwritten + frame.len() > limit {
             return Err(Full);
         }
         self.unwritten += frame.len();
-        self.frames.push_back(frame);
+        self.frames.push_back(frame.clone());
         Ok(())
     }
 
     /// Queues `frame` whatever the bound: for control frames, which are tiny and must
     /// not be lost (pongs, heartbeats, the close frame).
     pub fn push_control(&mut self, frame: Bytes) {
+        self.push_shared(Rc::new(frame));
+    }
+
+    /// Queues `frame` whatever the bound, for frames already counted against it.
+    pub fn push_shared(&mut self, frame: Frame) {
         self.unwritten += frame.len();
         self.frames.push_back(frame);
     }
@@ -58,7 +73,7 @@ impl Outbox {
         let at = usize::from(self.offset > 0);
         for (i, frame) in frames.into_iter().enumerate() {
             self.unwritten += frame.len();
-            self.frames.insert(at + i, frame);
+            self.frames.insert(at + i, Rc::new(frame));
         }
     }
 
@@ -100,6 +115,13 @@ impl Outbox {
         }
     }
 
+    /// Frees the queue's memory if it holds nothing (called when the socket is idle).
+    pub fn shrink(&mut self) {
+        if self.frames.is_empty() {
+            self.frames = VecDeque::new();
+        }
+    }
+
     /// Drops every frame not yet started, keeping a partly written first frame (it must
     /// be finished before a close frame can follow).
     pub fn drop_unstarted(&mut self) {
@@ -118,6 +140,10 @@ mod tests {
         Bytes::from_static(s.as_bytes())
     }
 
+    fn f(s: &'static str) -> Frame {
+        Rc::new(b(s))
+    }
+
     fn pending(outbox: &Outbox) -> Vec<u8> {
         let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
         let n = outbox.slices(&mut slices);
@@ -127,28 +153,28 @@ mod tests {
     #[test]
     fn the_bound_counts_unwritten_bytes_only() {
         let mut outbox = Outbox::default();
-        assert_eq!(outbox.push(b("12345"), 10), Ok(()));
-        assert_eq!(outbox.push(b("67890"), 10), Ok(()));
-        assert_eq!(outbox.push(b("x"), 10), Err(Full));
+        assert_eq!(outbox.push(&f("12345"), 10), Ok(()));
+        assert_eq!(outbox.push(&f("67890"), 10), Ok(()));
+        assert_eq!(outbox.push(&f("x"), 10), Err(Full));
         outbox.advance(7);
         assert_eq!(outbox.unwritten(), 3);
         assert_eq!(pending(&outbox), b"890");
-        assert_eq!(outbox.push(b("abcdefg"), 10), Ok(()));
-        assert_eq!(outbox.push(b("h"), 10), Err(Full));
+        assert_eq!(outbox.push(&f("abcdefg"), 10), Ok(()));
+        assert_eq!(outbox.push(&f("h"), 10), Err(Full));
     }
 
     #[test]
     fn a_frame_larger_than_the_bound_is_refused_even_when_empty() {
         let mut outbox = Outbox::default();
-        assert_eq!(outbox.push(b("123456"), 4), Err(Full));
+        assert_eq!(outbox.push(&f("123456"), 4), Err(Full));
         assert!(outbox.is_empty());
     }
 
     #[test]
     fn stored_frames_go_before_unstarted_ones() {
         let mut outbox = Outbox::default();
-        outbox.push(b("live1"), 100).unwrap();
-        outbox.push(b("live2"), 100).unwrap();
+        outbox.push(&f("live1"), 100).unwrap();
+        outbox.push(&f("live2"), 100).unwrap();
         outbox.push_front(vec![b("a"), b("b")]);
         assert_eq!(pending(&outbox), b"ablive1live2");
         // A frame already started is finished first.
@@ -160,8 +186,8 @@ mod tests {
     #[test]
     fn dropping_keeps_a_started_frame() {
         let mut outbox = Outbox::default();
-        outbox.push(b("abc"), 100).unwrap();
-        outbox.push(b("def"), 100).unwrap();
+        outbox.push(&f("abc"), 100).unwrap();
+        outbox.push(&f("def"), 100).unwrap();
         outbox.advance(1);
         outbox.drop_unstarted();
         assert_eq!(pending(&outbox), b"bc");
@@ -176,9 +202,14 @@ mod tests {
     fn a_burst_queue_is_freed_once_written() {
         let mut outbox = Outbox::default();
         for _ in 0..1000 {
-            outbox.push(b("x"), usize::MAX).unwrap();
+            outbox.push(&f("x"), usize::MAX).unwrap();
         }
         outbox.advance(1000);
         assert!(outbox.frames.capacity() <= KEEP_CAPACITY);
+        outbox.push(&f("x"), 10).unwrap();
+        outbox.advance(1);
+        assert!(outbox.frames.capacity() > 0, "kept while busy");
+        outbox.shrink();
+        assert_eq!(outbox.frames.capacity(), 0);
     }
 }

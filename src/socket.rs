@@ -16,8 +16,7 @@ use std::task::Waker;
 
 use bytes::Bytes;
 
-use crate::outbox::{Full, Outbox, MAX_IOVECS};
-use crate::registry::Publication;
+use crate::outbox::{Frame, Full, Outbox, MAX_IOVECS};
 use crate::wheel::Tick;
 use crate::ws::Stream;
 
@@ -56,7 +55,7 @@ pub struct Socket {
     pub stream: Stream,
     out: RefCell<Outbox>,
     /// Live frames that arrived during setup, before the stored messages.
-    held: RefCell<Vec<Bytes>>,
+    held: RefCell<Vec<Frame>>,
     flags: Cell<u8>,
     signals: Cell<u8>,
     waker: RefCell<Option<Waker>>,
@@ -140,7 +139,7 @@ impl Socket {
 
     /// Unwritten bytes, live frames held during setup included.
     pub fn queued(&self) -> usize {
-        let held: usize = self.held.borrow().iter().map(Bytes::len).sum();
+        let held: usize = self.held.borrow().iter().map(|f| f.len()).sum();
         self.out.borrow().unwritten() + held
     }
 
@@ -148,11 +147,13 @@ impl Socket {
         !self.out.borrow().is_empty()
     }
 
-    /// Queues a publication for this socket (the worker's fan-out). Returns whether it
-    /// was queued; `dirty` collects the sockets to flush at the end of the batch.
+    /// Queues a publication (its `frame`, carrying `payload`) for this socket: the
+    /// worker's fan-out. Returns whether it was queued; `dirty` collects the sockets to
+    /// flush at the end of the batch.
     pub fn deliver(
         self: &Rc<Self>,
-        publication: &Publication,
+        frame: &Frame,
+        payload: &[u8],
         limit: usize,
         now: Tick,
         dirty: &mut Vec<Rc<Socket>>,
@@ -160,21 +161,18 @@ impl Socket {
         if self.has(flag::CLOSING) {
             return false;
         }
-        if !self.has(flag::ECHO)
-            && self.last_published.borrow().as_deref() == Some(publication.payload())
-        {
+        if !self.has(flag::ECHO) && self.last_published.borrow().as_deref() == Some(payload) {
             return false;
         }
-        let frame = publication.frame.clone();
         if self.has(flag::HELD) {
             if self.queued() + frame.len() > limit {
                 self.overflow();
                 return false;
             }
-            self.held.borrow_mut().push(frame);
+            self.held.borrow_mut().push(frame.clone());
             return true;
         }
-        let mut pushed = self.out.borrow_mut().push(frame.clone(), limit);
+        let mut pushed = self.out.borrow_mut().push(frame, limit);
         if pushed == Err(Full) && !self.has(flag::WANT_WRITE) {
             // Give a socket that keeps up the chance to take the frame now.
             self.flush(now);
@@ -213,7 +211,7 @@ impl Socket {
         let mut out = self.out.borrow_mut();
         out.push_front(stored);
         for frame in self.held.take() {
-            out.push_control(frame);
+            out.push_shared(frame);
         }
         drop(out);
         self.set(flag::HELD, false);
@@ -235,6 +233,11 @@ impl Socket {
         if !keep_queued {
             self.out.borrow_mut().drop_unstarted();
         }
+    }
+
+    /// Frees what an idle socket's queue kept from its last batches.
+    pub fn shrink_idle(&self) {
+        self.out.borrow_mut().shrink();
     }
 
     /// The kernel buffer has room again (the task saw the stream writable).

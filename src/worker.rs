@@ -230,8 +230,10 @@ impl Worker {
                 let Some(sockets) = listeners.get(&publication.key) else {
                     continue;
                 };
+                let frame = Rc::new(publication.frame.clone());
+                let payload = publication.payload();
                 for socket in sockets {
-                    if socket.deliver(publication, limit, now, &mut dirty) {
+                    if socket.deliver(&frame, payload, limit, now, &mut dirty) {
                         frames += 1;
                         bytes += publication.payload().len() as u64;
                     }

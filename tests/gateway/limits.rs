@@ -335,3 +335,47 @@ async fn the_origin_check_compares_the_scheme() {
         101
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_publication_costs_memory_once_not_per_socket() {
+    let size = 16 * 1024 * 1024;
+    let limit = (size + 1024 * 1024).to_string();
+    let settings = [
+        ("max_message_size", limit.as_str()),
+        ("queue_bytes", limit.as_str()),
+        ("max_publication_size", limit.as_str()),
+        ("ping_interval", "0"),
+    ];
+    let gw = Gateway::start_process(&settings, &[]);
+    let pid = gw.pid();
+    let mut sockets = Vec::new();
+    for _ in 0..20 {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut tcp = socket.connect(gw.addr).await.unwrap();
+        let answer = raw_handshake(&mut tcp, "/ws/big?subscribe-broadcast").await;
+        assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+        sockets.push(tcp);
+    }
+    let before = rss_kib(pid);
+    let body = serde_json::json!({"facility": "big", "audiences": {"broadcast": true}, "message": "x".repeat(size), "expire": 0});
+    assert_eq!(gw.api_publish(body).await.status, 200);
+    // Twenty sockets that do not read hold the one shared frame: the request body, its
+    // decoded copy and the frame, not twenty copies (320 MiB).
+    let during = rss_kib(pid).saturating_sub(before);
+    assert!(during < 64 * 1024, "RSS grew by {during} KiB while queued");
+    drop(sockets);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while metric(&metrics(&gw).await, "wsrelay_sockets") > 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sockets never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = rss_kib(pid).saturating_sub(before);
+    assert!(
+        after < 8 * 1024,
+        "RSS still {after} KiB above after the sockets closed"
+    );
+}
