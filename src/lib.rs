@@ -37,9 +37,10 @@
 //!                              handed to each worker with a socket on the key
 //!                                                       │ one inbox per worker thread
 //!                                                       ▼
-//!                              Worker: key → its sockets; the same Bytes queued in
-//!                              each socket's Outbox (bounded), then one vectored
-//!                              write per socket per batch
+//!                              Worker: key → its sockets; the frame wrapped once in
+//!                              an Rc and queued in each socket's Outbox (bounded, no
+//!                              atomics per socket), then one vectored write per
+//!                              socket per batch
 //!                                                       │ kernel buffer full?
 //!                                                       ▼
 //!                              socket task waits for room, answers the client,
