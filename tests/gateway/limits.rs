@@ -36,6 +36,21 @@ async fn raw_handshake(tcp: &mut TcpStream, path: &str) -> String {
     String::from_utf8_lossy(&head).into_owned()
 }
 
+/// `n` sockets on `path` that complete their handshake and then never read. Their
+/// receive buffer is small: the kernel takes little before the gateway must queue.
+async fn never_reading(gw: &Gateway, n: usize, path: &str) -> Vec<TcpStream> {
+    let mut sockets = Vec::new();
+    for _ in 0..n {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut tcp = socket.connect(gw.addr).await.unwrap();
+        let answer = raw_handshake(&mut tcp, path).await;
+        assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+        sockets.push(tcp);
+    }
+    sockets
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_announcing_2_40_bytes_is_refused_before_it_costs_memory() {
     let gw = Gateway::start_process(&[("max_message_size", "65536")], &[]);
@@ -95,16 +110,7 @@ async fn slow_consumers_that_never_read_release_their_descriptors() {
     ];
     let gw = Gateway::start_process(&settings, &[]);
     let pid = gw.pid();
-    let mut sockets = Vec::new();
-    for _ in 0..50 {
-        // A small receive buffer: the kernel takes little before the gateway must queue.
-        let socket = TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let mut tcp = socket.connect(gw.addr).await.unwrap();
-        let answer = raw_handshake(&mut tcp, "/ws/flood?subscribe-broadcast").await;
-        assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
-        sockets.push(tcp);
-    }
+    let sockets = never_reading(&gw, 50, "/ws/flood?subscribe-broadcast").await;
     let deadline = tokio::time::Instant::now() + WAIT;
     while metric(&metrics(&gw).await, "wsrelay_sockets") < 50.0 {
         assert!(
@@ -348,15 +354,7 @@ async fn a_large_publication_costs_memory_once_not_per_socket() {
     ];
     let gw = Gateway::start_process(&settings, &[]);
     let pid = gw.pid();
-    let mut sockets = Vec::new();
-    for _ in 0..20 {
-        let socket = TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let mut tcp = socket.connect(gw.addr).await.unwrap();
-        let answer = raw_handshake(&mut tcp, "/ws/big?subscribe-broadcast").await;
-        assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
-        sockets.push(tcp);
-    }
+    let sockets = never_reading(&gw, 20, "/ws/big?subscribe-broadcast").await;
     let before = rss_kib(pid);
     let body = serde_json::json!({"facility": "big", "audiences": {"broadcast": true}, "message": "x".repeat(size), "expire": 0});
     assert_eq!(gw.api_publish(body).await.status, 200);
