@@ -200,6 +200,7 @@ impl Config {
             .set_default("policy.max_subscriptions", 128)?
             .set_default("policy.max_cookie_bytes", 8192)?
             .set_default("policy.handshake_timeout", 5.0)?
+            .set_default("policy.request_timeout", 30.0)?
             .set_default("policy.rules", Vec::<String>::new())?;
         if let Some(path) = path {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
@@ -320,11 +321,13 @@ impl Config {
             }
         }
         let policy = &self.policy;
-        if !policy.handshake_timeout.is_finite() || policy.handshake_timeout <= 0.0 {
-            return bad(
-                "policy.handshake_timeout",
-                "must be a number of seconds above 0",
-            );
+        for (name, value) in [
+            ("policy.handshake_timeout", policy.handshake_timeout),
+            ("policy.request_timeout", policy.request_timeout),
+        ] {
+            if !value.is_finite() || value <= 0.0 || value > 86400.0 {
+                return bad(name, "must be a number of seconds above 0, at most 86400");
+            }
         }
         if policy.max_subscriptions == 0 {
             return bad("policy.max_subscriptions", "must be at least 1");
@@ -385,6 +388,10 @@ impl Config {
         seconds(self.policy.handshake_timeout)
     }
 
+    pub fn request_timeout(&self) -> Duration {
+        seconds(self.policy.request_timeout)
+    }
+
     pub fn demo_enabled(&self) -> bool {
         self.demo.unwrap_or(self.redis.url.is_none())
     }
@@ -393,6 +400,10 @@ impl Config {
     /// that lets the demo page publish on its own facilities (`demo/…`).
     pub fn effective_policy(&self) -> PolicyConfig {
         let mut policy = self.policy.clone();
+        // Peers are compared in canonical form (`::ffff:a.b.c.d` is `a.b.c.d`).
+        for proxy in &mut policy.trusted_proxies {
+            *proxy = proxy.to_canonical();
+        }
         if self.demo_enabled() {
             policy.rules.insert(0, crate::policy::Rule::demo());
         }

@@ -60,6 +60,9 @@ pub const CLOSE_SLOW_CONSUMER: u16 = 4000;
 const READS_PER_TURN: usize = 4;
 /// Bytes read and discarded while waiting for a closing client, before it is reset.
 const MAX_DISCARD: usize = 1024 * 1024;
+/// What a client message waiting to be published costs besides its payload (its
+/// buffer and queue entry), so that empty messages count too.
+const MESSAGE_OVERHEAD: usize = 64;
 /// Ticks without a write after which a socket counts as idle and its queue's memory is
 /// freed (checked when a timer wakes it: pings, heartbeats).
 const IDLE: Tick = 100;
@@ -312,12 +315,17 @@ impl Conn {
             }
         }
         // Reading pauses while too many client messages wait to be published.
-        if self.unpublished_bytes < self.config().queue_bytes {
+        if !self.reading_paused() {
             if let Poll::Ready(r) = self.socket.stream.poll_read_ready(cx) {
                 return Poll::Ready(Event::Readable(r));
             }
         }
         Poll::Pending
+    }
+
+    /// Whether reading waits for the client's earlier messages to be published.
+    fn reading_paused(&self) -> bool {
+        self.unpublished_bytes >= self.config().queue_bytes
     }
 
     /// Asks the wheel to wake the task at its next deadline.
@@ -328,7 +336,7 @@ impl Conn {
         if self.setup.is_some() {
             next = next.min(t.setup_deadline);
         }
-        if config.heartbeat.is_some() {
+        if config.heartbeat.is_some() && !self.socket.has_unwritten() {
             next = next.min(self.socket.last_write() + config.heartbeat_interval);
         }
         if let Some(since) = self.socket.stalled_since() {
@@ -370,7 +378,8 @@ impl Conn {
         if self.timers.closing_at <= now {
             return Err(CloseReason::Shutdown);
         }
-        if self.timers.pong_deadline <= now {
+        // While reading is paused the pong may be waiting unread: no verdict then.
+        if self.timers.pong_deadline <= now && !self.reading_paused() {
             return Err(CloseReason::PingTimeout);
         }
         if self
@@ -393,7 +402,8 @@ impl Conn {
         }
         if let Some(interval) = config.ping_interval {
             if self.timers.next_ping <= now {
-                self.socket.send_control(ping_frame(), now);
+                self.socket
+                    .send_control(ping_frame(), config.queue_bytes, now);
                 self.timers.next_ping = now + interval;
                 if self.timers.pong_deadline == NEVER {
                     self.timers.pong_deadline = now + config.ping_timeout;
@@ -401,8 +411,11 @@ impl Conn {
             }
         }
         if let Some(heartbeat) = &config.heartbeat {
-            if self.socket.last_write() + config.heartbeat_interval <= now {
-                self.socket.send_control(heartbeat.frame.clone(), now);
+            // A socket with frames waiting is not idle, and one more would not help.
+            let idle = !self.socket.has_unwritten();
+            if idle && self.socket.last_write() + config.heartbeat_interval <= now {
+                let frame = heartbeat.frame.clone();
+                self.socket.send_control(frame, config.queue_bytes, now);
             }
         }
         Ok(())
@@ -420,12 +433,23 @@ impl Conn {
             .filter(|v| Some(&v[..]) != heartbeat && v.len() <= config.max_publication_size)
             .collect();
         let metrics = &self.worker.relay.metrics;
-        metrics.frames_delivered.inc_by(stored.len() as u64);
+        let frames: Vec<Bytes> = stored.iter().map(|v| frame::encode_message(v)).collect();
+        let skipped = self.socket.release(frames, config.queue_bytes, now);
+        let sent = &stored[..stored.len() - skipped];
+        metrics.frames_delivered.inc_by(sent.len() as u64);
         metrics
             .bytes_out
-            .inc_by(stored.iter().map(|v| v.len() as u64).sum());
-        let frames = stored.iter().map(|v| frame::encode_message(v)).collect();
-        self.socket.release(frames, now);
+            .inc_by(sent.iter().map(|v| v.len() as u64).sum());
+        if skipped > 0 {
+            debug!(
+                "conn {}: {skipped} stored messages skipped: over queue_bytes together",
+                self.params.id
+            );
+            metrics
+                .publications_dropped
+                .with_label_values(&["stored_over_queue"])
+                .inc_by(skipped as u64);
+        }
         self.publish_next();
     }
 
@@ -473,7 +497,9 @@ impl Conn {
         let payload = match message {
             Message::Text(p) | Message::Binary(p) => p,
             Message::Ping(p) => {
-                self.socket.send_control(encode(frame::OP_PONG, &p), now);
+                let limit = self.config().queue_bytes;
+                self.socket
+                    .send_control(encode(frame::OP_PONG, &p), limit, now);
                 return Ok(());
             }
             Message::Pong => return Ok(()),
@@ -481,7 +507,9 @@ impl Conn {
         };
         if let Some(heartbeat) = &self.config().heartbeat {
             if payload == heartbeat.text {
-                self.socket.send_control(heartbeat.frame.clone(), now);
+                let limit = self.config().queue_bytes;
+                self.socket
+                    .send_control(heartbeat.frame.clone(), limit, now);
                 return Ok(());
             }
         }
@@ -490,8 +518,8 @@ impl Conn {
             return Ok(());
         }
         // Marked now: the broker may hand it back before the publish is confirmed.
-        self.socket.published(payload.clone());
-        self.unpublished_bytes += payload.len();
+        self.socket.published(&payload);
+        self.unpublished_bytes += payload.len() + MESSAGE_OVERHEAD;
         self.unpublished.push_back(payload);
         self.publish_next();
         Ok(())
@@ -505,7 +533,7 @@ impl Conn {
         let Some(payload) = self.unpublished.pop_front() else {
             return;
         };
-        self.unpublished_bytes -= payload.len();
+        self.unpublished_bytes -= payload.len() + MESSAGE_OVERHEAD;
         let relay = self.worker.relay.clone();
         let keys = self.params.publish.clone();
         self.publishing = Some(Box::pin(async move {
@@ -566,7 +594,7 @@ impl Conn {
             return;
         };
         let now = self.worker.clock.now();
-        self.socket.send_control(encode_close(code, &text), now);
+        self.socket.send_close(encode_close(code, &text), now);
         let deadline = now + self.config().close_timeout;
         self.worker.schedule(&self.socket, deadline);
         let echoing = matches!(reason, CloseReason::ClientClosed(_));
@@ -683,7 +711,7 @@ impl Conn {
             Peer(p.peer),
             p.facility,
             p.user.as_deref().unwrap_or("-"),
-            f64::from(lived) * crate::wheel::TICK.as_secs_f64(),
+            lived as f64 * crate::wheel::TICK.as_secs_f64(),
             reason
                 .close_frame()
                 .map_or_else(|| "-".to_string(), |(code, _)| code.to_string()),

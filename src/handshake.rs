@@ -39,6 +39,8 @@ pub enum HandshakeError {
     MethodNotGet,
     #[error("Client does not wish to upgrade to a websocket")]
     NotUpgrade,
+    #[error("invalid WebSocket handshake: it needs HTTP/1.1 and a Host header")]
+    NotHttp11,
     #[error("invalid WebSocket handshake: the Connection header must include 'upgrade'")]
     NoConnectionUpgrade,
     #[error("Sec-WebSocket-Version is missing; this server speaks version 13")]
@@ -112,7 +114,7 @@ impl HandshakeError {
             self,
             HandshakeError::MissingVersion | HandshakeError::UnsupportedVersion(_)
         )
-        .then_some(("sec-websocket-version", "13"))
+        .then_some(("sec-websocket-version", "13, 8, 7"))
     }
 
     /// The whole HTTP answer, for a connection that leaves the HTTP server.
@@ -211,6 +213,9 @@ impl Handshaker {
             return Err(HandshakeError::MethodNotGet);
         }
         let headers = &head.headers;
+        if head.version < actix_http::Version::HTTP_11 || !headers.contains_key(header::HOST) {
+            return Err(HandshakeError::NotHttp11);
+        }
         if !has_token(headers, header::UPGRADE, "websocket") {
             return Err(HandshakeError::NotUpgrade);
         }
@@ -419,7 +424,7 @@ mod tests {
             raw.starts_with("HTTP/1.1 426 Upgrade Required\r\n"),
             "{raw}"
         );
-        assert!(raw.contains("sec-websocket-version: 13\r\n"));
+        assert!(raw.contains("sec-websocket-version: 13, 8, 7\r\n"));
         assert!(raw
             .ends_with("\r\n\r\nSec-WebSocket-Version is missing; this server speaks version 13"));
         let e = HandshakeError::UnsupportedVersion("12".into());

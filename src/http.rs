@@ -62,12 +62,15 @@ pub fn configure(cfg: &mut web::ServiceConfig, websocket_url: &str, max_message_
         .service(web::resource("/metrics").get(metrics))
         .service(
             web::resource("/api/publish")
-                .app_data(web::PayloadConfig::new(
+                .app_data(web::Data::new(PublishLimit(
                     max_message_size * 6 + PUBLISH_ENVELOPE,
-                ))
+                )))
                 .post(publish),
         );
 }
+
+/// The largest `POST /api/publish` body, in bytes.
+struct PublishLimit(usize);
 
 /// A request for a WebSocket URL that did not ask to upgrade: refused with the
 /// handshake's reason (ws4redis's texts).
@@ -150,8 +153,13 @@ impl Audiences {
     }
 }
 
-async fn publish(req: HttpRequest, body: web::Bytes, state: web::Data<HttpState>) -> HttpResponse {
-    let response = publish_checked(&req, &body, &state).await;
+async fn publish(
+    req: HttpRequest,
+    body: web::Payload,
+    limit: web::Data<PublishLimit>,
+    state: web::Data<HttpState>,
+) -> HttpResponse {
+    let response = publish_checked(&req, body, limit.0, &state).await;
     let status = response.status();
     state
         .metrics
@@ -161,7 +169,13 @@ async fn publish(req: HttpRequest, body: web::Bytes, state: web::Data<HttpState>
     response
 }
 
-async fn publish_checked(req: &HttpRequest, body: &web::Bytes, state: &HttpState) -> HttpResponse {
+/// The token is checked before the body is read: a caller without it costs no body.
+async fn publish_checked(
+    req: &HttpRequest,
+    body: web::Payload,
+    limit: usize,
+    state: &HttpState,
+) -> HttpResponse {
     let Some(token) = &state.publish_token else {
         return plain(
             StatusCode::NOT_FOUND,
@@ -174,7 +188,15 @@ async fn publish_checked(req: &HttpRequest, body: &web::Bytes, state: &HttpState
             .content_type("text/plain; charset=utf-8")
             .body("missing or wrong bearer token");
     }
-    let request: PublishRequest = match serde_json::from_slice(body) {
+    let body = match body.to_bytes_limited(limit).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(_)) => {
+            let why = format!("request body is larger than {limit} bytes");
+            return plain(StatusCode::PAYLOAD_TOO_LARGE, why);
+        }
+        Err(e) => return plain(StatusCode::BAD_REQUEST, format!("request body: {e}")),
+    };
+    let request: PublishRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return plain(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")),
     };

@@ -154,7 +154,10 @@ fn effective_max_sockets(configured: usize) -> usize {
     let Some(limit) = descriptor_limit() else {
         return configured;
     };
-    let allowed = limit.saturating_sub(RESERVED_DESCRIPTORS).max(1);
+    // Left for HTTP connections, Redis, the listener and files: a sixteenth, and more.
+    let allowed = limit
+        .saturating_sub(RESERVED_DESCRIPTORS + limit / 16)
+        .max(1);
     if configured > allowed {
         warn!(
             "max_sockets lowered from {configured} to {allowed}: the open-files limit is {limit} \
@@ -326,8 +329,10 @@ pub async fn run(
         assets,
         workers: config.workers,
         handshake_timeout: config.handshake_timeout(),
+        request_timeout: config.request_timeout(),
         keep_alive: config.http_keep_alive(),
         shutdown_timeout: config.shutdown_timeout(),
+        lingering: Arc::default(),
     }
     .start(listener)?;
     let handle = server.handle();

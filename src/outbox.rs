@@ -44,37 +44,58 @@ pub struct Outbox {
 
 impl Outbox {
     /// Queues `frame` (a reference to it: it is cloned only when it fits) unless the
-    /// unwritten bytes would pass `limit`.
+    /// unwritten bytes would pass `limit`. An empty queue takes any one frame: a
+    /// publication as large as `queue_bytes` (it is shared, never copied) must not close
+    /// an idle subscriber; while it is being written, more is refused.
     pub fn push(&mut self, frame: &Frame, limit: usize) -> Result<(), Full> {
-        if self.unwritten + frame.len() > limit {
+        if !self.fits(frame.len(), limit) {
             return Err(Full);
         }
-        self.unwritten += frame.len();
-        self.frames.push_back(frame.clone());
+        self.push_owned(frame.clone());
         Ok(())
     }
 
-    /// Queues `frame` whatever the bound: for control frames, which are tiny and must
-    /// not be lost (pongs, heartbeats, the close frame).
-    pub fn push_control(&mut self, frame: Bytes) {
-        self.push_shared(Rc::new(frame));
+    fn fits(&self, len: usize, limit: usize) -> bool {
+        self.frames.is_empty() || self.unwritten + len <= limit
     }
 
-    /// Queues `frame` whatever the bound, for frames already counted against it.
-    pub fn push_shared(&mut self, frame: Frame) {
+    /// Queues a control frame (pong, heartbeat) under the same bound as publications: a
+    /// client that pings without reading fills its own queue, not the gateway's memory.
+    pub fn push_control(&mut self, frame: Bytes, limit: usize) -> Result<(), Full> {
+        if !self.fits(frame.len(), limit) {
+            return Err(Full);
+        }
+        self.push_owned(Rc::new(frame));
+        Ok(())
+    }
+
+    /// Queues `frame` whatever the bound: the close frame, and frames already counted
+    /// against the bound.
+    pub fn push_owned(&mut self, frame: Frame) {
         self.unwritten += frame.len();
         self.frames.push_back(frame);
     }
 
-    /// Queues `frames` ahead of everything not yet started. Used once, for the stored
-    /// messages, before the socket's first data write: every frame queued by then is a
-    /// live publication at least as new, so it must come after them.
-    pub fn push_front(&mut self, frames: Vec<Bytes>) {
+    /// Queues `frames` ahead of everything not yet started, while they fit under
+    /// `limit` on their own (the first always does); returns how many did not. Used
+    /// once, for the stored messages, before the socket's first data write: every frame
+    /// queued by then is a live publication at least as new, so it must come after.
+    pub fn push_front(&mut self, frames: Vec<Bytes>, limit: usize) -> usize {
         let at = usize::from(self.offset > 0);
-        for (i, frame) in frames.into_iter().enumerate() {
+        let (mut taken, mut bytes) = (0, 0);
+        for frame in &frames {
+            if taken > 0 && bytes + frame.len() > limit {
+                break;
+            }
+            bytes += frame.len();
+            taken += 1;
+        }
+        let skipped = frames.len() - taken;
+        for (i, frame) in frames.into_iter().take(taken).enumerate() {
             self.unwritten += frame.len();
             self.frames.insert(at + i, Rc::new(frame));
         }
+        skipped
     }
 
     pub fn is_empty(&self) -> bool {
@@ -164,10 +185,13 @@ mod tests {
     }
 
     #[test]
-    fn a_frame_larger_than_the_bound_is_refused_even_when_empty() {
+    fn an_empty_queue_takes_one_frame_of_any_size() {
         let mut outbox = Outbox::default();
-        assert_eq!(outbox.push(&f("123456"), 4), Err(Full));
-        assert!(outbox.is_empty());
+        assert_eq!(outbox.push(&f("123456"), 4), Ok(()));
+        assert_eq!(outbox.push(&f("1"), 4), Err(Full));
+        assert_eq!(outbox.push_control(b("p"), 4), Err(Full));
+        outbox.advance(6);
+        assert_eq!(outbox.push_control(b("pong"), 4), Ok(()));
     }
 
     #[test]
@@ -175,12 +199,16 @@ mod tests {
         let mut outbox = Outbox::default();
         outbox.push(&f("live1"), 100).unwrap();
         outbox.push(&f("live2"), 100).unwrap();
-        outbox.push_front(vec![b("a"), b("b")]);
+        assert_eq!(outbox.push_front(vec![b("a"), b("b")], 100), 0);
         assert_eq!(pending(&outbox), b"ablive1live2");
         // A frame already started is finished first.
         outbox.advance(3);
-        outbox.push_front(vec![b("c")]);
+        outbox.push_front(vec![b("c")], 100);
         assert_eq!(pending(&outbox), b"ive1clive2");
+        // Stored messages are bounded on their own; the first always goes.
+        let mut outbox = Outbox::default();
+        assert_eq!(outbox.push_front(vec![b("12345"), b("678"), b("9")], 4), 2);
+        assert_eq!(pending(&outbox), b"12345");
     }
 
     #[test]

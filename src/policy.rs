@@ -46,8 +46,11 @@ pub struct PolicyConfig {
     pub max_subscriptions: usize,
     /// Largest `Cookie` header accepted, in bytes.
     pub max_cookie_bytes: usize,
-    /// Seconds a client has to send its request head.
+    /// Seconds a client has to send each request head.
     pub handshake_timeout: f64,
+    /// Seconds the rest of an HTTP request (body, answer) may take, and a write may wait
+    /// for the client to read.
+    pub request_timeout: f64,
     pub rules: Vec<Rule>,
 }
 
@@ -196,7 +199,12 @@ impl PolicyConfig {
     /// trusted proxy sent the request), or one of `allowed_origins`. Other schemes never
     /// pass. Requests without `Origin` do not come from a browser page and pass.
     pub fn check_origin(&self, head: &RequestHead, peer: Option<IpAddr>) -> Result<(), String> {
-        let Some(origin) = head.headers.get(header::ORIGIN) else {
+        // Drafts 7 and 8 of the protocol (still accepted) name it Sec-WebSocket-Origin.
+        let origin = head
+            .headers
+            .get(header::ORIGIN)
+            .or_else(|| head.headers.get("sec-websocket-origin"));
+        let Some(origin) = origin else {
             return Ok(());
         };
         let origin = origin.to_str().unwrap_or("");
@@ -232,11 +240,13 @@ impl PolicyConfig {
         if !peer.is_some_and(|p| self.trusted_proxies.contains(&p)) {
             return "http";
         }
+        // The last entry is the one our own proxy wrote.
         let forwarded = head
             .headers
-            .get("x-forwarded-proto")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
+            .get_all("x-forwarded-proto")
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .last()
             .map(str::trim);
         match forwarded {
             Some(p) if p.eq_ignore_ascii_case("https") => "https",
@@ -259,7 +269,8 @@ impl PolicyConfig {
         let real_ip = headers
             .get("x-real-ip")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse().ok());
+            .and_then(|v| v.trim().parse::<IpAddr>().ok())
+            .map(|ip| ip.to_canonical());
         // Walking from the right (the entries our proxies appended), the first address
         // that is not a trusted proxy is the client. An entry that does not parse ends
         // the walk: what lies left of it was written by somebody we do not trust.
@@ -270,7 +281,7 @@ impl PolicyConfig {
             .collect();
         let mut forwarded = None;
         for entry in entries.iter().rev() {
-            match entry.trim().parse::<IpAddr>() {
+            match entry.trim().parse::<IpAddr>().map(|ip| ip.to_canonical()) {
                 Ok(ip) if self.trusted_proxies.contains(&ip) => continue,
                 Ok(ip) => forwarded = Some(ip),
                 Err(_) => {}
@@ -380,6 +391,7 @@ mod tests {
             max_subscriptions: 64,
             max_cookie_bytes: 8192,
             handshake_timeout: 5.0,
+            request_timeout: 30.0,
             rules,
         }
     }

@@ -20,14 +20,17 @@
 //!
 //! [`HttpConn`] bounds the HTTP part: every request head on a connection, keep-alive
 //! included, must arrive within `policy.handshake_timeout` (the dispatcher itself only
-//! times the first one), and a connection from a client address holds one of that
-//! address's `max_connections_per_ip` places until it closes or becomes a socket.
+//! times the first one), the rest of a request (body, handler, answer) within
+//! `policy.request_timeout`, and a blocked write must make progress within that time;
+//! a connection from a client address holds one of that address's
+//! `max_connections_per_ip` places until it closes or becomes a socket.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -55,6 +58,8 @@ const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 /// Bytes read and dropped from a refused client before its connection is closed.
 const REFUSAL_DISCARD: usize = 64 * 1024;
+/// Refused connections lingering at once; beyond, refusals are answered and dropped.
+const MAX_LINGERING: usize = 1024;
 
 /// What the listener needs to serve.
 pub struct Listener {
@@ -64,8 +69,11 @@ pub struct Listener {
     pub assets: web::Data<crate::assets::Assets>,
     pub workers: usize,
     pub handshake_timeout: Duration,
+    pub request_timeout: Duration,
     pub keep_alive: Duration,
     pub shutdown_timeout: Duration,
+    /// Refused connections lingering now (see [`Listener::refuse`]).
+    pub lingering: Arc<AtomicUsize>,
 }
 
 impl Listener {
@@ -74,9 +82,12 @@ impl Listener {
         let mut builder = Server::build()
             .disable_signals()
             .shutdown_timeout(self.shutdown_timeout.as_secs().max(1));
-        if self.workers > 0 {
-            builder = builder.workers(self.workers);
-        }
+        // One per CPU by default, at most what the registry can address.
+        let workers = match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        builder = builder.workers(workers.min(crate::registry::MAX_WORKERS));
         let this = Arc::new(self);
         Ok(builder
             .listen("wsrelay", listener, move || this.worker_service())?
@@ -143,7 +154,12 @@ impl Listener {
         &self,
         tcp: TcpStream,
     ) -> Result<(HttpConn, Option<SocketAddr>), actix_http::error::DispatchError> {
-        let peer = tcp.peer_addr().ok();
+        // An IPv4 client of a dual-stack listener shows as `::ffff:a.b.c.d`: the
+        // policy's addresses are compared in their canonical form.
+        let peer = tcp
+            .peer_addr()
+            .ok()
+            .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()));
         let _ = tcp.set_nodelay(true);
         let policy = &self.handshaker.policy;
         let slot = match peer.map(|p| p.ip()) {
@@ -157,7 +173,7 @@ impl Listener {
                     Some(slot) => Some(slot),
                     None => {
                         let refusal = crate::handshake::HandshakeError::PerIpLimit(ip);
-                        tokio::task::spawn_local(close_gently(tcp, refusal.to_http()));
+                        self.refuse(tcp, refusal.to_http());
                         self.handshaker
                             .metrics
                             .handshakes
@@ -171,9 +187,32 @@ impl Listener {
         };
         let counted = Counted::new(&self.handshaker.metrics.http_connections);
         Ok((
-            HttpConn::new(tcp, slot, counted, self.handshake_timeout),
+            HttpConn::new(
+                tcp,
+                slot,
+                counted,
+                self.handshake_timeout,
+                self.request_timeout,
+            ),
             peer,
         ))
+    }
+}
+
+impl Listener {
+    /// Answers a connection refused at accept, gently while few are being refused (see
+    /// [`close_gently`]), at once beyond [`MAX_LINGERING`].
+    fn refuse(&self, tcp: TcpStream, answer: Vec<u8>) {
+        let lingering = self.lingering.clone();
+        if lingering.fetch_add(1, Ordering::AcqRel) >= MAX_LINGERING {
+            lingering.fetch_sub(1, Ordering::AcqRel);
+            let _ = tcp.try_write(&answer);
+            return;
+        }
+        tokio::task::spawn_local(async move {
+            close_gently(tcp, answer).await;
+            lingering.fetch_sub(1, Ordering::AcqRel);
+        });
     }
 }
 
@@ -250,12 +289,12 @@ async fn write_bounded(tcp: &mut TcpStream, bytes: &[u8], limit: Duration) -> bo
     )
 }
 
-/// An HTTP connection: the TCP stream, the client address's place, and the deadline of
-/// the request head being received.
+/// An HTTP connection: the TCP stream, the client address's place, and the deadlines
+/// of the request in progress.
 pub struct HttpConn {
     stream: TcpStream,
     slot: Option<IpSlot>,
-    head: HeadClock,
+    clock: RequestClock,
     _counted: Counted,
 }
 
@@ -276,14 +315,20 @@ impl Drop for Counted {
 }
 
 impl HttpConn {
-    fn new(stream: TcpStream, slot: Option<IpSlot>, counted: Counted, limit: Duration) -> Self {
-        let mut head = HeadClock::new(limit);
+    fn new(
+        stream: TcpStream,
+        slot: Option<IpSlot>,
+        counted: Counted,
+        head_limit: Duration,
+        request_limit: Duration,
+    ) -> Self {
+        let mut clock = RequestClock::new(head_limit, request_limit);
         // The first head's time runs from the connect.
-        head.start();
+        clock.start();
         HttpConn {
             stream,
             slot,
-            head,
+            clock,
             _counted: counted,
         }
     }
@@ -293,16 +338,22 @@ impl HttpConn {
         (self.stream, self.slot)
     }
 
-    /// The head did not arrive in time: answer 408 if the socket takes it at once,
-    /// and end the connection.
-    fn time_out(&self) -> Poll<io::Result<()>> {
-        let body = "request head not received within policy.handshake_timeout";
-        let answer = format!(
-            "HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        let _ = self.stream.try_write(answer.as_bytes());
-        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, body)))
+    /// A deadline passed: a late request head is answered 408 (if the socket takes it
+    /// at once); any other stall just ends the connection.
+    fn time_out(&self) -> io::Error {
+        let head = matches!(self.clock.phase, Phase::Head { .. });
+        if head && self.clock.write_blocked.is_none() {
+            let body = "request head not received within policy.handshake_timeout";
+            let answer = format!(
+                "HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = self.stream.try_write(answer.as_bytes());
+        }
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "HTTP request stalled past its deadline",
+        )
     }
 }
 
@@ -311,39 +362,83 @@ impl HttpConn {
 enum Phase {
     /// Between requests: the dispatcher's keep-alive timer applies.
     Idle,
-    /// Receiving a request head; `line` bytes into the current line, `lines` lines.
-    Head { line: usize, lines: usize },
-    /// Past the head (body, handler, answer).
+    /// Receiving a request head: `line_len` bytes into the current line, after
+    /// `lines` complete lines.
+    Head { line_len: usize, lines: usize },
+    /// Past the head: the body, the handler, the answer.
     Past,
 }
 
-/// Times request heads: from the first byte of a request (or the connect) to the blank
-/// line that ends its head.
-struct HeadClock {
-    limit: Duration,
+/// The deadlines of an HTTP connection, followed from the bytes it reads and writes:
+/// a request head must arrive within `policy.handshake_timeout` of its first byte (or
+/// of the connect), a whole request within `policy.request_timeout`, and a write that
+/// finds the kernel buffer full must make progress within `policy.request_timeout`.
+/// Pipelined requests are followed only roughly (bytes behind a head are not parsed).
+struct RequestClock {
+    head_limit: Duration,
+    request_limit: Duration,
     phase: Phase,
-    deadline: Instant,
-    /// Made on first use and reset for each head; `armed` says whether it is set to
-    /// the current deadline.
+    /// When the current request began.
+    started: Instant,
+    /// Since when a write waits for room in the kernel buffer.
+    write_blocked: Option<Instant>,
+    /// Made on first use; `armed_for` is the deadline it is set to.
     timer: Option<Pin<Box<Sleep>>>,
-    armed: bool,
+    armed_for: Option<Instant>,
 }
 
-impl HeadClock {
-    fn new(limit: Duration) -> Self {
-        HeadClock {
-            limit,
+impl RequestClock {
+    fn new(head_limit: Duration, request_limit: Duration) -> Self {
+        RequestClock {
+            head_limit,
+            request_limit,
             phase: Phase::Idle,
-            deadline: Instant::now(),
+            started: Instant::now(),
+            write_blocked: None,
             timer: None,
-            armed: false,
+            armed_for: None,
         }
     }
 
     fn start(&mut self) {
-        self.phase = Phase::Head { line: 0, lines: 0 };
-        self.deadline = Instant::now() + self.limit;
-        self.armed = false;
+        self.phase = Phase::Head {
+            line_len: 0,
+            lines: 0,
+        };
+        self.started = Instant::now();
+    }
+
+    /// The earliest deadline in force, if any.
+    fn deadline(&self) -> Option<Instant> {
+        let request = match self.phase {
+            Phase::Idle => None,
+            Phase::Head { .. } => Some(self.started + self.head_limit),
+            Phase::Past => Some(self.started + self.request_limit),
+        };
+        let write = self.write_blocked.map(|since| since + self.request_limit);
+        match (request, write) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn passed(&self) -> bool {
+        self.deadline().is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Whether the deadline passed; otherwise the task is woken when it does.
+    fn poll_passed(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(deadline) = self.deadline() else {
+            return false;
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if self.armed_for != Some(deadline) {
+            timer.as_mut().reset(deadline);
+            self.armed_for = Some(deadline);
+        }
+        timer.as_mut().poll(cx).is_ready()
     }
 
     /// Follows the bytes just read.
@@ -361,45 +456,33 @@ impl HeadClock {
     }
 
     fn step(&mut self, byte: u8) {
-        let Phase::Head { line, lines } = self.phase else {
+        let Phase::Head { line_len, lines } = self.phase else {
             return;
         };
         self.phase = match byte {
             // An empty line after at least one line ends the head (empty lines before
             // the request line are skipped, as RFC 9112 allows).
-            b'\n' if line == 0 && lines > 0 => Phase::Past,
-            b'\n' if line == 0 => Phase::Head { line, lines },
+            b'\n' if line_len == 0 && lines > 0 => Phase::Past,
+            b'\n' if line_len == 0 => self.phase,
             b'\n' => Phase::Head {
-                line: 0,
+                line_len: 0,
                 lines: lines + 1,
             },
-            b'\r' => Phase::Head { line, lines },
+            b'\r' => self.phase,
             _ => Phase::Head {
-                line: line + 1,
+                line_len: line_len + 1,
                 lines,
             },
         };
     }
 
-    /// The answer to the current request started: the next bytes begin a new request.
-    fn answered(&mut self) {
+    /// A write made progress; once the answer to a request has started, the next bytes
+    /// begin a new request.
+    fn wrote(&mut self) {
+        self.write_blocked = None;
         if self.phase == Phase::Past {
             self.phase = Phase::Idle;
         }
-    }
-
-    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        if !matches!(self.phase, Phase::Head { .. }) {
-            return false;
-        }
-        let deadline = self.deadline;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if !std::mem::replace(&mut self.armed, true) {
-            timer.as_mut().reset(deadline);
-        }
-        timer.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -413,17 +496,36 @@ impl AsyncRead for HttpConn {
         let before = buf.filled().len();
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                this.head.saw(&buf.filled()[before..]);
-                let late = matches!(this.head.phase, Phase::Head { .. })
-                    && Instant::now() >= this.head.deadline;
-                if late {
-                    return this.time_out();
+                this.clock.saw(&buf.filled()[before..]);
+                if this.clock.passed() {
+                    return Poll::Ready(Err(this.time_out()));
                 }
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending if this.head.expired(cx) => this.time_out(),
+            Poll::Pending if this.clock.poll_passed(cx) => Poll::Ready(Err(this.time_out())),
             other => other,
         }
+    }
+}
+
+impl HttpConn {
+    /// Follows a write's outcome for the deadlines.
+    fn after_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        written: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match written {
+            Poll::Ready(Ok(n)) if n > 0 => self.clock.wrote(),
+            Poll::Pending => {
+                self.clock.write_blocked.get_or_insert_with(Instant::now);
+                if self.clock.poll_passed(cx) {
+                    return Poll::Ready(Err(self.time_out()));
+                }
+            }
+            _ => {}
+        }
+        written
     }
 }
 
@@ -435,10 +537,7 @@ impl AsyncWrite for HttpConn {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let written = Pin::new(&mut this.stream).poll_write(cx, buf);
-        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-            this.head.answered();
-        }
-        written
+        this.after_write(cx, written)
     }
 
     fn poll_write_vectored(
@@ -448,10 +547,7 @@ impl AsyncWrite for HttpConn {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let written = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-            this.head.answered();
-        }
-        written
+        this.after_write(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -472,7 +568,7 @@ mod tests {
     use super::*;
 
     fn phase_after(chunks: &[&[u8]]) -> Phase {
-        let mut clock = HeadClock::new(Duration::from_secs(1));
+        let mut clock = RequestClock::new(Duration::from_secs(1), Duration::from_secs(30));
         for chunk in chunks {
             clock.saw(chunk);
         }
@@ -496,11 +592,19 @@ mod tests {
 
     #[test]
     fn an_answer_starts_the_next_request() {
-        let mut clock = HeadClock::new(Duration::from_secs(1));
+        let mut clock = RequestClock::new(Duration::from_secs(1), Duration::from_secs(30));
         clock.saw(b"GET / HTTP/1.1\r\n\r\nbody");
         assert_eq!(clock.phase, Phase::Past);
-        clock.answered();
+        assert!(
+            clock.deadline().is_some(),
+            "a request in progress has a deadline"
+        );
+        clock.wrote();
         assert_eq!(clock.phase, Phase::Idle);
+        assert!(
+            clock.deadline().is_none(),
+            "between requests, keep-alive decides"
+        );
         clock.saw(b"G");
         assert!(matches!(clock.phase, Phase::Head { .. }));
     }

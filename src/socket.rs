@@ -51,11 +51,20 @@ pub mod signal {
 /// Tick value meaning "never".
 pub const NEVER: Tick = Tick::MAX;
 
+/// A message's length and a 64-bit hash of it.
+fn fingerprint(payload: &[u8]) -> (usize, u64) {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    payload.hash(&mut hasher);
+    (payload.len(), hasher.finish())
+}
+
 pub struct Socket {
     pub stream: Stream,
     out: RefCell<Outbox>,
-    /// Live frames that arrived during setup, before the stored messages.
+    /// Live frames that arrived during setup, before the stored messages, and their bytes.
     held: RefCell<Vec<Frame>>,
+    held_bytes: Cell<usize>,
     flags: Cell<u8>,
     signals: Cell<u8>,
     waker: RefCell<Option<Waker>>,
@@ -66,11 +75,12 @@ pub struct Socket {
     /// When the kernel buffer first had no room since the queue was last empty
     /// ([`NEVER`] while the queue drains freely).
     blocked_since: Cell<Tick>,
-    /// The last message this client published: with `echo` off, the same message
-    /// coming back from the broker is not sent to it (ws4redis behaviour).
-    last_published: RefCell<Option<Bytes>>,
-    /// This socket's place in its worker's list.
-    pub slot: Cell<usize>,
+    /// A fingerprint (length and hash) of the last message this client published: with
+    /// `echo` off, the same message coming back from the broker is not sent to it
+    /// (ws4redis behaviour). A fingerprint, so that no payload is kept per socket.
+    last_published: Cell<Option<(usize, u64)>>,
+    /// This socket's index in its worker's list.
+    pub index: Cell<usize>,
 }
 
 impl Socket {
@@ -79,14 +89,15 @@ impl Socket {
             stream,
             out: RefCell::default(),
             held: RefCell::default(),
+            held_bytes: Cell::new(0),
             flags: Cell::new(flag::HELD | if echo { flag::ECHO } else { 0 }),
             signals: Cell::new(0),
             waker: RefCell::default(),
             due: Cell::new(NEVER),
             last_write: Cell::new(now),
             blocked_since: Cell::new(NEVER),
-            last_published: RefCell::default(),
-            slot: Cell::new(usize::MAX),
+            last_published: Cell::new(None),
+            index: Cell::new(usize::MAX),
         }
     }
 
@@ -103,7 +114,8 @@ impl Socket {
     /// Raises `bits` and wakes the task.
     pub fn signal(&self, bits: u8) {
         self.signals.set(self.signals.get() | bits);
-        if let Some(waker) = self.waker.borrow_mut().take() {
+        let waker = self.waker.borrow_mut().take();
+        if let Some(waker) = waker {
             waker.wake();
         }
     }
@@ -121,10 +133,6 @@ impl Socket {
         self.has(flag::WANT_WRITE)
     }
 
-    pub fn is_closing(&self) -> bool {
-        self.has(flag::CLOSING)
-    }
-
     pub fn last_write(&self) -> Tick {
         self.last_write.get()
     }
@@ -139,8 +147,7 @@ impl Socket {
 
     /// Unwritten bytes, live frames held during setup included.
     pub fn queued(&self) -> usize {
-        let held: usize = self.held.borrow().iter().map(|f| f.len()).sum();
-        self.out.borrow().unwritten() + held
+        self.out.borrow().unwritten() + self.held_bytes.get()
     }
 
     pub fn has_unwritten(&self) -> bool {
@@ -161,7 +168,7 @@ impl Socket {
         if self.has(flag::CLOSING) {
             return false;
         }
-        if !self.has(flag::ECHO) && self.last_published.borrow().as_deref() == Some(payload) {
+        if self.is_own_echo(payload) {
             return false;
         }
         if self.has(flag::HELD) {
@@ -170,6 +177,7 @@ impl Socket {
                 return false;
             }
             self.held.borrow_mut().push(frame.clone());
+            self.held_bytes.set(self.held_bytes.get() + frame.len());
             return true;
         }
         let mut pushed = self.out.borrow_mut().push(frame, limit);
@@ -200,28 +208,51 @@ impl Socket {
         self.signal(signal::OVERFLOW);
     }
 
-    /// Queues a control frame (pong, heartbeat, close) and writes what it can.
-    pub fn send_control(&self, frame: Bytes, now: Tick) {
-        self.out.borrow_mut().push_control(frame);
+    /// Queues a control frame (pong, heartbeat) and writes what it can. Control frames
+    /// count against `queue_bytes` like publications: a client that pings and never
+    /// reads is a slow consumer.
+    pub fn send_control(&self, frame: Bytes, limit: usize, now: Tick) {
+        let pushed = self.out.borrow_mut().push_control(frame, limit);
+        match pushed {
+            Ok(()) => self.flush(now),
+            Err(Full) => self.overflow(),
+        }
+    }
+
+    /// Queues the close frame (whatever the bound: it is the last) and writes what it
+    /// can.
+    pub fn send_close(&self, frame: Bytes, now: Tick) {
+        self.out.borrow_mut().push_owned(std::rc::Rc::new(frame));
         self.flush(now);
     }
 
-    /// Ends setup: `stored` go out first, then the live frames held meanwhile.
-    pub fn release(&self, stored: Vec<Bytes>, now: Tick) {
+    /// Ends setup: `stored` go out first (as many as fit under `limit` on their own),
+    /// then the live frames held meanwhile. Returns how many stored messages did not fit.
+    pub fn release(&self, stored: Vec<Bytes>, limit: usize, now: Tick) -> usize {
         let mut out = self.out.borrow_mut();
-        out.push_front(stored);
+        let skipped = out.push_front(stored, limit);
         for frame in self.held.take() {
-            out.push_shared(frame);
+            out.push_owned(frame);
         }
+        self.held_bytes.set(0);
         drop(out);
         self.set(flag::HELD, false);
         self.flush(now);
+        skipped
     }
 
     /// Remembers what this client just published (see `last_published`).
-    pub fn published(&self, payload: Bytes) {
+    pub fn published(&self, payload: &[u8]) {
         if !self.has(flag::ECHO) {
-            *self.last_published.borrow_mut() = Some(payload);
+            self.last_published.set(Some(fingerprint(payload)));
+        }
+    }
+
+    /// Whether `payload` is this client's own last message coming back (echo off).
+    fn is_own_echo(&self, payload: &[u8]) -> bool {
+        match self.last_published.get() {
+            Some((len, hash)) => len == payload.len() && fingerprint(payload).1 == hash,
+            None => false,
         }
     }
 
@@ -230,6 +261,7 @@ impl Socket {
     pub fn start_closing(&self, keep_queued: bool) {
         self.set(flag::CLOSING, true);
         self.held.take();
+        self.held_bytes.set(0);
         if !keep_queued {
             self.out.borrow_mut().drop_unstarted();
         }

@@ -15,8 +15,8 @@ pub const TICK: Duration = Duration::from_millis(10);
 /// Slots in the wheel; later deadlines wait in their slot for more rounds.
 const SLOTS: usize = 1024;
 
-/// A moment, in ticks since the worker's clock started.
-pub type Tick = u32;
+/// A moment, in ticks since the worker's clock started (64 bits: no wrap in practice).
+pub type Tick = u64;
 
 /// Converts between instants and ticks.
 #[derive(Debug, Clone, Copy)]
@@ -33,18 +33,13 @@ impl Clock {
 
     /// The current tick (rounded down).
     pub fn now(&self) -> Tick {
-        (self.epoch.elapsed().as_millis() / TICK.as_millis()) as Tick
+        (self.epoch.elapsed().as_nanos() / TICK.as_nanos()) as Tick
     }
 
     /// Ticks covering `duration`, rounded up, at least one.
     pub fn ticks(duration: Duration) -> Tick {
         let ticks = duration.as_nanos().div_ceil(TICK.as_nanos());
-        ticks.clamp(1, Tick::MAX as u128 / 2) as Tick
-    }
-
-    /// When `tick` begins.
-    pub fn instant(&self, tick: Tick) -> Instant {
-        self.epoch + TICK * tick
+        ticks.clamp(1, u128::from(u32::MAX)) as Tick
     }
 }
 

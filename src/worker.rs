@@ -145,8 +145,8 @@ impl Worker {
 
     /// Adds `socket` as a listener of `keys`.
     pub fn attach(&self, socket: &Rc<Socket>, keys: &[Arc<str>]) {
-        let slot = self.sockets.borrow_mut().insert(Rc::downgrade(socket));
-        socket.slot.set(slot);
+        let index = self.sockets.borrow_mut().insert(Rc::downgrade(socket));
+        socket.index.set(index);
         let mut listeners = self.listeners.borrow_mut();
         for key in keys {
             let sockets = listeners.entry(key.clone()).or_default();
@@ -159,7 +159,7 @@ impl Worker {
 
     /// Removes `socket` from `keys` and from the worker.
     pub fn detach(&self, socket: &Rc<Socket>, keys: &[Arc<str>]) {
-        self.sockets.borrow_mut().try_remove(socket.slot.get());
+        self.sockets.borrow_mut().try_remove(socket.index.get());
         let mut listeners = self.listeners.borrow_mut();
         for key in keys {
             let Some(sockets) = listeners.get_mut(key) else {

@@ -205,7 +205,11 @@ impl Subscriber {
                 _ = &mut deadline => return,
                 _ = self.shutdown.cancelled() => return,
                 change = self.changes.recv() => match change {
-                    Some(Change::Barrier(done)) => self.waiting.push(done),
+                    Some(Change::Barrier(done)) => {
+                        // Sockets that left no longer wait.
+                        self.waiting.retain(|w| !w.is_closed());
+                        self.waiting.push(done);
+                    }
                     Some(_) => {}
                     None => return,
                 },

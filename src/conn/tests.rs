@@ -464,3 +464,35 @@ async fn the_socket_task_stays_small() {
     })
     .await
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_pings_and_never_reads_fills_its_own_queue_only() {
+    local(async {
+        let settings = [
+            ("ping_interval", "0"),
+            ("max_message_size", "1024"),
+            ("queue_bytes", "4096"),
+        ];
+        let relay = relay(&settings, None);
+        let worker = Worker::start(relay.clone());
+        let s = open(&worker, &["k"], &[], b"");
+        // Pings until the gateway stops taking them: far more pong bytes than the
+        // kernel buffers and the queue hold, never read.
+        let (_, mut writer) = s.peer.io.into_split();
+        let ping = frame::encode_masked(true, frame::OP_PING, &[7; 125], [1, 2, 3, 4]);
+        for _ in 0..20_000 {
+            if writer.write_all(&ping).await.is_err() {
+                break;
+            }
+            if s.task.is_finished() {
+                break;
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(60), s.task)
+            .await
+            .expect("closed as a slow consumer")
+            .unwrap();
+        assert_eq!(relay.metrics.slow_consumer_closes.get(), 1);
+    })
+    .await
+}

@@ -377,3 +377,69 @@ async fn a_large_publication_costs_memory_once_not_per_socket() {
         "RSS still {after} KiB above after the sockets closed"
     );
 }
+
+#[tokio::test]
+async fn a_publication_as_large_as_the_queue_reaches_an_idle_subscriber() {
+    // The defaults: queue_bytes and max_publication_size are both 1 MiB, so the frame
+    // (payload and header) is a few bytes over the queue's bound.
+    let gw = Gateway::start(&[("max_message_size", "1048576")]);
+    let mut c = Client::connect(&gw.ws_url("/ws/big?subscribe-broadcast")).await;
+    let message = "y".repeat(1024 * 1024);
+    let body = serde_json::json!({"facility": "big", "audiences": {"broadcast": true}, "message": message, "expire": 0});
+    assert_eq!(gw.api_publish(body).await.status, 200);
+    assert_eq!(c.recv_text().await.len(), 1024 * 1024);
+}
+
+#[tokio::test]
+async fn the_publish_api_refuses_before_reading_the_body_and_bounds_its_time() {
+    let gw = Gateway::start(&[("policy__request_timeout", "0.5")]);
+    // A wrong token is answered at once, whatever body is announced.
+    let mut tcp = TcpStream::connect(gw.addr).await.unwrap();
+    tcp.write_all(
+        b"POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\nContent-Length: 300000\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, tcp.read(&mut answer))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert!(
+        answer[..n].starts_with(b"HTTP/1.1 401"),
+        "{}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+    // With the token, a body that never comes holds the connection at most
+    // `policy.request_timeout`.
+    let mut tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 1000\r\n\r\n",
+        crate::harness::TOKEN
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .ok();
+}
+
+#[tokio::test]
+async fn handshakes_need_http_1_1_and_a_host() {
+    let gw = Gateway::start(&[]);
+    let mut tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let request = "GET /ws/chat HTTP/1.0\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(WAIT, tcp.read_to_string(&mut answer))
+        .await
+        .expect("answered")
+        .ok();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.ends_with("it needs HTTP/1.1 and a Host header"),
+        "{answer}"
+    );
+}
