@@ -309,18 +309,8 @@ impl Conn {
                 return Poll::Ready(Event::Published(result));
             }
         }
-        if self.socket.wants_write() {
-            if let Poll::Ready(r) = self.socket.stream.poll_write_ready(cx) {
-                return Poll::Ready(Event::Writable(r));
-            }
-        }
         // Reading pauses while too many client messages wait to be published.
-        if !self.reading_paused() {
-            if let Poll::Ready(r) = self.socket.stream.poll_read_ready(cx) {
-                return Poll::Ready(Event::Readable(r));
-            }
-        }
-        Poll::Pending
+        self.poll_stream(cx, !self.reading_paused())
     }
 
     /// Whether reading waits for the client's earlier messages to be published.
@@ -595,48 +585,60 @@ impl Conn {
         };
         let now = self.worker.clock.now();
         self.socket.send_close(encode_close(code, &text), now);
-        let deadline = now + self.config().close_timeout;
-        self.worker.schedule(&self.socket, deadline);
         let echoing = matches!(reason, CloseReason::ClientClosed(_));
         let parse = !matches!(reason, CloseReason::Protocol(_));
+        let deadline = now + self.config().close_timeout;
+        if !self.finish_close(deadline, echoing, parse).await {
+            self.socket.stream.discard_unsent_on_close();
+        }
+    }
+
+    /// Flushes the close frame, then (unless it answered the client's close) shuts the
+    /// write side and waits for the client's close frame or end of stream. Returns
+    /// whether that happened before `deadline` and within [`MAX_DISCARD`].
+    async fn finish_close(&mut self, deadline: Tick, echoing: bool, parse: bool) -> bool {
+        self.worker.schedule(&self.socket, deadline);
         let mut shut = false;
         let mut discarded = 0;
-        let clean = loop {
+        loop {
             if !shut && !self.socket.has_unwritten() {
                 if echoing {
-                    break true;
+                    return true;
                 }
                 shut_write(&self.socket.stream);
                 shut = true;
             }
-            match poll_fn(|cx| self.poll_closing(cx, shut)).await {
-                Event::Signals(bits) if bits & signal::BROKEN != 0 => break true,
+            let event = poll_fn(|cx| {
+                let bits = self.socket.take_signals(cx.waker());
+                if bits != 0 {
+                    return Poll::Ready(Event::Signals(bits));
+                }
+                self.poll_stream(cx, shut)
+            })
+            .await;
+            match event {
+                Event::Signals(bits) if bits & signal::BROKEN != 0 => return true,
                 Event::Signals(bits) if bits & signal::TIMER != 0 => {
                     if self.worker.clock.now() >= deadline {
-                        break false;
+                        return false;
                     }
                     self.worker.schedule(&self.socket, deadline);
                 }
                 Event::Writable(Ok(())) => self.socket.writable(self.worker.clock.now()),
                 Event::Readable(Ok(())) => match self.discard(parse) {
                     Some(n) if discarded + n <= MAX_DISCARD => discarded += n,
-                    Some(_) => break false,
-                    None => break true,
+                    Some(_) => return false,
+                    None => return true,
                 },
-                Event::Writable(Err(_)) | Event::Readable(Err(_)) => break true,
+                Event::Writable(Err(_)) | Event::Readable(Err(_)) => return true,
                 _ => {}
             }
-        };
-        if !clean {
-            self.socket.stream.discard_unsent_on_close();
         }
     }
 
-    fn poll_closing(&mut self, cx: &mut Context<'_>, reading: bool) -> Poll<Event> {
-        let bits = self.socket.take_signals(cx.waker());
-        if bits != 0 {
-            return Poll::Ready(Event::Signals(bits));
-        }
+    /// The stream's readiness: for writing while frames wait for room, for reading
+    /// when `reading`.
+    fn poll_stream(&self, cx: &mut Context<'_>, reading: bool) -> Poll<Event> {
         if self.socket.wants_write() {
             if let Poll::Ready(r) = self.socket.stream.poll_write_ready(cx) {
                 return Poll::Ready(Event::Writable(r));
