@@ -33,6 +33,12 @@ const KEEP_CAPACITY: usize = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Full;
 
+/// Whether `len` more bytes may join `queued` unwritten ones under `limit`: an empty
+/// queue takes any one frame (see [`Outbox::push`]).
+pub fn fits(queued: usize, len: usize, limit: usize) -> bool {
+    queued == 0 || queued + len <= limit
+}
+
 #[derive(Debug, Default)]
 pub struct Outbox {
     frames: VecDeque<Frame>,
@@ -56,7 +62,7 @@ impl Outbox {
     }
 
     fn fits(&self, len: usize, limit: usize) -> bool {
-        self.frames.is_empty() || self.unwritten + len <= limit
+        fits(self.unwritten, len, limit)
     }
 
     /// Queues a control frame (pong, heartbeat) under the same bound as publications: a

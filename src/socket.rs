@@ -16,7 +16,7 @@ use std::task::Waker;
 
 use bytes::Bytes;
 
-use crate::outbox::{Frame, Full, Outbox, MAX_IOVECS};
+use crate::outbox::{self, Frame, Full, Outbox, MAX_IOVECS};
 use crate::wheel::Tick;
 use crate::ws::Stream;
 
@@ -44,7 +44,7 @@ pub mod signal {
     pub const BROKEN: u8 = 4;
     /// A write stopped on a full kernel buffer: the task must wait for room.
     pub const BLOCKED: u8 = 8;
-    /// The gateway is stopping: `closing_at` is set.
+    /// The gateway is stopping: the task picks its moment in the drain window.
     pub const DRAIN: u8 = 16;
 }
 
@@ -172,7 +172,7 @@ impl Socket {
             return false;
         }
         if self.has(flag::HELD) {
-            if self.queued() + frame.len() > limit {
+            if !outbox::fits(self.queued(), frame.len(), limit) {
                 self.overflow();
                 return false;
             }

@@ -496,3 +496,36 @@ async fn a_client_that_pings_and_never_reads_fills_its_own_queue_only() {
     })
     .await
 }
+
+#[tokio::test(start_paused = true)]
+async fn during_setup_an_empty_queue_also_takes_one_large_publication() {
+    local(async {
+        let (changes, mut broker_side) = mpsc::unbounded_channel();
+        let settings = [
+            ("ping_interval", "0"),
+            ("max_message_size", "1024"),
+            ("queue_bytes", "4096"),
+        ];
+        let relay = relay(&settings, Some(changes));
+        let worker = Worker::start(relay.clone());
+        let mut s = open(&worker, &["k"], &[], b"");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let key: Arc<str> = Arc::from("k");
+        let large = Bytes::from(vec![b'z'; 10_000]);
+        relay
+            .broker
+            .publish(std::slice::from_ref(&key), &large, 0)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        loop {
+            if let Change::Barrier(done) = broker_side.recv().await.unwrap() {
+                done.send(true).unwrap();
+                break;
+            }
+        }
+        assert_eq!(s.peer.frame().await, Some((frame::OP_TEXT, large.to_vec())));
+        assert_eq!(relay.metrics.slow_consumer_closes.get(), 0);
+    })
+    .await
+}
