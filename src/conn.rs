@@ -47,7 +47,7 @@ use crate::channel::AudienceKinds;
 use crate::policy::{IpSlot, SocketPermit};
 use crate::socket::{signal, Socket, NEVER};
 use crate::wheel::Tick;
-use crate::worker::Worker;
+use crate::worker::{Relay, Worker};
 use crate::ws::frame::{self, encode, encode_close};
 use crate::ws::reader::{CloseFrame, Input, Message, ReadError, Reader};
 use crate::ws::Stream;
@@ -526,10 +526,9 @@ impl Conn {
         self.unpublished_bytes -= payload.len() + MESSAGE_OVERHEAD;
         let relay = self.worker.relay.clone();
         let keys = self.params.publish.clone();
-        self.publishing = Some(Box::pin(async move {
-            let expire = relay.config.expire;
-            relay.broker.publish(&keys, &payload, expire).await
-        }));
+        self.publishing = Some(Box::pin(
+            async move { publish(&relay, &keys, &payload).await },
+        ));
     }
 
     /// Messages the client sent before the socket closed are still published, in
@@ -550,8 +549,7 @@ impl Conn {
                 }
             }
             for payload in waiting {
-                let published = relay.broker.publish(&keys, &payload, relay.config.expire);
-                if let Err(e) = published.await {
+                if let Err(e) = publish(&relay, &keys, &payload).await {
                     debug!("conn {id}: publish after close failed: {e}");
                     return;
                 }
@@ -605,7 +603,7 @@ impl Conn {
                 if echoing {
                     return true;
                 }
-                shut_write(&self.socket.stream);
+                self.socket.stream.shutdown_write();
                 shut = true;
             }
             let event = poll_fn(|cx| {
@@ -734,6 +732,14 @@ impl std::fmt::Display for Peer {
     }
 }
 
+/// Publishes a client's message to its publish keys, kept `redis.expire` seconds.
+async fn publish(relay: &Relay, keys: &[Arc<str>], payload: &Bytes) -> Result<(), BrokerError> {
+    relay
+        .broker
+        .publish(keys, payload, relay.config.expire)
+        .await
+}
+
 /// Registers the subscriptions' confirmation and then the stored messages.
 fn setup(worker: &Worker, params: &SocketParams) -> Setup {
     let relay = worker.relay.clone();
@@ -751,14 +757,6 @@ fn setup(worker: &Worker, params: &SocketParams) -> Setup {
 
 fn ping_frame() -> Bytes {
     Bytes::from_static(&[0x80 | frame::OP_PING, 0])
-}
-
-/// Sends FIN after the last byte queued; the client may still send its close.
-fn shut_write(stream: &Stream) {
-    let _ = match stream {
-        Stream::Tcp(s) => socket2::SockRef::from(s).shutdown(std::net::Shutdown::Write),
-        Stream::Unix(s) => socket2::SockRef::from(s).shutdown(std::net::Shutdown::Write),
-    };
 }
 
 #[cfg(test)]

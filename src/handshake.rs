@@ -119,19 +119,21 @@ impl HandshakeError {
 
     /// The whole HTTP answer, for a connection that leaves the HTTP server.
     pub fn to_http(&self) -> Vec<u8> {
-        let status = self.status();
-        let body = self.to_string();
-        let extra = self
-            .header()
-            .map_or_else(String::new, |(n, v)| format!("{n}: {v}\r\n"));
-        format!(
-            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n{body}",
-            status.as_u16(),
-            status.canonical_reason().unwrap_or(""),
-            body.len()
-        )
-        .into_bytes()
+        plain_http(self.status(), &self.to_string(), self.header())
     }
+}
+
+/// A whole plain-text HTTP answer that closes the connection, for connections that
+/// are answered outside the HTTP server.
+pub fn plain_http(status: StatusCode, body: &str, header: Option<(&str, &str)>) -> Vec<u8> {
+    let extra = header.map_or_else(String::new, |(n, v)| format!("{n}: {v}\r\n"));
+    format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )
+    .into_bytes()
 }
 
 impl actix_web::ResponseError for HandshakeError {
@@ -196,7 +198,8 @@ impl Handshaker {
         refusal
     }
 
-    fn count(&self, refusal: Option<&HandshakeError>) {
+    /// Counts a handshake's result (`None`: accepted) in `wsrelay_handshakes_total`.
+    pub fn count(&self, refusal: Option<&HandshakeError>) {
         let result = match refusal {
             None => "accepted",
             Some(e) => {

@@ -36,7 +36,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use actix_codec::Framed;
-use actix_http::{h1, HttpService, KeepAlive, Request};
+use actix_http::{h1, HttpService, KeepAlive, Request, StatusCode};
 use actix_server::Server;
 use actix_service::{fn_factory, fn_service, map_config, ServiceFactoryExt};
 use actix_web::dev::AppConfig;
@@ -46,7 +46,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::conn;
-use crate::handshake::Handshaker;
+use crate::handshake::{plain_http, Handshaker};
 use crate::http::HttpState;
 use crate::policy::IpSlot;
 use crate::worker::{Relay, Worker};
@@ -174,11 +174,7 @@ impl Listener {
                     None => {
                         let refusal = crate::handshake::HandshakeError::PerIpLimit(ip);
                         self.refuse(tcp, refusal.to_http());
-                        self.handshaker
-                            .metrics
-                            .handshakes
-                            .with_label_values(&[refusal.counter()])
-                            .inc();
+                        self.handshaker.count(Some(&refusal));
                         return Err(io::Error::other("per-address limit").into());
                     }
                 }
@@ -344,11 +340,8 @@ impl HttpConn {
         let head = matches!(self.clock.phase, Phase::Head { .. });
         if head && self.clock.write_blocked.is_none() {
             let body = "request head not received within policy.handshake_timeout";
-            let answer = format!(
-                "HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = self.stream.try_write(answer.as_bytes());
+            let answer = plain_http(StatusCode::REQUEST_TIMEOUT, body, None);
+            let _ = self.stream.try_write(&answer);
         }
         io::Error::new(
             io::ErrorKind::TimedOut,

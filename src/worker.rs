@@ -15,7 +15,6 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
-
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -188,7 +187,7 @@ impl Worker {
         wheel.insert(tick, Rc::downgrade(socket));
     }
 
-    async fn run(self: Rc<Self>, mut inbox: mpsc::Receiver<std::sync::Arc<Publication>>) {
+    async fn run(self: Rc<Self>, mut inbox: mpsc::Receiver<Arc<Publication>>) {
         let mut batch = Vec::with_capacity(BATCH);
         let shutdown = self.relay.shutdown.clone();
         let mut draining = false;
@@ -219,7 +218,7 @@ impl Worker {
 
     /// Queues each publication for this worker's sockets on its key, then writes each
     /// socket once. Never waits on a socket.
-    fn fan_out(&self, batch: &[std::sync::Arc<Publication>]) {
+    fn fan_out(&self, batch: &[Arc<Publication>]) {
         let now = self.clock.now();
         let limit = self.relay.config.queue_bytes;
         let mut dirty = self.dirty.take();
@@ -235,7 +234,7 @@ impl Worker {
                 for socket in sockets {
                     if socket.deliver(&frame, payload, limit, now, &mut dirty) {
                         frames += 1;
-                        bytes += publication.payload().len() as u64;
+                        bytes += payload.len() as u64;
                     }
                 }
             }

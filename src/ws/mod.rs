@@ -51,6 +51,14 @@ impl Stream {
         }
     }
 
+    /// Sends FIN after the bytes already written; the peer may still send.
+    pub fn shutdown_write(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => socket2::SockRef::from(s).shutdown(std::net::Shutdown::Write),
+            Stream::Unix(s) => socket2::SockRef::from(s).shutdown(std::net::Shutdown::Write),
+        };
+    }
+
     /// Makes the coming close abortive: the kernel drops unsent data and answers with a
     /// reset, so a peer that stopped reading cannot keep buffers or the descriptor.
     pub fn discard_unsent_on_close(&self) {

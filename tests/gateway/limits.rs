@@ -412,31 +412,32 @@ async fn the_publish_api_refuses_before_reading_the_body_and_bounds_its_time() {
     );
     // With the token, a body that never comes holds the connection at most
     // `policy.request_timeout`.
-    let mut tcp = TcpStream::connect(gw.addr).await.unwrap();
     let head = format!(
         "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 1000\r\n\r\n",
         crate::harness::TOKEN
     );
-    tcp.write_all(head.as_bytes()).await.unwrap();
-    let mut rest = Vec::new();
-    tokio::time::timeout(WAIT, tcp.read_to_end(&mut rest))
+    until_closed(gw.addr, &head).await;
+}
+
+/// Sends `request` on a fresh connection and reads until the gateway closes it (at
+/// most [`WAIT`]); returns what came back.
+async fn until_closed(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut answer))
         .await
         .expect("closed in time")
         .ok();
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 #[tokio::test]
 async fn handshakes_need_http_1_1_and_a_host() {
     let gw = Gateway::start(&[]);
-    let mut tcp = TcpStream::connect(gw.addr).await.unwrap();
     let request = "GET /ws/chat HTTP/1.0\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    tokio::time::timeout(WAIT, tcp.read_to_string(&mut answer))
-        .await
-        .expect("answered")
-        .ok();
+    let answer = until_closed(gw.addr, request).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(
         answer.ends_with("it needs HTTP/1.1 and a Host header"),
