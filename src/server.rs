@@ -193,9 +193,7 @@ impl Listener {
             peer,
         ))
     }
-}
 
-impl Listener {
     /// Answers a connection refused at accept, gently while few are being refused (see
     /// [`close_gently`]), at once beyond [`MAX_LINGERING`].
     fn refuse(&self, tcp: TcpStream, answer: Vec<u8>) {
