@@ -44,6 +44,7 @@ use log::{debug, info};
 
 use crate::broker::BrokerError;
 use crate::channel::AudienceKinds;
+use crate::outbox;
 use crate::policy::{IpSlot, SocketPermit};
 use crate::socket::{signal, Socket, NEVER};
 use crate::wheel::Tick;
@@ -424,12 +425,13 @@ impl Conn {
             .collect();
         let metrics = &self.worker.relay.metrics;
         let frames: Vec<Bytes> = stored.iter().map(|v| frame::encode_message(v)).collect();
-        let skipped = self.socket.release(frames, config.queue_bytes, now);
-        let sent = &stored[..stored.len() - skipped];
+        // Counted before the write, so that no client sees a message the metrics do not.
+        let sent = &stored[..outbox::fitting(&frames, config.queue_bytes)];
         metrics.frames_delivered.inc_by(sent.len() as u64);
         metrics
             .bytes_out
             .inc_by(sent.iter().map(|v| v.len() as u64).sum());
+        let skipped = self.socket.release(frames, config.queue_bytes, now);
         if skipped > 0 {
             debug!(
                 "conn {}: {skipped} stored messages skipped: over queue_bytes together",

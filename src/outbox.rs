@@ -39,6 +39,20 @@ pub fn fits(queued: usize, len: usize, limit: usize) -> bool {
     queued == 0 || queued + len <= limit
 }
 
+/// How many of `frames`, taken in order, fit under `limit` on their own (the first
+/// always does): the stored messages [`Outbox::push_front`] queues.
+pub fn fitting(frames: &[Bytes], limit: usize) -> usize {
+    let mut bytes = 0;
+    frames
+        .iter()
+        .take_while(|frame| {
+            let fits = fits(bytes, frame.len(), limit);
+            bytes += frame.len();
+            fits
+        })
+        .count()
+}
+
 #[derive(Debug, Default)]
 pub struct Outbox {
     frames: VecDeque<Frame>,
@@ -88,14 +102,7 @@ impl Outbox {
     /// queued by then is a live publication at least as new, so it must come after.
     pub fn push_front(&mut self, frames: Vec<Bytes>, limit: usize) -> usize {
         let at = usize::from(self.offset > 0);
-        let (mut taken, mut bytes) = (0, 0);
-        for frame in &frames {
-            if taken > 0 && bytes + frame.len() > limit {
-                break;
-            }
-            bytes += frame.len();
-            taken += 1;
-        }
+        let taken = fitting(&frames, limit);
         let skipped = frames.len() - taken;
         for (i, frame) in frames.into_iter().take(taken).enumerate() {
             self.unwritten += frame.len();

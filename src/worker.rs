@@ -239,13 +239,14 @@ impl Worker {
                 }
             }
         }
+        // Counted before the writes, so that no client sees a frame the metrics do not.
+        let metrics = &self.relay.metrics;
+        metrics.frames_delivered.inc_by(frames);
+        metrics.bytes_out.inc_by(bytes);
         for socket in dirty.drain(..) {
             socket.flush_dirty(now);
         }
         self.dirty.replace(dirty);
-        let metrics = &self.relay.metrics;
-        metrics.frames_delivered.inc_by(frames);
-        metrics.bytes_out.inc_by(bytes);
         if let Some(oldest) = batch.first() {
             metrics
                 .delivery_latency
