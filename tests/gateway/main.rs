@@ -4,13 +4,16 @@
 //! once on Redis and once on the embedded broker. `on_redis` covers what only exists
 //! with Redis (key names, identity records, outages, the single subscriber connection);
 //! `http_api` the handshake answers, the publish API and the command line; `identity`
-//! the identity sources (Django, HTTP callback, token); `access` the access policy,
+//! the identity sources (Django, HTTP callback, token); `databases` and `django_site` the
+//! PostgreSQL and MariaDB servers and the real Django site they use; `access` the access policy,
 //! `Origin` and the limits; `operations` systemd units, readiness, metrics and drains;
 //! `nginx` the shipped nginx site in front of one and two gateways.
 
 mod access;
 mod browser;
 mod conformance;
+mod databases;
+mod django_site;
 mod harness;
 mod http_api;
 mod identity;
