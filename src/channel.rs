@@ -219,27 +219,35 @@ pub struct Flags {
 impl fmt::Display for Flags {
     /// The flags as a comma-separated list, in a fixed order.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut names = Vec::new();
-        for (dir, kinds) in [("subscribe", self.subscribe), ("publish", self.publish)] {
-            for (on, audience) in [
-                (kinds.broadcast, "broadcast"),
-                (kinds.user, "user"),
-                (kinds.group, "group"),
-                (kinds.session, "session"),
-            ] {
-                if on {
-                    names.push(format!("{dir}-{audience}"));
-                }
-            }
-        }
-        if self.echo {
-            names.push("echo".into());
-        }
-        f.write_str(&names.join(","))
+        f.write_str(&self.names().join(","))
     }
 }
 
 impl Flags {
+    /// The flags' names (`subscribe-broadcast`, …, `echo`), in a fixed order.
+    pub fn names(&self) -> Vec<&'static str> {
+        const SUBSCRIBE: [&str; 4] = [
+            "subscribe-broadcast",
+            "subscribe-user",
+            "subscribe-group",
+            "subscribe-session",
+        ];
+        const PUBLISH: [&str; 4] = [
+            "publish-broadcast",
+            "publish-user",
+            "publish-group",
+            "publish-session",
+        ];
+        let on = |k: AudienceKinds| [k.broadcast, k.user, k.group, k.session];
+        SUBSCRIBE
+            .into_iter()
+            .zip(on(self.subscribe))
+            .chain(PUBLISH.into_iter().zip(on(self.publish)))
+            .filter_map(|(name, on)| on.then_some(name))
+            .chain(self.echo.then_some("echo"))
+            .collect()
+    }
+
     /// Keeps only the flags that `allowed` also has.
     pub fn narrow(&self, allowed: &Flags) -> Flags {
         let and = |a: AudienceKinds, b: AudienceKinds| AudienceKinds {
@@ -347,5 +355,21 @@ mod tests {
         assert!(f.echo);
         assert_eq!(Flags::parse(""), Flags::default());
         assert!(!Flags::parse("echoes").echo);
+    }
+
+    #[test]
+    fn flag_names_parse_back_to_the_flags() {
+        let f = Flags::parse("publish-session&echo&subscribe-group&subscribe-broadcast");
+        assert_eq!(
+            f.names(),
+            [
+                "subscribe-broadcast",
+                "subscribe-group",
+                "publish-session",
+                "echo"
+            ]
+        );
+        assert_eq!(Flags::parse(&f.names().join("&")), f);
+        assert_eq!(f.to_string(), f.names().join(","));
     }
 }

@@ -18,6 +18,9 @@ use crate::identity::django::DjangoConfig;
 use crate::identity::token::TokenConfig;
 use crate::policy::PolicyConfig;
 pub use crate::secret::Secret;
+use crate::webapp::{
+    DEFAULT_CALLBACK_CACHE_SIZE, DEFAULT_CALLBACK_CACHE_TTL, DEFAULT_CALLBACK_TIMEOUT,
+};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// ws4redis's `WEBSOCKET_URL`.
@@ -146,10 +149,11 @@ impl Config {
     }
 
     /// Settings that are lists; in the environment, their items are comma-separated.
-    const LISTS: [&'static str; 3] = [
+    const LISTS: [&'static str; 4] = [
         "policy.allowed_origins",
         "policy.trusted_proxies",
         "identity.callback.forward_headers",
+        "policy.callback.forward_headers",
     ];
 
     /// Reads defaults, then the TOML file at `path` (if any), then `vars`: settings
@@ -201,7 +205,14 @@ impl Config {
             .set_default("policy.max_cookie_bytes", 8192)?
             .set_default("policy.handshake_timeout", 5.0)?
             .set_default("policy.request_timeout", 30.0)?
-            .set_default("policy.rules", Vec::<String>::new())?;
+            .set_default("policy.rules", Vec::<String>::new())?
+            .set_default("policy.callback.timeout", DEFAULT_CALLBACK_TIMEOUT)?
+            .set_default("policy.callback.cache_ttl", DEFAULT_CALLBACK_CACHE_TTL)?
+            .set_default(
+                "policy.callback.cache_size",
+                DEFAULT_CALLBACK_CACHE_SIZE as u64,
+            )?
+            .set_default("policy.callback.forward_headers", Vec::<String>::new())?;
         if let Some(path) = path {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
@@ -230,6 +241,7 @@ impl Config {
             &mut config.heartbeat,
             &mut config.redis.url,
             &mut config.redis.prefix,
+            &mut config.policy.callback.url,
         ] {
             if optional.as_deref() == Some("") {
                 *optional = None;
@@ -271,6 +283,16 @@ impl Config {
                 false,
             ),
             ("policy.request_timeout", self.policy.request_timeout, false),
+            (
+                "policy.callback.timeout",
+                self.policy.callback.timeout,
+                false,
+            ),
+            (
+                "policy.callback.cache_ttl",
+                self.policy.callback.cache_ttl,
+                true,
+            ),
         ] {
             if !value.is_finite() || value < 0.0 || (value == 0.0 && !zero_ok) || value > 86400.0 {
                 return bad(
@@ -333,6 +355,14 @@ impl Config {
         for rule in &policy.rules {
             if rule.facility.is_empty() {
                 return bad("policy.rules", "every rule needs a facility pattern");
+            }
+        }
+        if let Some(url) = &self.policy.callback.url {
+            if !url.starts_with("http://") {
+                return bad(
+                    "policy.callback.url",
+                    "must be an http:// URL of the web application",
+                );
             }
         }
         let callback = &self.identity.callback;
@@ -508,11 +538,63 @@ mod tests {
             ("WSRELAY__REDIS__PREFIX", "a:b", "redis.prefix"),
             ("WSRELAY__PUBLISH_TOKEN", "short", "publish_token"),
             ("WSRELAY__QUEUE_BYTES", "10", "queue_bytes"),
+            (
+                "WSRELAY__POLICY__CALLBACK__TIMEOUT",
+                "0",
+                "policy.callback.timeout",
+            ),
+            (
+                "WSRELAY__POLICY__CALLBACK__TIMEOUT",
+                "NaN",
+                "policy.callback.timeout",
+            ),
+            (
+                "WSRELAY__POLICY__CALLBACK__CACHE_TTL",
+                "-1",
+                "policy.callback.cache_ttl",
+            ),
+            (
+                "WSRELAY__POLICY__CALLBACK__URL",
+                "https://app",
+                "policy.callback.url",
+            ),
         ];
         for (var, value, setting) in cases {
             let err = load(&[(var, value)]).unwrap_err().to_string();
             assert!(err.contains(setting), "{var}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn the_authorization_callback_has_its_own_settings() {
+        let c = load(&[]).unwrap();
+        let callback = &c.policy.callback;
+        assert!(callback.url.is_none() && callback.forward_headers.is_empty());
+        assert_eq!(
+            (callback.timeout, callback.cache_ttl, callback.cache_size),
+            (2.0, 5.0, 10_000)
+        );
+        let c = load(&[
+            (
+                "WSRELAY__POLICY__CALLBACK__URL",
+                "http://127.0.0.1:8000/ws-authorize",
+            ),
+            ("WSRELAY__POLICY__CALLBACK__CACHE_TTL", "0"),
+            (
+                "WSRELAY__POLICY__CALLBACK__FORWARD_HEADERS",
+                "x-tenant, authorization",
+            ),
+        ])
+        .unwrap();
+        let callback = &c.policy.callback;
+        assert_eq!(
+            callback.url.as_deref(),
+            Some("http://127.0.0.1:8000/ws-authorize")
+        );
+        assert_eq!(callback.cache_ttl, 0.0);
+        assert_eq!(callback.forward_headers, ["x-tenant", "authorization"]);
+        let unset = load(&[("WSRELAY__POLICY__CALLBACK__URL", "")]).unwrap();
+        assert!(unset.policy.callback.url.is_none());
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //!
 //! Everything about a socket is settled here: the RFC 6455 headers, the access policy
 //! (`Origin`, limits, rules), facility and flags from the URL, identity from the
-//! request, and from those the exact Redis keys. Checks run cheapest first. A request
-//! that cannot be served gets an HTTP status and a plain-text reason, never an upgrade;
-//! an accepted one gets the `101` answer and the [`SocketParams`] its task runs with.
+//! request, the web application's say (the authorization callback, when configured),
+//! and from those the exact Redis keys. Checks run cheapest first. A request that
+//! cannot be served gets an HTTP status and a plain-text reason, never an upgrade; an
+//! accepted one gets the `101` answer and the [`SocketParams`] its task runs with. A
+//! refusal by the web application keeps its own status (401 or 403) and text.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use log::debug;
 use sha1::{Digest, Sha1};
 use tokio_util::sync::CancellationToken;
 
+use crate::authorize::{AuthorizeError, Authorizer};
 use crate::channel::{
     validate_name, Audience, AudienceKinds, Flags, KeySpace, NameError, NameKind,
 };
@@ -63,6 +66,8 @@ pub enum HandshakeError {
     PerIpLimit(IpAddr),
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Authorize(#[from] AuthorizeError),
     #[error("{0}")]
     Policy(String),
     #[error("too many subscriptions: {0} keys, at most {1}")]
@@ -82,6 +87,8 @@ impl HandshakeError {
             TooManySockets(_) => "max_sockets",
             Identity(IdentityError::Unavailable(_)) => "identity_unavailable",
             Identity(_) => "identity",
+            Authorize(AuthorizeError::Unavailable(_)) => "authorize_unavailable",
+            Authorize(_) => "authorize",
             Policy(_) => "policy",
             TooManySubscriptions(..) => "subscriptions",
             ShuttingDown => "shutting_down",
@@ -94,13 +101,13 @@ impl HandshakeError {
         match self {
             NotFound(_) => StatusCode::NOT_FOUND,
             MissingVersion => StatusCode::UPGRADE_REQUIRED,
-            Identity(IdentityError::Unavailable(_)) | ShuttingDown | TooManySockets(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            Identity(IdentityError::Refused(_))
-            | Origin(_)
-            | Policy(_)
-            | TooManySubscriptions(..) => StatusCode::FORBIDDEN,
+            Identity(IdentityError::Unavailable(_))
+            | Authorize(AuthorizeError::Unavailable(_))
+            | ShuttingDown
+            | TooManySockets(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Identity(IdentityError::Refused(refusal))
+            | Authorize(AuthorizeError::Refused(refusal)) => refusal.status,
+            Origin(_) | Policy(_) | TooManySubscriptions(..) => StatusCode::FORBIDDEN,
             CookieTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             PerIpLimit(_) => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::BAD_REQUEST,
@@ -165,6 +172,9 @@ pub struct Handshaker {
     pub policy: PolicyConfig,
     pub keys: KeySpace,
     pub resolver: Box<dyn IdentityResolver>,
+    /// The authorization callback (`policy.callback.url`), asked after the static
+    /// policy passed.
+    pub authorizer: Option<Authorizer>,
     /// Open sockets and pending connections per client address.
     pub per_ip: Arc<IpLimiter>,
     pub sockets: Arc<SocketLimit>,
@@ -175,7 +185,7 @@ pub struct Handshaker {
 impl Handshaker {
     /// Decides the handshake of `head` and counts the result. `slot` is the place the
     /// connection took under `max_connections_per_ip` when it was accepted; `http` is
-    /// the worker's client for the identity callback.
+    /// the worker's client for the identity and authorization callbacks.
     pub async fn accept(
         &self,
         head: &RequestHead,
@@ -298,6 +308,15 @@ impl Handshaker {
         policy
             .check_flags(&facility, &flags, &identity)
             .map_err(HandshakeError::Policy)?;
+        // The application is asked last: about a socket the gateway would accept, with
+        // the identity it gets (see `crate::authorize`).
+        let flags = match &self.authorizer {
+            Some(authorizer) => {
+                let asked = Handshake { flags, ..handshake };
+                authorizer.authorize(&asked, &identity).await?
+            }
+            None => flags,
+        };
         let listening = audiences_for(flags.subscribe, &identity);
         let subscribe = self.keys_of(&facility, &listening);
         let publish = self.keys_of(&facility, &audiences_for(flags.publish, &identity));
@@ -307,7 +326,8 @@ impl Handshaker {
                 policy.max_subscriptions,
             ));
         }
-        // Identity resolution may have taken a while: a stop may have begun meanwhile.
+        // Identity and authorization may have taken a while: a stop may have begun
+        // meanwhile.
         if self.shutdown.is_cancelled() {
             return Err(HandshakeError::ShuttingDown);
         }
@@ -433,6 +453,31 @@ mod tests {
         let e = HandshakeError::UnsupportedVersion("12".into());
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
         assert!(e.to_string().contains("\"12\""));
+    }
+
+    #[test]
+    fn the_applications_refusals_keep_their_status_and_text() {
+        use crate::webapp::Refusal;
+        let refusal = Refusal {
+            status: StatusCode::UNAUTHORIZED,
+            reason: "Your subscription has expired".into(),
+        };
+        let by_identity = HandshakeError::from(IdentityError::Refused(refusal.clone()));
+        let by_authorization = HandshakeError::from(AuthorizeError::Refused(refusal));
+        for e in [&by_identity, &by_authorization] {
+            let raw = String::from_utf8(e.to_http()).unwrap();
+            assert!(raw.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{raw}");
+            assert!(raw.contains("content-type: text/plain; charset=utf-8\r\n"));
+            assert!(
+                raw.ends_with("\r\n\r\nYour subscription has expired"),
+                "{raw}"
+            );
+        }
+        assert_eq!(by_identity.counter(), "identity");
+        assert_eq!(by_authorization.counter(), "authorize");
+        let down = HandshakeError::from(AuthorizeError::Unavailable("status 500".into()));
+        assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(down.counter(), "authorize_unavailable");
     }
 
     #[test]

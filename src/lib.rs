@@ -8,6 +8,10 @@
 //! - [`identity`]: who a socket belongs to (session key, user, groups), before the upgrade:
 //!   an identity record, Django's own sessions, an HTTP callback, or a signed token.
 //! - [`policy`]: which flags each socket may use, `Origin`, per-address and socket limits.
+//! - [`authorize`]: the authorization callback: the web application narrows or refuses
+//!   each socket's flags, whatever the identity source.
+//! - [`webapp`]: what the identity and authorization callbacks share: the request to
+//!   the web application, the cache of its answers, its refusal text.
 //! - [`server`]: the listener: HTTP/1 in actix-http, and the upgrade hook where a
 //!   WebSocket leaves it.
 //! - [`handshake`]: the WebSocket handshake, decided on the request head.
@@ -48,6 +52,7 @@
 //! ```
 
 pub mod assets;
+pub mod authorize;
 pub mod broker;
 pub mod channel;
 pub mod config;
@@ -65,6 +70,7 @@ pub mod secret;
 pub mod server;
 pub mod shutdown;
 pub mod socket;
+pub mod webapp;
 pub mod wheel;
 pub mod worker;
 pub mod ws;
@@ -79,6 +85,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::authorize::Authorizer;
 use crate::broker::redis::{LinkSettings, Subscriber};
 use crate::broker::{Broker, Inlet, MemoryBroker, RedisBroker};
 use crate::channel::KeySpace;
@@ -251,11 +258,19 @@ impl Parts {
         let broker = Arc::new(broker);
         let resolver = build_resolver(&config, &broker, &keys, &metrics)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let authorizer = match &config.policy.callback.url {
+            Some(_) => Some(
+                Authorizer::new(&config.policy.callback)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+            ),
+            None => None,
+        };
         let handshaker = Arc::new(Handshaker {
             websocket_url: config.websocket_url.clone(),
             policy: config.effective_policy(),
             keys: keys.clone(),
             resolver,
+            authorizer,
             per_ip: Arc::default(),
             sockets: SocketLimit::new(effective_max_sockets(config.max_sockets)),
             shutdown: shutdown.clone(),

@@ -16,6 +16,8 @@
 //!
 //! Rules are tried in order; the first whose `facility` pattern matches (`*` matches
 //! any run of characters, `/` included) and whose `who` matches the identity decides.
+//! They are the static half of the policy; the web application can have the last word
+//! on each socket through the authorization callback ([`crate::authorize`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -28,6 +30,7 @@ use serde::Deserialize;
 
 use crate::channel::{AudienceKinds, Flags};
 use crate::identity::Identity;
+use crate::webapp::CallbackConfig;
 
 /// `policy.*` settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -52,6 +55,8 @@ pub struct PolicyConfig {
     /// for the client to read.
     pub request_timeout: f64,
     pub rules: Vec<Rule>,
+    /// The authorization callback, asked after `rules` (see [`crate::authorize`]).
+    pub callback: CallbackConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -393,6 +398,7 @@ mod tests {
             handshake_timeout: 5.0,
             request_timeout: 30.0,
             rules,
+            callback: CallbackConfig::default(),
         }
     }
 

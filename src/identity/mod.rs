@@ -24,6 +24,7 @@ use futures_util::future::LocalBoxFuture;
 use log::warn;
 
 use crate::channel::{validate_name, Flags, NameError, NameKind};
+pub use crate::webapp::Refusal;
 
 /// Most groups taken from one identity; each is one subscription.
 pub const MAX_GROUPS: usize = 64;
@@ -79,9 +80,10 @@ pub enum IdentityError {
     /// The request carries something unusable (answered 400).
     #[error("session cookie: {0}")]
     BadCookie(NameError),
-    /// The identity source refused this client (answered 403).
+    /// The identity source refused this client: answered with the refusal's status
+    /// (403, or the application's 401) and its reason as the body.
     #[error("{0}")]
-    Refused(String),
+    Refused(Refusal),
     /// The identity source cannot be reached (answered 503; the client retries).
     #[error("identity source unavailable: {0}")]
     Unavailable(String),

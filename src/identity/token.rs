@@ -18,7 +18,7 @@ use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
 
-use super::{cookie, Handshake, Identity, IdentityError, IdentityResolver};
+use super::{cookie, Handshake, Identity, IdentityError, IdentityResolver, Refusal};
 use crate::secret::{secret_value, Secret};
 
 /// Longest token accepted, in bytes.
@@ -152,8 +152,9 @@ impl IdentityResolver for TokenResolver {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64());
-            self.verify(&token, now)
-                .map_err(|why| IdentityError::Refused(format!("invalid token: {why}")))
+            self.verify(&token, now).map_err(|why| {
+                IdentityError::Refused(Refusal::forbidden(format!("invalid token: {why}")))
+            })
         })
     }
 }

@@ -190,8 +190,15 @@ struct Seen {
     last_forwarded: Mutex<Option<String>>,
 }
 
+/// What the test application answers the `garbled` session: 401 with escape
+/// sequences, a bell, a tab, a line break and more than 1 KiB of text.
+fn garbled_refusal() -> String {
+    format!("\u{1b}[1mNo access\u{7}\tfor you\r\n{}", "ü".repeat(600))
+}
+
 /// A real HTTP server standing in for the web application's identity endpoint. It
-/// answers by session cookie: `good`, `narrow`, `denied` (403), `broken` (500), `slow`.
+/// answers by session cookie: `good`, `narrow`, `denied` (403), `expired` (403 with a
+/// reason), `garbled` (401 with [`garbled_refusal`]), `broken` (500), `slow`.
 async fn application() -> (u16, Arc<Seen>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -232,21 +239,23 @@ async fn application() -> (u16, Arc<Seen>) {
                 let (status, body) = match session.as_str() {
                     "good" => (
                         "200 OK",
-                        json!({"user": "jane", "groups": ["staff"], "session": "s-good"}),
+                        json!({"user": "jane", "groups": ["staff"], "session": "s-good"})
+                            .to_string(),
                     ),
                     "narrow" => (
                         "200 OK",
-                        json!({"user": "jim", "groups": [], "session": null, "allowed": ["subscribe-broadcast"]}),
+                        json!({"user": "jim", "groups": [], "session": null, "allowed": ["subscribe-broadcast"]}).to_string(),
                     ),
-                    "denied" => ("403 Forbidden", json!({})),
+                    "denied" => ("403 Forbidden", String::new()),
+                    "expired" => ("403 Forbidden", "Your subscription has expired".into()),
+                    "garbled" => ("401 Unauthorized", garbled_refusal()),
                     "slow" => {
                         tokio::time::sleep(Duration::from_secs(3)).await;
-                        ("200 OK", json!({"user": "late"}))
+                        ("200 OK", json!({"user": "late"}).to_string())
                     }
-                    "broken" => ("500 Internal Server Error", json!({})),
-                    _ => ("200 OK", json!({"user": null})),
+                    "broken" => ("500 Internal Server Error", "{}".into()),
+                    _ => ("200 OK", json!({"user": null}).to_string()),
                 };
-                let body = body.to_string();
                 let reply = format!("HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
                 let _ = write.write_all(reply.as_bytes()).await;
             });
@@ -331,6 +340,56 @@ async fn the_callback_decides_identity_and_is_cached() {
     let (_, health) = gw.health().await;
     assert_eq!(
         health["counters"]["identity.callback_unavailable"], 2,
+        "{health}"
+    );
+}
+
+/// The application's refusal reaches the browser with its status and its text, as
+/// ws4redis passed it on; bounded, stripped of control characters, and cached with
+/// both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_applications_refusal_reaches_the_browser() {
+    let (port, seen) = application().await;
+    let callback = format!("http://127.0.0.1:{port}/ws-auth");
+    let gw = Gateway::start(&[
+        ("identity__source", "callback"),
+        ("identity__callback__url", &callback),
+        ("identity__callback__cache_ttl", "60"),
+    ]);
+    let refuse = |cookie: &'static str| {
+        let headers = [UPGRADE.as_slice(), &[("Cookie", cookie)]].concat();
+        async move { http(gw.addr, "GET", "/ws/news?subscribe-broadcast", &headers, "").await }
+    };
+    for _ in 0..2 {
+        let r = refuse("sessionid=expired").await;
+        assert_eq!(r.status, 403, "{}", r.head);
+        assert_eq!(r.body, "Your subscription has expired");
+        assert!(r
+            .head
+            .to_ascii_lowercase()
+            .contains("content-type: text/plain; charset=utf-8"));
+    }
+    // The second refusal came from the cache, status and text included.
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 1);
+
+    // Control characters go (tab and line break become spaces), and the text stops
+    // at 1 KiB on a character boundary.
+    let r = refuse("sessionid=garbled").await;
+    assert_eq!(r.status, 401, "{}", r.head);
+    let kept = "[1mNo access for you  ";
+    let expected = format!("{kept}{}", "ü".repeat((1024 - kept.len()) / 2));
+    assert_eq!(r.body, expected);
+    assert!(garbled_refusal().len() > 1024 && r.body.len() <= 1024);
+
+    // A refusal without a body gets the default reason.
+    let r = refuse("sessionid=denied").await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (403, "refused by the application")
+    );
+    let (_, health) = gw.health().await;
+    assert_eq!(
+        health["counters"]["identity.callback_refused"], 4,
         "{health}"
     );
 }

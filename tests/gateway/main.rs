@@ -6,10 +6,12 @@
 //! `http_api` the handshake answers, the publish API and the command line; `identity`
 //! the identity sources (Django, HTTP callback, token); `databases` and `django_site` the
 //! PostgreSQL and MariaDB servers and the real Django site they use; `access` the access policy,
-//! `Origin` and the limits; `operations` systemd units, readiness, metrics and drains;
+//! `Origin` and the limits; `authorize` the authorization callback under each identity
+//! source; `operations` systemd units, readiness, metrics and drains;
 //! `nginx` the shipped nginx site in front of one and two gateways.
 
 mod access;
+mod authorize;
 mod browser;
 mod conformance;
 mod databases;
