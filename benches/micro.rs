@@ -108,11 +108,13 @@ fn django(c: &mut Criterion) {
     let signed = find("redis_sessions/prefix-session/login/");
     let pickled = find("cache/redis-cache-v1/login/");
     let salt = "django.contrib.sessions.SessionStore";
-    use wsrelay::identity::django::{fields_from_json, fields_from_pickle, unsign};
+    use wsrelay::identity::django::session::{fields_from_json, fields_from_pickle};
+    use wsrelay::identity::django::signing::unsign;
+    let keys = [secret.to_string()];
     c.bench_function("identity/django signed session", |b| {
         b.iter(|| {
             fields_from_json(
-                &unsign(black_box(&signed), salt, &secret).unwrap(),
+                &unsign(black_box(&signed), salt, &keys, None).unwrap(),
                 "wsrelay:username",
                 "ws4redis:memberof",
             )

@@ -149,7 +149,8 @@ impl Config {
     }
 
     /// Settings that are lists; in the environment, their items are comma-separated.
-    const LISTS: [&'static str; 4] = [
+    const LISTS: [&'static str; 5] = [
+        "identity.django.secret_key_fallbacks",
         "policy.allowed_origins",
         "policy.trusted_proxies",
         "identity.callback.forward_headers",
@@ -192,6 +193,20 @@ impl Config {
             )?
             .set_default("identity.django.user_field", "wsrelay:username")?
             .set_default("identity.django.groups_field", "ws4redis:memberof")?
+            .set_default("identity.django.secret_key_fallbacks", Vec::<String>::new())?
+            .set_default("identity.django.serializer", "json")?
+            .set_default("identity.django.session_cookie_age", 1_209_600)?
+            .set_default("identity.django.database_pool", 4)?
+            .set_default("identity.django.database_timeout", 2.0)?
+            .set_default("identity.django.cache_ttl", 5.0)?
+            .set_default("identity.django.cache_size", 10_000)?
+            .set_default("identity.django.session_table", "django_session")?
+            .set_default("identity.django.user_table", "auth_user")?
+            .set_default("identity.django.username_column", "username")?
+            .set_default("identity.django.active_column", "is_active")?
+            .set_default("identity.django.group_table", "auth_group")?
+            .set_default("identity.django.user_groups_table", "auth_user_groups")?
+            .set_default("identity.django.user_groups_column", "user_id")?
             .set_default("identity.callback.timeout", 2.0)?
             .set_default("identity.callback.cache_ttl", 5.0)?
             .set_default("identity.callback.cache_size", 10_000)?
@@ -250,6 +265,7 @@ impl Config {
         for secret in [
             &mut config.publish_token,
             &mut config.identity.django.secret_key,
+            &mut config.identity.django.database_url,
             &mut config.identity.token.secret,
         ] {
             if secret.as_ref().is_some_and(|s| s.expose().is_empty()) {
@@ -375,6 +391,9 @@ impl Config {
                 "identity.callback",
                 "timeout must be above 0 and cache_ttl at least 0",
             );
+        }
+        if let Err((name, why)) = self.identity.django.validate() {
+            return bad(name, &why);
         }
         let cookie = &self.session.cookie;
         if cookie.is_empty()

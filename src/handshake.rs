@@ -407,8 +407,10 @@ fn first_requested_protocol(headers: &HeaderMap) -> Option<&str> {
         })
 }
 
-/// The audiences of the requested kinds that this identity has: user and group need a
-/// user, session needs a session key; the others are skipped.
+/// The audiences of the requested kinds that this identity has: user needs a user name,
+/// session a session key, group the identity's groups (which every source gives only
+/// to a logged-in client, named or not: a stock ws4redis session holds groups and a user
+/// id but no user name); the others are skipped.
 fn audiences_for(kinds: AudienceKinds, identity: &Identity) -> Vec<Audience> {
     let mut audiences = Vec::new();
     if kinds.broadcast {
@@ -417,7 +419,7 @@ fn audiences_for(kinds: AudienceKinds, identity: &Identity) -> Vec<Audience> {
     if let (true, Some(user)) = (kinds.user, &identity.user) {
         audiences.push(Audience::User(user.clone()));
     }
-    if kinds.group && identity.user.is_some() {
+    if kinds.group {
         audiences.extend(identity.groups.iter().cloned().map(Audience::Group));
     }
     if let (true, Some(session)) = (kinds.session, &identity.session) {
@@ -554,9 +556,11 @@ mod tests {
             #[test]
             fn stored_sessions_and_tokens(raw in proptest::collection::vec(any::<u8>(), 0..400)) {
                 use crate::identity::django;
-                let _ = django::unsign(&raw, "salt", "secret");
-                let _ = django::fields_from_pickle(&raw, "u", "g");
-                let _ = django::fields_from_json(&raw, "u", "g");
+                let keys = ["secret".to_string()];
+                let _ = django::signing::unsign(&raw, "salt", &keys, Some(std::time::Duration::from_secs(60)));
+                let _ = django::signing::session_hash_matches(&String::from_utf8_lossy(&raw), "pw", &keys);
+                let _ = django::session::fields_from_pickle(&raw, "u", "g");
+                let _ = django::session::fields_from_json(&raw, "u", "g");
             }
         }
     }

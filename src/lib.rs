@@ -308,9 +308,13 @@ impl Parts {
 }
 
 /// Checks what the settings alone cannot (secret files, URLs, identity sources) by
-/// building the gateway; connects to nothing. Must run inside a tokio runtime.
-pub fn check(config: &Config) -> io::Result<()> {
-    Parts::build(config.clone()).map(|_| ())
+/// building the gateway, then connects to the stores the identity source reads and
+/// returns one line for each saying what it found (a store that cannot be reached is
+/// reported, not an error: the gateway starts without it and retries). Must run inside
+/// a tokio runtime.
+pub async fn check(config: &Config) -> io::Result<Vec<String>> {
+    let parts = Parts::build(config.clone())?;
+    Ok(parts.handshaker.resolver.probe().await)
 }
 
 /// Serves on `listener` until `stop` completes, then closes every socket with 1001

@@ -72,14 +72,19 @@ fn main() -> ExitCode {
         }
     };
     if args.check_only {
-        // Building the gateway checks what the settings alone cannot (files, URLs); it
-        // connects to nothing.
-        let built = runtime.block_on(async { wsrelay::check(&config) });
-        if let Err(e) = built {
-            eprintln!("wsrelay: configuration error: {e}");
-            return ExitCode::from(2);
-        }
+        // Building the gateway checks what the settings alone cannot (files, URLs); then
+        // the identity source's stores are read and described.
+        let found = match runtime.block_on(wsrelay::check(&config)) {
+            Ok(found) => found,
+            Err(e) => {
+                eprintln!("wsrelay: configuration error: {e}");
+                return ExitCode::from(2);
+            }
+        };
         println!("configuration ok: {}", config.summary());
+        for line in found {
+            println!("{line}");
+        }
         return ExitCode::SUCCESS;
     }
     if let Some(limit) = wsrelay::raise_descriptor_limit() {

@@ -6,7 +6,7 @@
 //! | source | module | where the identity comes from |
 //! |---|---|---|
 //! | `record` (default) | [`record`] | a JSON record the web app writes at login |
-//! | `django` | [`django`] | Django's own session in Redis (django-redis-sessions, or the Redis cache backend) |
+//! | `django` | [`django`] | Django's own session (database, cache, signed cookie, django-redis-sessions) and, optionally, its user and group tables |
 //! | `callback` | [`callback`] | an HTTP endpoint of the web app, asked with the browser's cookie |
 //! | `token` | [`token`] | an HS256 token in the `token` query parameter or a cookie |
 //!
@@ -104,6 +104,12 @@ pub trait IdentityResolver: Send + Sync {
         &'a self,
         handshake: &'a Handshake<'a>,
     ) -> LocalBoxFuture<'a, Result<Identity, IdentityError>>;
+
+    /// Connects to the stores this source reads and says what it found, one line each
+    /// (for `--check-config`); nothing for a source with no store of its own.
+    fn probe(&self) -> LocalBoxFuture<'_, Vec<String>> {
+        Box::pin(async { Vec::new() })
+    }
 }
 
 /// The value of cookie `name`, if present and non-empty (not validated).

@@ -15,6 +15,7 @@ mod authorize;
 mod browser;
 mod conformance;
 mod databases;
+mod django_db;
 mod django_site;
 mod harness;
 mod http_api;

@@ -13,6 +13,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::Message;
 
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
 use crate::harness::{Client, WAIT};
 use crate::{on_both_brokers, Backend, Setup, To};
 
@@ -36,6 +39,7 @@ on_both_brokers!(
     stored_message_reaches_late_joiners,
     expired_or_unstored_messages_are_not_replayed,
     client_publications_reach_others_and_are_stored,
+    a_message_sent_with_the_handshake_comes_after_the_stored_one,
     echo_is_off_by_default_and_on_by_flag,
     session_audience_follows_the_cookie,
     heartbeat_is_answered_and_never_published,
@@ -102,6 +106,69 @@ async fn client_publications_reach_others_and_are_stored(b: Backend) {
     mute.send_text("ignored").await;
     s.publish("chat", To::Broadcast, "next", 0).await;
     assert_eq!(listener.recv_text().await, "next");
+}
+
+/// A client that publishes at once (its first frame in the same TCP write as the
+/// handshake request) still gets the stored message first, even when its own message is
+/// the same text: stored messages go out before anything is read from the client and are
+/// never taken for an echo. Its own live copy reaches the others and not itself.
+async fn a_message_sent_with_the_handshake_comes_after_the_stored_one(b: Backend) {
+    let s = Setup::new(b, &[]).await;
+    s.publish("chat", To::Broadcast, "hello", 60).await;
+    let mut listener = ready(&s, "chat", "subscribe-broadcast&publish-broadcast").await;
+    let mut eager = TcpStream::connect(s.gw.addr).await.unwrap();
+    let request = format!(
+        "GET /ws/chat?subscribe-broadcast&publish-broadcast HTTP/1.1\r\nHost: {}\r\n\
+         Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        s.gw.addr
+    );
+    let mut bytes = request.into_bytes();
+    bytes.extend_from_slice(&masked_text("hello"));
+    eager.write_all(&bytes).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(timeout(WAIT, eager.read_u8()).await.unwrap().unwrap());
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101 "),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    assert_eq!(server_text(&mut eager).await, "hello", "the stored copy");
+    assert_eq!(listener.recv_text().await, "hello", "the live copy");
+    listener.send_text("next").await;
+    assert_eq!(
+        server_text(&mut eager).await,
+        "next",
+        "no second copy of its own message"
+    );
+}
+
+/// A client text frame, masked.
+fn masked_text(text: &str) -> Vec<u8> {
+    let mask = [7, 1, 9, 3];
+    let mut frame = vec![0x81, 0x80 | text.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// The next server frame on a raw stream, which must be a short text frame.
+async fn server_text(tcp: &mut TcpStream) -> String {
+    let mut head = [0; 2];
+    timeout(WAIT, tcp.read_exact(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (head[0], head[1] & 0x80),
+        (0x81, 0),
+        "an unmasked text frame"
+    );
+    let mut payload = vec![0; usize::from(head[1] & 0x7F)];
+    tcp.read_exact(&mut payload).await.unwrap();
+    String::from_utf8(payload).unwrap()
 }
 
 async fn echo_is_off_by_default_and_on_by_flag(b: Backend) {
