@@ -1,6 +1,7 @@
 //! The authorization callback (`policy.callback.url`) end to end, against a real HTTP
 //! server standing in for the web application, under identity sources that are not
-//! the identity callback. Each scenario is an `async fn(Source)`, run once per source
+//! the identity callback (records, tokens, and Django's database sessions from a real
+//! Django site). Each scenario is an `async fn(Source)`, run once per source
 //! by [`for_sources`]; a new source needs a [`Source`] variant and a line there.
 
 use std::collections::HashMap;
@@ -9,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
+use crate::databases::shared_postgres;
+use crate::django_site::{DjangoSite, DjangoSiteSettings, SessionEngine};
 use crate::harness::{free_port, http, Client, HttpReply, UPGRADE};
 use crate::{Backend, Setup, To};
 
@@ -143,12 +146,40 @@ pub enum Source {
     Record,
     /// Signed tokens in the query, on the embedded broker.
     Token,
+    /// Django's `db` sessions and its users and groups, from a real Django site on
+    /// PostgreSQL.
+    Django,
 }
+
+/// The Django site of the [`Source::Django`] tests (shared by them) and its database URL.
+async fn django() -> &'static (DjangoSite, String) {
+    static SITE: tokio::sync::OnceCell<(DjangoSite, String)> = tokio::sync::OnceCell::const_new();
+    SITE.get_or_init(|| async {
+        let url = shared_postgres()
+            .await
+            .create_database("authorize_django")
+            .await;
+        let site = DjangoSite::start(DjangoSiteSettings {
+            database_url: url.clone(),
+            secret_key: DJANGO_SECRET.into(),
+            ..Default::default()
+        })
+        .await;
+        site.create_user("jane", "pw", true, &["staff"]).await;
+        site.create_user("jim", "pw", true, &[]).await;
+        (site, url)
+    })
+    .await
+}
+
+const DJANGO_SECRET: &str = "wsrelay-test-django-secret-do-not-use";
 
 /// How a test socket shows who it is: appended to its query, and headers.
 struct Login {
     query: String,
     headers: Vec<(&'static str, String)>,
+    /// The session key the gateway finds.
+    session: String,
 }
 
 impl Login {
@@ -169,13 +200,19 @@ impl Login {
 impl Source {
     fn backend(self) -> Backend {
         match self {
-            Source::Record => Backend::Redis,
+            Source::Record | Source::Django => Backend::Redis,
             Source::Token => Backend::Memory,
         }
     }
 
-    fn settings(self) -> Vec<(&'static str, &'static str)> {
+    async fn settings(self) -> Vec<(&'static str, &'static str)> {
         match self {
+            Source::Django => vec![
+                ("identity__source", "django"),
+                ("identity__django__engine", "db"),
+                ("identity__django__secret_key", DJANGO_SECRET),
+                ("identity__django__database_url", django().await.1.as_str()),
+            ],
             Source::Record => vec![("identity__source", "record")],
             Source::Token => vec![
                 ("identity__source", "token"),
@@ -186,13 +223,15 @@ impl Source {
 
     /// A gateway with this source and the authorization callback at `url`.
     async fn gateway(self, url: &str, settings: &[(&str, &str)]) -> Setup {
-        let mut all = self.settings();
+        let mut all = self.settings().await;
         all.push(("policy__callback__url", url));
         all.extend_from_slice(settings);
         Setup::new(self.backend(), &all).await
     }
 
-    /// Makes `user` (session key `s-{user}`, in `groups`) known to the source.
+    /// Makes `user` (session key `s-{user}`, in `groups`) known to the source. Django's
+    /// users and groups are the site's own (jane in staff, jim in none); its session
+    /// keys are Django's.
     async fn login(self, setup: &Setup, user: &str, groups: &[&str]) -> Login {
         let session = format!("s-{user}");
         match self {
@@ -209,6 +248,15 @@ impl Source {
                 Login {
                     query: String::new(),
                     headers: vec![("Cookie", format!("sessionid={session}"))],
+                    session,
+                }
+            }
+            Source::Django => {
+                let session = django().await.0.login(user, SessionEngine::Db).await;
+                Login {
+                    query: String::new(),
+                    headers: vec![("Cookie", format!("sessionid={session}"))],
+                    session,
                 }
             }
             Source::Token => {
@@ -222,14 +270,15 @@ impl Source {
                 Login {
                     query: format!("&token={token}"),
                     headers: Vec::new(),
+                    session,
                 }
             }
         }
     }
 }
 
-/// Runs each listed `async fn(Source)` once per identity source, as `name::record` and
-/// `name::token`.
+/// Runs each listed `async fn(Source)` once per identity source, as `name::record`,
+/// `name::token` and `name::django`.
 macro_rules! for_sources {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -240,6 +289,10 @@ macro_rules! for_sources {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn token() {
                 super::$name(super::Source::Token).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn django() {
+                super::$name(super::Source::Django).await
             }
         }
     )*};
@@ -295,10 +348,10 @@ async fn refusals_reach_the_browser_verbatim(source: Source) {
     assert_eq!(
         question.body,
         json!({"facility": "refuse", "flags": ["subscribe-broadcast"],
-               "user": "jane", "groups": ["staff"], "session": "s-jane"})
+               "user": "jane", "groups": ["staff"], "session": jane.session})
     );
-    if let Source::Record = source {
-        assert_eq!(question.headers["cookie"], "sessionid=s-jane");
+    if let Some((_, cookie)) = jane.headers.iter().find(|(name, _)| *name == "Cookie") {
+        assert_eq!(&question.headers["cookie"], cookie);
     }
 
     let r = http(
