@@ -369,12 +369,16 @@ impl Drop for DjangoSite {
     }
 }
 
-const SETUP: &str = "The Django site needs a Python with Django 5.2, django-redis, psycopg and \
-PyMySQL: run `bash .ci/run` once (it makes target/django-venv), or make it by hand with \
-`python3 -m venv target/django-venv && target/django-venv/bin/pip install 'django>=5.2,<5.3' \
-django-redis 'psycopg[binary]' pymysql`, or set WSRELAY_DJANGO_PYTHON to such an interpreter";
+const SETUP: &str = "The Django site needs a Python with the packages of \
+tests/django/requirements.txt; the tests make target/django-venv with them on first use \
+(python3 with venv and access to the package registry are needed), or set \
+WSRELAY_DJANGO_PYTHON to such an interpreter";
 
-/// `WSRELAY_DJANGO_PYTHON`, else the virtual environment `.ci/run` makes.
+/// The longest making the virtual environment may take.
+const INSTALL_LIMIT: Duration = Duration::from_secs(300);
+
+/// `WSRELAY_DJANGO_PYTHON`, else the virtual environment `target/django-venv`, made (once
+/// per test binary, and again when `tests/django/requirements.txt` changes) on first use.
 fn python() -> PathBuf {
     if let Some(python) = std::env::var_os("WSRELAY_DJANGO_PYTHON") {
         let python = PathBuf::from(python);
@@ -385,9 +389,66 @@ fn python() -> PathBuf {
         );
         return python;
     }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/django-venv/bin/python");
-    assert!(venv.exists(), "{SETUP}");
-    venv
+    static VENV: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    VENV.get_or_init(make_venv).clone()
+}
+
+/// Makes `target/django-venv` unless it exists with the current requirement list.
+fn make_venv() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = root.join("target/django-venv");
+    let python = venv.join("bin/python");
+    let wanted = std::fs::read_to_string(root.join("tests/django/requirements.txt"))
+        .expect("tests/django/requirements.txt");
+    // Written last: an install that failed halfway is made again on the next run.
+    let marker = venv.join("requirements.txt");
+    if python.exists() && std::fs::read_to_string(&marker).ok().as_deref() == Some(&wanted) {
+        return python;
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    let run = |cmd: &mut Command, what: &str| {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {what}: {e}. {SETUP}"));
+        let mut stderr = child.stderr.take().unwrap();
+        let errors = std::thread::spawn(move || {
+            let mut errors = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut errors);
+            errors
+        });
+        let deadline = std::time::Instant::now() + INSTALL_LIMIT;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{what} took longer than {INSTALL_LIMIT:?}. {SETUP}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let errors = errors.join().unwrap_or_default();
+        assert!(
+            status.success(),
+            "{what} failed ({status}): {errors}\n{SETUP}"
+        );
+    };
+    run(
+        Command::new("python3").args(["-m", "venv"]).arg(&venv),
+        "python3 -m venv",
+    );
+    let packages: Vec<&str> = wanted.lines().filter(|l| !l.trim().is_empty()).collect();
+    run(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "--disable-pip-version-check"])
+            .args(&packages),
+        "pip install",
+    );
+    std::fs::write(&marker, &wanted).unwrap();
+    python
 }
 
 /// The site and the database servers work: users, logins with every engine, stock
