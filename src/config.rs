@@ -202,6 +202,8 @@ impl Config {
             .set_default("identity.django.cache_size", 10_000)?
             .set_default("identity.django.session_table", "django_session")?
             .set_default("identity.django.user_table", "auth_user")?
+            .set_default("identity.django.user_id_column", "id")?
+            .set_default("identity.django.user_id_type", "integer")?
             .set_default("identity.django.username_column", "username")?
             .set_default("identity.django.active_column", "is_active")?
             .set_default("identity.django.group_table", "auth_group")?

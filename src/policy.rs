@@ -148,10 +148,9 @@ impl Rule {
             && match self.who {
                 Who::Anyone => true,
                 Who::Authenticated => identity.user.is_some(),
-                Who::Members => {
-                    identity.user.is_some()
-                        && identity.groups.iter().any(|g| self.groups.contains(g))
-                }
+                // Groups come only with a logged-in identity (a stock ws4redis
+                // session has groups and no user name), as for group audiences.
+                Who::Members => identity.groups.iter().any(|g| self.groups.contains(g)),
             }
     }
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::databases::{shared_mariadb, shared_postgres};
 use crate::django_site::{DjangoSite, DjangoSiteSettings, SessionEngine};
-use crate::harness::{free_port, Client, Gateway, RedisServer, TempDir};
+use crate::harness::{free_port, http, Client, Gateway, RedisServer, TempDir, UPGRADE};
 
 const SECRET: &str = "wsrelay-test-current-key-do-not-use";
 const OLD_SECRET: &str = "wsrelay-test-retired-key-do-not-use";
@@ -300,8 +300,12 @@ async fn the_configuration_check_reads_the_session_store_and_the_database() {
     site.create_user("jane", "pw", true, &["staff", "editors"])
         .await;
     site.login("jane", SessionEngine::CachedDb).await;
-    let check = |database_url: String| {
+    let check = |database_url: String, username_column: &str| {
         let vars = [
+            (
+                "WSRELAY__IDENTITY__DJANGO__USERNAME_COLUMN",
+                username_column.to_string(),
+            ),
             ("WSRELAY__REDIS__URL", redis.url()),
             ("WSRELAY__IDENTITY__SOURCE", "django".into()),
             ("WSRELAY__IDENTITY__DJANGO__ENGINE", "cached_db".into()),
@@ -315,7 +319,7 @@ async fn the_configuration_check_reads_the_session_store_and_the_database() {
         let config = wsrelay::config::Config::load_from(None, vars).unwrap();
         async move { wsrelay::check(&config).await.unwrap() }
     };
-    let found = check(database_url.clone()).await;
+    let found = check(database_url.clone(), "username").await;
     assert_eq!(
         found,
         [
@@ -324,13 +328,91 @@ async fn the_configuration_check_reads_the_session_store_and_the_database() {
                  \"{CACHE_PREFIX}:1:django.contrib.sessions.cached_db*\"; the first one read \
                  is a logged-in session"
             ),
-            "django database: reachable; 1 session rows, 1 users, 2 group memberships".into(),
+            "django database: reachable; sessions (django_session), users (auth_user) and \
+             groups (auth_user_groups, auth_group) read as configured"
+                .into(),
         ]
     );
     let nobody_there = format!("postgres://postgres@127.0.0.1:{}/x", free_port());
-    let found = check(nobody_there).await;
+    let found = check(nobody_there, "username").await;
     assert!(
-        found[1].starts_with("django database: FAILED: "),
+        found[1].starts_with("django database: FAILED: ") && found[1].contains("refused"),
+        "the connection's own error: {found:?}"
+    );
+    // A custom user model whose USERNAME_FIELD is not configured shows before any login.
+    let found = check(database_url, "email_address").await;
+    assert!(
+        found[1].starts_with("django database: FAILED: ") && found[1].contains("email_address"),
         "{found:?}"
+    );
+}
+
+/// Answers are cached for `cache_ttl`: a user made inactive keeps their identity until
+/// the cached answer ends (a gateway without the cache sees the change at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_cached_for_the_configured_time() {
+    let dir = TempDir::new("django-cache");
+    let database_url = format!("sqlite://{}", dir.join("db.sqlite3").display());
+    let redis = RedisServer::start().await;
+    let site = site(&redis, database_url.clone(), false).await;
+    site.create_user("jane", "pw", true, &["staff"]).await;
+    let jane = site.login("jane", SessionEngine::Db).await;
+    let url = redis.url();
+    let cached = Gateway::start(&[
+        ("redis__url", url.as_str()),
+        ("identity__source", "django"),
+        ("identity__django__engine", "db"),
+        ("identity__django__secret_key", SECRET),
+        ("identity__django__database_url", &database_url),
+        ("identity__django__cache_ttl", "600"),
+    ]);
+    cached.wait_health(200).await;
+    let cached = Reader {
+        gw: cached,
+        engine: SessionEngine::Db,
+    };
+    let uncached = Reader::start(&redis, SessionEngine::Db, Some(&database_url)).await;
+    let expected = keys("F", Some(&jane), Some("jane"), &["staff"]);
+    assert_eq!(cached.keys_of(&redis, &jane).await, expected);
+    site.set_active("jane", false).await;
+    assert_eq!(
+        cached.keys_of(&redis, &jane).await,
+        expected,
+        "the cached answer"
+    );
+    assert_eq!(
+        uncached.keys_of(&redis, &jane).await,
+        keys("F", Some(&jane), None, &[]),
+        "read again"
+    );
+}
+
+/// A database that cannot be reached refuses the handshakes that need it with 503
+/// (the browser retries), within the deadline, and counts them; sockets without a
+/// session cookie do not need it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_cannot_be_reached_gives_503() {
+    let nobody_there = format!("postgres://postgres@127.0.0.1:{}/x", free_port());
+    let gw = Gateway::start(&[
+        ("identity__source", "django"),
+        ("identity__django__engine", "db"),
+        ("identity__django__secret_key", SECRET),
+        ("identity__django__database_url", &nobody_there),
+        ("identity__django__database_timeout", "1"),
+    ]);
+    let path = "/ws/news?subscribe-broadcast&subscribe-user";
+    let mut headers = UPGRADE.to_vec();
+    headers.push(("Cookie", "sessionid=abcdefgh12345678"));
+    for _ in 0..3 {
+        let r = http(gw.addr, "GET", path, &headers, "").await;
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(r.body.contains("django database"), "{}", r.body);
+    }
+    let r = http(gw.addr, "GET", path, &UPGRADE, "").await;
+    assert_eq!(r.status, 101, "no cookie, no database: {}", r.body);
+    let (_, health) = gw.health().await;
+    assert_eq!(
+        health["counters"]["refused.identity_unavailable"], 3,
+        "{health}"
     );
 }

@@ -7,20 +7,35 @@
 //! and are checked to be plain SQL identifiers before any query is built; values are
 //! always bound, never spliced.
 //!
-//! Every query runs on the runtime that built the pool (the process's main runtime), so
-//! the pool's connections stay on one reactor whichever worker thread asked; each has a
-//! deadline. Answers are cached per session key and per user for `cache_ttl` (at most
-//! `cache_size` entries each), so a reconnect storm costs one query per user, and a
-//! change in the database (logout, password, groups, `is_active`) applies within
-//! `cache_ttl`.
+//! The pool lives on a thread of its own with its own runtime, so database I/O never
+//! delays the Redis subscriber on the main runtime nor a worker's sockets, and its
+//! connections stay on one reactor whichever worker asked. The deadline is kept by the
+//! asking worker (the query is aborted when it passes). After a failure the database is
+//! taken as down for [`OUTAGE_PAUSE`]: handshakes get their 503 at once instead of each
+//! waiting for the deadline, and the failure is logged once per outage, not per socket.
+//!
+//! Answers are cached for `cache_ttl` (at most `cache_size` entries each): session rows
+//! found (not misses, so that made-up session keys cannot push real ones out) and users
+//! (found or not). A change in the database (logout, password, groups, `is_active`)
+//! applies within `cache_ttl`. Concurrent misses for one key each run their query.
 
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use log::{info, warn};
+use serde::Deserialize;
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyConnection, AnyPool, Connection, Row};
+
+use crate::secret::Secret;
+
+/// How long the database is taken as down after a failure.
+pub const OUTAGE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Session data cached, at most, per entry; a real session is far smaller.
+const MAX_CACHED_SESSION_BYTES: usize = 16 * 1024;
 
 /// Most groups read for one user (the identity keeps [`crate::identity::MAX_GROUPS`]).
 const MAX_GROUPS_READ: usize = 4 * crate::identity::MAX_GROUPS;
@@ -46,11 +61,17 @@ impl Dialect {
         }
     }
 
-    fn param(self) -> &'static str {
-        match self {
-            Dialect::Postgres => "$1",
-            Dialect::MySql | Dialect::Sqlite => "?",
+    /// The first parameter, as a value of the user model's primary key.
+    fn user_id_param(self, kind: UserIdType) -> &'static str {
+        match (self, kind) {
+            (Dialect::Postgres, UserIdType::Uuid) => "CAST($1 AS uuid)",
+            (Dialect::Postgres, _) => "$1",
+            (Dialect::MySql | Dialect::Sqlite, _) => "?",
         }
+    }
+
+    fn param(self) -> &'static str {
+        self.user_id_param(UserIdType::Text)
     }
 
     /// The current time as Django stores `expire_date` with `USE_TZ = True` (UTC).
@@ -63,11 +84,25 @@ impl Dialect {
     }
 }
 
+/// The type of the user model's primary key, which `_auth_user_id` holds as text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UserIdType {
+    /// `AutoField` / `BigAutoField` (Django's default).
+    Integer,
+    /// `CharField` and other text keys.
+    Text,
+    /// `UUIDField`: a `uuid` on PostgreSQL, 32 hex digits elsewhere.
+    Uuid,
+}
+
 /// Where Django keeps sessions, users and groups (`identity.django.*` names).
 #[derive(Debug, Clone)]
 pub struct Schema {
     pub session_table: String,
     pub user_table: String,
+    pub user_id_column: String,
+    pub user_id_type: UserIdType,
     pub username_column: String,
     /// Empty when the user model has no `is_active` column (every user is active).
     pub active_column: String,
@@ -97,8 +132,6 @@ struct Queries {
     session: String,
     user: String,
     groups: String,
-    /// Row counts of the session, user and membership tables.
-    counts: [String; 3],
 }
 
 impl Queries {
@@ -106,6 +139,7 @@ impl Queries {
         for (setting, name) in [
             ("session_table", &schema.session_table),
             ("user_table", &schema.user_table),
+            ("user_id_column", &schema.user_id_column),
             ("username_column", &schema.username_column),
             ("group_table", &schema.group_table),
             ("user_groups_table", &schema.user_groups_table),
@@ -120,6 +154,7 @@ impl Queries {
             format!("CASE WHEN {} THEN 'y' ELSE 'n' END", schema.active_column)
         };
         let p = dialect.param();
+        let id = dialect.user_id_param(schema.user_id_type);
         Ok(Queries {
             session: format!(
                 "SELECT session_data FROM {} WHERE session_key = {p} AND expire_date > {}",
@@ -127,20 +162,14 @@ impl Queries {
                 dialect.now()
             ),
             user: format!(
-                "SELECT {}, {active}, password FROM {} WHERE id = {p}",
-                schema.username_column, schema.user_table
+                "SELECT {}, {active}, password FROM {} WHERE {} = {id}",
+                schema.username_column, schema.user_table, schema.user_id_column
             ),
             groups: format!(
-                "SELECT g.name FROM {} g JOIN {} m ON m.group_id = g.id WHERE m.{} = {p} \
+                "SELECT g.name FROM {} g JOIN {} m ON m.group_id = g.id WHERE m.{} = {id} \
                  ORDER BY g.name LIMIT {MAX_GROUPS_READ}",
                 schema.group_table, schema.user_groups_table, schema.user_groups_column
             ),
-            counts: [
-                &schema.session_table,
-                &schema.user_table,
-                &schema.user_groups_table,
-            ]
-            .map(|table| format!("SELECT COUNT(*) FROM {table}")),
         })
     }
 }
@@ -164,13 +193,22 @@ pub enum DatabaseError {
     Query(#[from] sqlx::Error),
     #[error("query task failed: {0}")]
     Task(String),
+    #[error("down since a moment ago ({0})")]
+    Down(String),
 }
 
-/// A bounded map whose entries expire; a TTL of zero caches nothing.
+/// A bounded map whose entries expire; a TTL of zero caches nothing. When full, expired
+/// entries are swept (at most once per TTL); a new entry that still does not fit is not
+/// kept.
 struct TtlCache<K, V> {
     ttl: Duration,
     size: usize,
-    entries: Mutex<HashMap<K, (Instant, V)>>,
+    entries: Mutex<Entries<K, V>>,
+}
+
+struct Entries<K, V> {
+    map: HashMap<K, (Instant, V)>,
+    swept: Instant,
 }
 
 impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
@@ -178,14 +216,17 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
         TtlCache {
             ttl,
             size,
-            entries: Mutex::default(),
+            entries: Mutex::new(Entries {
+                map: HashMap::new(),
+                swept: Instant::now(),
+            }),
         }
     }
 
     fn get(&self, key: &K) -> Option<V> {
         // unwrap: nothing panics while the map is locked.
         let entries = self.entries.lock().unwrap();
-        let (at, value) = entries.get(key)?;
+        let (at, value) = entries.map.get(key)?;
         (at.elapsed() < self.ttl).then(|| value.clone())
     }
 
@@ -194,21 +235,21 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
             return;
         }
         // unwrap: see `get`.
-        let mut entries = self.entries.lock().unwrap();
-        if entries.len() >= self.size {
+        let Entries { map, swept } = &mut *self.entries.lock().unwrap();
+        if map.len() >= self.size && swept.elapsed() >= self.ttl {
             let ttl = self.ttl;
-            entries.retain(|_, (at, _)| at.elapsed() < ttl);
+            map.retain(|_, (at, _)| at.elapsed() < ttl);
+            *swept = Instant::now();
         }
-        if entries.len() < self.size {
-            entries.insert(key, (Instant::now(), value));
+        if map.len() < self.size {
+            map.insert(key, (Instant::now(), value));
         }
     }
 }
 
 /// Settings of the pool and its caches.
-#[derive(Debug, Clone)]
 pub struct DatabaseSettings {
-    pub url: String,
+    pub url: Secret,
     pub schema: Schema,
     pub pool_size: u32,
     pub timeout: Duration,
@@ -216,13 +257,46 @@ pub struct DatabaseSettings {
     pub cache_size: usize,
 }
 
-/// Django's database, read through a pool owned by the main runtime.
+/// The database's own thread: its runtime runs the pool until the sender is dropped.
+struct QueryThread {
+    handle: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl QueryThread {
+    fn start() -> std::io::Result<QueryThread> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("wsrelay-db".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                })
+            })?;
+        Ok(QueryThread {
+            handle,
+            _stop: stop,
+        })
+    }
+}
+
+/// Django's database, read through a pool on its own thread.
 pub struct Database {
+    // Dropped before the thread stops (fields drop in order).
     pool: AnyPool,
+    thread: QueryThread,
+    url: Secret,
     queries: Arc<Queries>,
+    dialect: Dialect,
+    id_type: UserIdType,
     timeout: Duration,
-    runtime: tokio::runtime::Handle,
-    sessions: TtlCache<String, Option<String>>,
+    /// Until when the database is taken as down, and why.
+    outage: Mutex<Option<(Instant, String)>>,
+    sessions: TtlCache<String, String>,
     users: TtlCache<String, Option<Arc<User>>>,
 }
 
@@ -238,34 +312,40 @@ fn text(row: &AnyRow, index: usize) -> Result<String, sqlx::Error> {
 }
 
 impl Database {
-    /// Builds the pool without connecting. Must run inside the runtime that will run
-    /// the queries.
+    /// Builds the pool on its own thread without connecting.
     pub fn new(settings: DatabaseSettings) -> Result<Database, String> {
-        let dialect = Dialect::of(&settings.url)?;
+        let dialect = Dialect::of(settings.url.expose())?;
         let queries = Queries::new(&settings.schema, dialect)?;
         sqlx::any::install_default_drivers();
-        let mut url = settings.url.replacen("mariadb:", "mysql:", 1);
-        if dialect == Dialect::Sqlite && !url.contains('?') {
-            // The gateway only reads; Django writes.
-            url.push_str("?mode=ro");
-        }
-        let pool = AnyPoolOptions::new()
-            .max_connections(settings.pool_size.max(1))
-            .min_connections(0)
-            .acquire_timeout(settings.timeout)
-            .connect_lazy(&url)
-            .map_err(|e| e.to_string())?;
+        let url = Secret::new(driver_url(settings.url.expose(), dialect));
+        let thread = QueryThread::start().map_err(|e| e.to_string())?;
+        // sqlx spawns its pool's tasks on the runtime it is built in.
+        let pool = {
+            let _inside = thread.handle.enter();
+            AnyPoolOptions::new()
+                .max_connections(settings.pool_size.max(1))
+                .min_connections(0)
+                .acquire_timeout(settings.timeout)
+                .test_before_acquire(false)
+                .connect_lazy(url.expose())
+                .map_err(|e| e.to_string())?
+        };
         Ok(Database {
             pool,
+            thread,
+            url,
             queries: Arc::new(queries),
+            dialect,
+            id_type: settings.schema.user_id_type,
             timeout: settings.timeout,
-            runtime: tokio::runtime::Handle::current(),
+            outage: Mutex::new(None),
             sessions: TtlCache::new(settings.cache_ttl, settings.cache_size),
             users: TtlCache::new(settings.cache_ttl, settings.cache_size),
         })
     }
 
-    /// Runs `query` on the pool's runtime, with the deadline.
+    /// Runs `query` on the database's thread; the deadline is kept here, and a query
+    /// that passes it is aborted.
     async fn run<T, F>(
         &self,
         query: impl FnOnce(AnyPool, Arc<Queries>) -> F,
@@ -274,21 +354,56 @@ impl Database {
         F: std::future::Future<Output = Result<T, sqlx::Error>> + Send + 'static,
         T: Send + 'static,
     {
-        let timeout = self.timeout;
-        let task = query(self.pool.clone(), self.queries.clone());
-        let answer = self
-            .runtime
-            .spawn(async move { tokio::time::timeout(timeout, task).await })
-            .await
-            .map_err(|e| DatabaseError::Task(e.to_string()))?;
-        Ok(answer.map_err(|_| DatabaseError::Timeout(timeout))??)
+        if let Some(why) = self.down() {
+            return Err(DatabaseError::Down(why));
+        }
+        let task = self
+            .thread
+            .handle
+            .spawn(query(self.pool.clone(), self.queries.clone()));
+        let answer = self.within(task).await;
+        if let Err(e) = &answer {
+            self.failed(e);
+        }
+        answer
+    }
+
+    /// Why the database is taken as down, if it is.
+    fn down(&self) -> Option<String> {
+        // unwrap: nothing panics while the outage is locked.
+        let outage = self.outage.lock().unwrap();
+        let (until, why) = outage.as_ref()?;
+        (Instant::now() < *until).then(|| why.clone())
+    }
+
+    /// Takes the database as down for [`OUTAGE_PAUSE`]; logs when an outage begins.
+    fn failed(&self, error: &DatabaseError) {
+        let why = error.to_string();
+        // unwrap: see `down`.
+        let mut outage = self.outage.lock().unwrap();
+        let new = outage.is_none();
+        *outage = Some((Instant::now() + OUTAGE_PAUSE, why.clone()));
+        drop(outage);
+        if new {
+            warn!(
+                "django database failed: {why}; handshakes that need it get 503 until it answers"
+            );
+        }
+    }
+
+    /// Ends an outage after a query that worked.
+    fn answered(&self) {
+        // unwrap: see `down`.
+        if self.outage.lock().unwrap().take().is_some() {
+            info!("django database answers again");
+        }
     }
 
     /// The `session_data` of an unexpired session row.
     pub async fn session_data(&self, session_key: &str) -> Result<Option<String>, DatabaseError> {
         let key = session_key.to_string();
         if let Some(data) = self.sessions.get(&key) {
-            return Ok(data);
+            return Ok(Some(data));
         }
         let bound = key.clone();
         let data = self
@@ -300,7 +415,13 @@ impl Database {
                 row.map(|r| text(&r, 0)).transpose()
             })
             .await?;
-        self.sessions.put(key, data.clone());
+        self.answered();
+        if let Some(data) = data
+            .as_ref()
+            .filter(|d| d.len() <= MAX_CACHED_SESSION_BYTES)
+        {
+            self.sessions.put(key, data.clone());
+        }
         Ok(data)
     }
 
@@ -309,19 +430,22 @@ impl Database {
         if let Some(user) = self.users.get(&id.to_string()) {
             return Ok(user);
         }
-        let key = UserKey::of(id);
+        let Some(key) = UserKey::of(id, self.id_type, self.dialect) else {
+            return Ok(None);
+        };
         let user = self
             .run(|pool, sql| async move {
-                let Some(row) = key
+                let mut conn = pool.acquire().await?;
+                let found = key
                     .bind(sqlx::query(&sql.user))
-                    .fetch_optional(&pool)
-                    .await?
-                else {
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                let Some(row) = found else {
                     return Ok(None);
                 };
                 let groups = key
                     .bind(sqlx::query(&sql.groups))
-                    .fetch_all(&pool)
+                    .fetch_all(&mut *conn)
                     .await?
                     .iter()
                     .map(|r| text(r, 0))
@@ -334,26 +458,77 @@ impl Database {
                 })))
             })
             .await?;
+        self.answered();
         self.users.put(id.to_string(), user.clone());
         Ok(user)
     }
 
-    /// Counts the rows of each table read (for `--check-config`): session rows,
-    /// users, and group memberships.
-    pub async fn probe(&self) -> Result<[i64; 3], DatabaseError> {
-        self.run(|pool, sql| async move {
-            let mut counts = [0; 3];
-            for (count, query) in counts.iter_mut().zip(&sql.counts) {
-                *count = sqlx::query(query).fetch_one(&pool).await?.try_get(0)?;
+    /// Connects without the pool (so that the error is the connection's own) and runs
+    /// the session, user and group queries once with keys no row has: a wrong table or
+    /// column shows here, not at the first login. For `--check-config`.
+    pub async fn probe(&self) -> Result<(), DatabaseError> {
+        let url = self.url.clone();
+        let sql = self.queries.clone();
+        let key = UserKey::of(&self.id_type.unused_id(), self.id_type, self.dialect);
+        let task = self.thread.handle.spawn(async move {
+            let mut conn = AnyConnection::connect(url.expose()).await?;
+            sqlx::query(&sql.session)
+                .bind(String::new())
+                .fetch_optional(&mut conn)
+                .await?;
+            if let Some(key) = key {
+                key.bind(sqlx::query(&sql.user))
+                    .fetch_optional(&mut conn)
+                    .await?;
+                key.bind(sqlx::query(&sql.groups))
+                    .fetch_all(&mut conn)
+                    .await?;
             }
-            Ok(counts)
-        })
-        .await
+            conn.close().await
+        });
+        self.within(task).await
+    }
+
+    /// The answer of a query task, if it comes within the deadline; else the task is
+    /// aborted.
+    async fn within<T>(
+        &self,
+        task: tokio::task::JoinHandle<Result<T, sqlx::Error>>,
+    ) -> Result<T, DatabaseError> {
+        let abort = task.abort_handle();
+        match tokio::time::timeout(self.timeout, task).await {
+            Ok(Ok(answer)) => answer.map_err(DatabaseError::Query),
+            Ok(Err(e)) => Err(DatabaseError::Task(e.to_string())),
+            Err(_) => {
+                abort.abort();
+                Err(DatabaseError::Timeout(self.timeout))
+            }
+        }
     }
 }
 
-/// `_auth_user_id` as bound: an integer when it is one (Django's default `AutoField`),
-/// text otherwise.
+/// The URL as the driver takes it: `mariadb:` is `mysql:`, and SQLite opens read-only
+/// (Django writes).
+fn driver_url(url: &str, dialect: Dialect) -> String {
+    let mut url = url.replacen("mariadb:", "mysql:", 1);
+    if dialect == Dialect::Sqlite && !url.contains('?') {
+        url.push_str("?mode=ro");
+    }
+    url
+}
+
+impl UserIdType {
+    /// A primary key no user has, for probing.
+    fn unused_id(self) -> String {
+        match self {
+            UserIdType::Integer => "-1".into(),
+            UserIdType::Text => String::new(),
+            UserIdType::Uuid => "00000000-0000-0000-0000-000000000000".into(),
+        }
+    }
+}
+
+/// `_auth_user_id` as bound.
 #[derive(Clone)]
 enum UserKey {
     Integer(i64),
@@ -361,10 +536,14 @@ enum UserKey {
 }
 
 impl UserKey {
-    fn of(id: &str) -> UserKey {
-        match id.parse() {
-            Ok(n) => UserKey::Integer(n),
-            Err(_) => UserKey::Text(id.to_string()),
+    /// `None` when `id` cannot be a key of this type (no user has it).
+    fn of(id: &str, kind: UserIdType, dialect: Dialect) -> Option<UserKey> {
+        match kind {
+            UserIdType::Integer => id.parse().ok().map(UserKey::Integer),
+            UserIdType::Text => Some(UserKey::Text(id.to_string())),
+            // PostgreSQL casts the text; elsewhere Django stores 32 hex digits.
+            UserIdType::Uuid if dialect == Dialect::Postgres => Some(UserKey::Text(id.into())),
+            UserIdType::Uuid => Some(UserKey::Text(id.replace('-', "").to_ascii_lowercase())),
         }
     }
 
@@ -387,6 +566,8 @@ mod tests {
         Schema {
             session_table: "django_session".into(),
             user_table: "auth_user".into(),
+            user_id_column: "id".into(),
+            user_id_type: UserIdType::Integer,
             username_column: "username".into(),
             active_column: "is_active".into(),
             group_table: "auth_group".into(),
@@ -429,6 +610,7 @@ mod tests {
         let cache = TtlCache::new(Duration::from_secs(60), 2);
         cache.put("a", 1);
         cache.put("b", 2);
+        // Full of live entries: the new one is not kept.
         cache.put("c", 3);
         assert_eq!((cache.get(&"a"), cache.get(&"c")), (Some(1), None));
         let off = TtlCache::new(Duration::ZERO, 2);

@@ -41,7 +41,7 @@ use log::{debug, warn};
 use redis::aio::ConnectionManager;
 use serde::Deserialize;
 
-use self::database::{Database, DatabaseSettings, Schema};
+use self::database::{Database, DatabaseError, DatabaseSettings, Schema, UserIdType};
 use self::session::{fields_from_pickle, FormatError, Serializer, SessionFields};
 use self::signing::{session_hash_matches, unsign, SignatureError};
 use super::callback::CallbackResolver;
@@ -52,6 +52,9 @@ use crate::secret::{secret_value, Secret};
 
 /// The salt Django's `signed_cookies` engine signs the cookie with.
 const SIGNED_COOKIES_SALT: &str = "django.contrib.sessions.backends.signed_cookies";
+
+/// The shortest session key Django accepts.
+const MIN_SESSION_KEY_LEN: usize = 8;
 
 /// Handshakes with a session cookie after which, if none found a session, the
 /// configuration is probably wrong and a warning says so (once).
@@ -116,8 +119,11 @@ pub struct DjangoConfig {
     /// Entries kept in each cache, at most.
     pub cache_size: usize,
     pub session_table: String,
-    /// `AUTH_USER_MODEL`'s table and its `USERNAME_FIELD` column.
+    /// `AUTH_USER_MODEL`'s table, its primary key column and type, and its
+    /// `USERNAME_FIELD` column.
     pub user_table: String,
+    pub user_id_column: String,
+    pub user_id_type: UserIdType,
     pub username_column: String,
     /// Empty for a user model without `is_active`.
     pub active_column: String,
@@ -130,12 +136,18 @@ pub struct DjangoConfig {
 impl DjangoConfig {
     /// Range checks that serde cannot express; the message names the setting.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
-        let positive = |v: f64| v.is_finite() && v > 0.0;
-        if !positive(self.database_timeout) {
-            return Err(("identity.django.database_timeout", "must be > 0".into()));
+        let seconds = |v: f64| v.is_finite() && (0.0..=86400.0).contains(&v);
+        if !seconds(self.database_timeout) || self.database_timeout == 0.0 {
+            return Err((
+                "identity.django.database_timeout",
+                "must be above 0 and at most 86400 seconds".into(),
+            ));
         }
-        if !self.cache_ttl.is_finite() || self.cache_ttl < 0.0 {
-            return Err(("identity.django.cache_ttl", "must be >= 0".into()));
+        if !seconds(self.cache_ttl) {
+            return Err((
+                "identity.django.cache_ttl",
+                "must be 0 to 86400 seconds".into(),
+            ));
         }
         if self.database_pool == 0 {
             return Err(("identity.django.database_pool", "must be >= 1".into()));
@@ -147,6 +159,8 @@ impl DjangoConfig {
         Schema {
             session_table: self.session_table.clone(),
             user_table: self.user_table.clone(),
+            user_id_column: self.user_id_column.clone(),
+            user_id_type: self.user_id_type,
             username_column: self.username_column.clone(),
             active_column: self.active_column.clone(),
             group_table: self.group_table.clone(),
@@ -170,6 +184,16 @@ enum Stored {
     Missing,
     Signed(Vec<u8>),
     Pickled(Vec<u8>),
+}
+
+/// Who a session stands for.
+enum Verdict {
+    /// The database decided: the user's name and groups, or nobody (no such user,
+    /// inactive, or a session hash that does not match). The callback is not asked.
+    Database(Option<(String, Vec<String>)>),
+    /// The session's own fields decided (no database, or no `_auth_user_id`): a user name
+    /// if it holds one, and the groups of a logged-in session.
+    Session(Option<String>, Vec<String>),
 }
 
 /// Counts handshakes that carried a session cookie, to warn once when none of them
@@ -241,7 +265,7 @@ impl DjangoResolver {
             None => None,
             Some(url) => Some(
                 Database::new(DatabaseSettings {
-                    url: url.expose().to_string(),
+                    url: url.clone(),
                     schema: config.schema(),
                     pool_size: config.database_pool,
                     timeout: Duration::from_secs_f64(config.database_timeout),
@@ -265,15 +289,25 @@ impl DjangoResolver {
                     .map(|k| k.expose().to_string()),
             )
             .collect();
-        let signs = engine != Engine::Cache || database.is_some();
-        if signs && secret_missing(&config, &keys) {
+        if keys.iter().any(String::is_empty) {
+            return Err(
+                "identity.django: an empty secret key (secret_key, secret_key_file or \
+                 secret_key_fallbacks) would let anyone sign sessions; Django refuses one too"
+                    .into(),
+            );
+        }
+        let signed = matches!(
+            engine,
+            Engine::Db | Engine::SignedCookies | Engine::RedisSessions
+        );
+        if (signed || database.is_some()) && secret_missing(&config, &keys) {
             return Err(format!(
                 "identity.django.secret_key or secret_key_file (Django's SECRET_KEY) is needed \
                  to verify {}",
-                if engine == Engine::Cache {
-                    "users from the database"
-                } else {
+                if signed {
                     "sessions of this engine"
+                } else {
+                    "users from the database"
                 }
             ));
         }
@@ -321,10 +355,7 @@ impl DjangoResolver {
         let Some(db) = &self.database else {
             return Ok(Stored::Missing);
         };
-        let data = db.session_data(session).await.map_err(|e| {
-            warn!("django database: {e}");
-            IdentityError::Unavailable(format!("django database: {e}"))
-        })?;
+        let data = db.session_data(session).await.map_err(unavailable)?;
         Ok(data.map_or(Stored::Missing, |d| Stored::Signed(d.into_bytes())))
     }
 
@@ -365,27 +396,20 @@ impl DjangoResolver {
         Ok(self.config.serializer.fields(&data, user, groups)?)
     }
 
-    /// The user name and groups a decoded session stands for. The boolean says whether
-    /// the database decided (then no callback is asked).
-    async fn authenticate(
-        &self,
-        fields: SessionFields,
-    ) -> Result<(Option<String>, Vec<String>, bool), IdentityError> {
+    /// Who a decoded session stands for.
+    async fn authenticate(&self, fields: SessionFields) -> Result<Verdict, IdentityError> {
         let (Some(db), Some(id)) = (&self.database, &fields.user_id) else {
             let logged_in = fields.user.is_some() || fields.user_id.is_some();
             let groups = if logged_in { fields.groups } else { Vec::new() };
-            return Ok((fields.user, groups, false));
+            return Ok(Verdict::Session(fields.user, groups));
         };
-        let user = db.user(id).await.map_err(|e| {
-            warn!("django database: {e}");
-            IdentityError::Unavailable(format!("django database: {e}"))
-        })?;
+        let user = db.user(id).await.map_err(unavailable)?;
         let why = match &user {
             None => "no such user",
             Some(u) if !u.active => "user is inactive",
             Some(u) => match &fields.user_hash {
                 Some(hash) if session_hash_matches(hash, &u.password, &self.keys) => {
-                    return Ok((Some(u.name.clone()), u.groups.clone(), true));
+                    return Ok(Verdict::Database(Some((u.name.clone(), u.groups.clone()))));
                 }
                 _ => "session hash does not match (password changed, or another SECRET_KEY)",
             },
@@ -395,7 +419,7 @@ impl DjangoResolver {
             .with_label_values(&["django_user_refused"])
             .inc();
         debug!("django session of user id {id:?} is anonymous: {why}");
-        Ok((None, Vec::new(), true))
+        Ok(Verdict::Database(None))
     }
 
     async fn lookup(&self, handshake: &Handshake<'_>) -> Result<Identity, IdentityError> {
@@ -410,7 +434,13 @@ impl DjangoResolver {
             let Some(key) = session_key(headers, &self.cookie)? else {
                 return Ok(Identity::default());
             };
-            let stored = self.fetch(&key).await?;
+            // Django ignores keys shorter than this (`_validate_session_key`); no store is
+            // asked for one.
+            let stored = if key.len() < MIN_SESSION_KEY_LEN {
+                Stored::Missing
+            } else {
+                self.fetch(&key).await?
+            };
             (Some(key), stored)
         };
         let decoded = match &stored {
@@ -425,7 +455,9 @@ impl DjangoResolver {
                     .identity_events
                     .with_label_values(&["django_rejected"])
                     .inc();
-                warn!("django session refused ({e}); socket is anonymous");
+                // Counted, not logged as a warning: clients choose their cookies. A wrong
+                // SECRET_KEY shows in the never-found warning.
+                debug!("django session refused ({e}); socket is anonymous");
                 None
             }
             None => None,
@@ -433,13 +465,19 @@ impl DjangoResolver {
         if self.watch.record(fields.is_some()) {
             self.warn_never_found();
         }
-        let (user, groups, decided) = match fields {
+        let verdict = match fields {
             Some(fields) => self.authenticate(fields).await?,
-            None => (None, Vec::new(), false),
+            None => Verdict::Session(None, Vec::new()),
         };
-        if let (None, false, Some(fallback)) = (&user, decided, &self.fallback) {
-            return fallback.resolve(handshake).await;
-        }
+        let (user, groups) = match verdict {
+            Verdict::Database(found) => found.map_or((None, Vec::new()), |(u, g)| (Some(u), g)),
+            Verdict::Session(user, groups) => {
+                if let (None, Some(fallback)) = (&user, &self.fallback) {
+                    return fallback.resolve(handshake).await;
+                }
+                (user, groups)
+            }
+        };
         Ok(Identity::from_names(session, user, groups))
     }
 
@@ -456,7 +494,7 @@ impl DjangoResolver {
             _ => format!("Redis keys like {:?}", self.key("<session key>")),
         };
         warn!(
-            "identity.django: none of the last {NEVER_FOUND_WARNING_AFTER} session cookies \
+            "identity.django: none of the first {NEVER_FOUND_WARNING_AFTER} session cookies \
              ({:?}) led to a session; looked in {place}. Check identity.django.engine \
              (SESSION_ENGINE), key_prefix and cache_version (the cache's KEY_PREFIX and \
              VERSION), redis_url or database_url, secret_key (SECRET_KEY), and session.cookie \
@@ -473,10 +511,12 @@ impl DjangoResolver {
             lines.push(self.probe_redis(conn.clone()).await);
         }
         if let Some(db) = &self.database {
+            let c = &self.config;
             lines.push(match db.probe().await {
-                Ok([sessions, users, memberships]) => format!(
-                    "django database: reachable; {sessions} session rows, {users} users, \
-                     {memberships} group memberships"
+                Ok(()) => format!(
+                    "django database: reachable; sessions ({}), users ({}) and groups ({}, {}) \
+                     read as configured",
+                    c.session_table, c.user_table, c.user_groups_table, c.group_table
                 ),
                 Err(e) => format!("django database: FAILED: {e}"),
             });
@@ -494,10 +534,21 @@ impl DjangoResolver {
                     Err(e) => format!("django sessions in Redis: FAILED: {e}"),
                 }
             }
-            _ => self.key("*"),
+            // Glob characters of the prefix match themselves only.
+            _ => {
+                let escaped = self.key("\u{0}").chars().fold(String::new(), |mut out, c| {
+                    if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                    out
+                });
+                escaped.replace('\u{0}', "*")
+            }
         };
         let mut cursor = 0u64;
-        let mut found: Vec<Vec<u8>> = Vec::new();
+        let mut count = 0;
+        let mut first: Option<Vec<u8>> = None;
         for _ in 0..100 {
             let answer: redis::RedisResult<(u64, Vec<Vec<u8>>)> = redis::cmd("SCAN")
                 .arg(cursor)
@@ -509,7 +560,8 @@ impl DjangoResolver {
                 .await;
             match answer {
                 Ok((next, keys)) => {
-                    found.extend(keys);
+                    count += keys.len();
+                    first = first.or(keys.into_iter().next());
                     cursor = next;
                 }
                 Err(e) => return format!("django sessions in Redis: FAILED: {e}"),
@@ -519,13 +571,12 @@ impl DjangoResolver {
             }
         }
         let mut line = format!(
-            "django sessions in Redis: reachable; {}{} keys match {pattern:?}",
-            found.len(),
+            "django sessions in Redis: reachable; {count}{} keys match {pattern:?}",
             if cursor == 0 { "" } else { "+" }
         );
-        if let Some(key) = found.first() {
+        if let Some(key) = first {
             let raw: Option<Vec<u8>> = redis::cmd("GET")
-                .arg(key)
+                .arg(&key)
                 .query_async(&mut conn)
                 .await
                 .ok()
@@ -544,6 +595,11 @@ impl DjangoResolver {
         }
         line
     }
+}
+
+/// A database failure, as a handshake answers it (503); the database logs it.
+fn unavailable(e: DatabaseError) -> IdentityError {
+    IdentityError::Unavailable(format!("django database: {e}"))
 }
 
 /// True when no key is configured (`keys` holds only fallbacks, or nothing).
