@@ -416,3 +416,31 @@ async fn a_database_that_cannot_be_reached_gives_503() {
         "{health}"
     );
 }
+
+/// Connections the database ended (a restart, a failover, `idle_session_timeout`) are
+/// replaced: the next handshakes find their user, none gets a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_the_database_ended_are_replaced() {
+    let postgres = shared_postgres().await;
+    let database_url = postgres.create_database("django_ended").await;
+    let redis = RedisServer::start().await;
+    let site = site(&redis, database_url.clone(), false).await;
+    site.create_user("jane", "pw", true, &["staff"]).await;
+    let jane = site.login("jane", SessionEngine::Db).await;
+    // The site's own connection is ended too; it is not asked anything after this.
+    drop(site);
+    let r = Reader::start(&redis, SessionEngine::Db, Some(&database_url)).await;
+    let expected = keys("F", Some(&jane), Some("jane"), &["staff"]);
+    assert_eq!(r.keys_of(&redis, &jane).await, expected);
+    let ended = postgres
+        .query(
+            "postgres",
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = 'django_ended'",
+        )
+        .await;
+    assert_ne!(ended.trim(), "0", "the gateway's connections were ended");
+    for _ in 0..3 {
+        assert_eq!(r.keys_of(&redis, &jane).await, expected);
+    }
+}

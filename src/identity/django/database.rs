@@ -10,7 +10,9 @@
 //! The pool lives on a thread of its own with its own runtime, so database I/O never
 //! delays the Redis subscriber on the main runtime nor a worker's sockets, and its
 //! connections stay on one reactor whichever worker asked. The deadline is kept by the
-//! asking worker (the query is aborted when it passes). After a failure the database is
+//! asking worker (the query is aborted when it passes). A query on a connection the
+//! server ended (restart, failover, idle timeout) runs again on another; connections are
+//! not pinged before use, as that would cost a round trip per handshake. After a failure the database is
 //! taken as down for [`OUTAGE_PAUSE`]: handshakes get their 503 at once instead of each
 //! waiting for the deadline, and the failure is logged once per outage, not per socket.
 //!
@@ -345,10 +347,12 @@ impl Database {
     }
 
     /// Runs `query` on the database's thread; the deadline is kept here, and a query
-    /// that passes it is aborted.
+    /// that passes it is aborted. A query that fails on a broken connection (the server
+    /// restarted, failed over, or ended idle sessions) is run again on another, as many
+    /// times as the pool has connections: the queries only read.
     async fn run<T, F>(
         &self,
-        query: impl FnOnce(AnyPool, Arc<Queries>) -> F,
+        query: impl Fn(AnyPool, Arc<Queries>) -> F + Send + 'static,
     ) -> Result<T, DatabaseError>
     where
         F: std::future::Future<Output = Result<T, sqlx::Error>> + Send + 'static,
@@ -357,10 +361,17 @@ impl Database {
         if let Some(why) = self.down() {
             return Err(DatabaseError::Down(why));
         }
-        let task = self
-            .thread
-            .handle
-            .spawn(query(self.pool.clone(), self.queries.clone()));
+        let (pool, sql) = (self.pool.clone(), self.queries.clone());
+        let tries = self.pool.options().get_max_connections() + 1;
+        let task = self.thread.handle.spawn(async move {
+            let mut tried = 1;
+            loop {
+                match query(pool.clone(), sql.clone()).await {
+                    Err(e) if tried < tries && broken_connection(&e) => tried += 1,
+                    answer => return answer,
+                }
+            }
+        });
         let answer = self.within(task).await;
         if let Err(e) = &answer {
             self.failed(e);
@@ -407,12 +418,15 @@ impl Database {
         }
         let bound = key.clone();
         let data = self
-            .run(|pool, sql| async move {
-                let row = sqlx::query(&sql.session)
-                    .bind(bound)
-                    .fetch_optional(&pool)
-                    .await?;
-                row.map(|r| text(&r, 0)).transpose()
+            .run(move |pool, sql| {
+                let bound = bound.clone();
+                async move {
+                    let row = sqlx::query(&sql.session)
+                        .bind(bound)
+                        .fetch_optional(&pool)
+                        .await?;
+                    row.map(|r| text(&r, 0)).transpose()
+                }
             })
             .await?;
         self.answered();
@@ -434,28 +448,31 @@ impl Database {
             return Ok(None);
         };
         let user = self
-            .run(|pool, sql| async move {
-                let mut conn = pool.acquire().await?;
-                let found = key
-                    .bind(sqlx::query(&sql.user))
-                    .fetch_optional(&mut *conn)
-                    .await?;
-                let Some(row) = found else {
-                    return Ok(None);
-                };
-                let groups = key
-                    .bind(sqlx::query(&sql.groups))
-                    .fetch_all(&mut *conn)
-                    .await?
-                    .iter()
-                    .map(|r| text(r, 0))
-                    .collect::<Result<_, _>>()?;
-                Ok(Some(Arc::new(User {
-                    name: text(&row, 0)?,
-                    active: text(&row, 1)? == "y",
-                    password: text(&row, 2)?,
-                    groups,
-                })))
+            .run(move |pool, sql| {
+                let key = key.clone();
+                async move {
+                    let mut conn = pool.acquire().await?;
+                    let found = key
+                        .bind(sqlx::query(&sql.user))
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                    let Some(row) = found else {
+                        return Ok(None);
+                    };
+                    let groups = key
+                        .bind(sqlx::query(&sql.groups))
+                        .fetch_all(&mut *conn)
+                        .await?
+                        .iter()
+                        .map(|r| text(r, 0))
+                        .collect::<Result<_, _>>()?;
+                    Ok(Some(Arc::new(User {
+                        name: text(&row, 0)?,
+                        active: text(&row, 1)? == "y",
+                        password: text(&row, 2)?,
+                        groups,
+                    })))
+                }
             })
             .await?;
         self.answered();
@@ -504,6 +521,19 @@ impl Database {
                 Err(DatabaseError::Timeout(self.timeout))
             }
         }
+    }
+}
+
+/// Whether `error` says the connection is gone rather than the query wrong: I/O and
+/// protocol errors, and the server's connection exceptions (SQLSTATE class 08) and
+/// operator interventions (57, as when it shuts down or ends a session).
+fn broken_connection(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(e) => e
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57")),
+        _ => false,
     }
 }
 
