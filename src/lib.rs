@@ -6,7 +6,9 @@
 //! - [`config`]: settings (defaults < TOML file < `WSRELAY__*` environment).
 //! - [`channel`]: facilities, audiences, query flags and the Redis keys they make.
 //! - [`identity`]: who a socket belongs to (session key, user, groups), before the upgrade:
-//!   an identity record, Django's own sessions, an HTTP callback, or a signed token.
+//!   an identity record, Django's own sessions and database (`identity::django`: its
+//!   signing, session formats, and the read-only database on a thread of its own), an
+//!   HTTP callback, or a signed token.
 //! - [`policy`]: which flags each socket may use, `Origin`, per-address and socket limits.
 //! - [`authorize`]: the authorization callback: the web application narrows or refuses
 //!   each socket's flags, whatever the identity source.
