@@ -14,7 +14,6 @@ use std::sync::Arc;
 use actix_http::header::{self, HeaderMap};
 use actix_http::{Method, RequestHead, StatusCode};
 use base64::Engine as _;
-use log::debug;
 use sha1::{Digest, Sha1};
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +25,7 @@ use crate::conn::{Holds, SocketParams};
 use crate::identity::{Handshake, Identity, IdentityError, IdentityResolver};
 use crate::metrics::Metrics;
 use crate::policy::{IpLimiter, IpSlot, PolicyConfig, SocketLimit};
+use crate::ratelog::RateLog;
 
 /// The GUID of RFC 6455 §1.3, hashed with the client's key.
 const ACCEPT_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -180,6 +180,8 @@ pub struct Handshaker {
     pub sockets: Arc<SocketLimit>,
     pub shutdown: CancellationToken,
     pub metrics: Arc<Metrics>,
+    /// Refusals logged at `info`, rate-limited per reason.
+    pub refusals: RateLog,
 }
 
 impl Handshaker {
@@ -193,7 +195,7 @@ impl Handshaker {
         http: &awc::Client,
     ) -> Result<Accepted, HandshakeError> {
         let accepted = self.decide(head, slot, http).await;
-        self.count(accepted.as_ref().err());
+        self.count(accepted.as_ref().err(), Some(head));
         accepted
     }
 
@@ -204,20 +206,45 @@ impl Handshaker {
             .check_protocol(head)
             .err()
             .unwrap_or(HandshakeError::NotUpgrade);
-        self.count(Some(&refusal));
+        self.count(Some(&refusal), Some(head));
         refusal
     }
 
-    /// Counts a handshake's result (`None`: accepted) in `wsrelay_handshakes_total`.
-    pub fn count(&self, refusal: Option<&HandshakeError>) {
+    /// Counts a handshake's result (`None`: accepted) in `wsrelay_handshakes_total`
+    /// and logs a refusal (rate-limited per reason, see [`RateLog`]) with the client's
+    /// address and the facility asked for; `head` is the request, when one was read.
+    pub fn count(&self, refusal: Option<&HandshakeError>, head: Option<&RequestHead>) {
         let result = match refusal {
             None => "accepted",
             Some(e) => {
-                debug!("handshake refused ({}): {e}", e.counter());
+                self.refusals
+                    .info(e.counter(), || self.refusal_line(e, head));
                 e.counter()
             }
         };
         self.metrics.handshakes.with_label_values(&[result]).inc();
+    }
+
+    /// `socket refused (origin) from 10.0.0.7 for facility "chat": origin …`.
+    fn refusal_line(&self, e: &HandshakeError, head: Option<&RequestHead>) -> String {
+        let client = match (e, head) {
+            (HandshakeError::PerIpLimit(ip), _) => Some(*ip),
+            (_, Some(head)) => self
+                .policy
+                .client_ip(head, head.peer_addr.map(|a: SocketAddr| a.ip())),
+            _ => None,
+        };
+        let client = client.map_or_else(|| "an unknown address".to_string(), |ip| ip.to_string());
+        let facility = head
+            .and_then(|h| h.uri.path().strip_prefix(self.websocket_url.as_str()))
+            .map(|raw| percent_encoding::percent_decode_str(raw).decode_utf8_lossy());
+        match facility {
+            Some(facility) => format!(
+                "socket refused ({}) from {client} for facility {facility:?}: {e}",
+                e.counter()
+            ),
+            None => format!("socket refused ({}) from {client}: {e}", e.counter()),
+        }
     }
 
     /// RFC 6455 §4.2.1: method, upgrade headers, version and key.
@@ -455,6 +482,47 @@ mod tests {
         let e = HandshakeError::UnsupportedVersion("12".into());
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
         assert!(e.to_string().contains("\"12\""));
+    }
+
+    #[test]
+    fn every_refusal_has_a_plain_text_body_with_its_reason() {
+        use crate::webapp::Refusal;
+        use HandshakeError::*;
+        let refusals = [
+            NotFound("/ws/".into()),
+            MethodNotGet,
+            NotUpgrade,
+            NotHttp11,
+            NoConnectionUpgrade,
+            MissingVersion,
+            UnsupportedVersion("12".into()),
+            BadKey,
+            BadPath,
+            Facility(NameError::BadSegment),
+            CookieTooLarge(8192),
+            Origin("origin \"http://x\" is not allowed".into()),
+            TooManySockets(1),
+            PerIpLimit([127, 0, 0, 1].into()),
+            Identity(IdentityError::BadCookie(NameError::Empty(
+                NameKind::Session,
+            ))),
+            Identity(IdentityError::Refused(Refusal::forbidden("not logged in"))),
+            Identity(IdentityError::Unavailable("redis down".into())),
+            Authorize(AuthorizeError::Refused(Refusal::forbidden("no"))),
+            Authorize(AuthorizeError::Unavailable("status 500".into())),
+            Policy("publish-broadcast is not allowed on facility chat".into()),
+            TooManySubscriptions(3, 2),
+            ShuttingDown,
+        ];
+        for e in refusals {
+            let reason = e.to_string();
+            assert!(!reason.trim().is_empty(), "{e:?}");
+            let raw = String::from_utf8(e.to_http()).unwrap();
+            assert!(raw.contains("content-type: text/plain; charset=utf-8\r\n"));
+            assert!(raw.ends_with(&format!("\r\n\r\n{reason}")), "{raw}");
+            let response = actix_web::ResponseError::error_response(&e);
+            assert_eq!(response.status(), e.status());
+        }
     }
 
     #[test]

@@ -28,6 +28,7 @@
 //! - [`broker`]: Redis (one pub/sub + one command connection per process) or the
 //!   embedded in-memory broker.
 //! - [`publisher`]: [`RedisPublisher`], for Rust web applications that publish.
+//! - [`ratelog`]: log lines rate-limited per reason (refused sockets).
 //! - [`metrics`]: Prometheus metrics at `/metrics`, summarised by `/health`.
 //! - [`shutdown`], [`notify`]: the stop signal; readiness notifications to systemd.
 //! - [`secret`]: secrets in the configuration (never logged; inline or from a file).
@@ -67,6 +68,7 @@ pub mod notify;
 pub mod outbox;
 pub mod policy;
 pub mod publisher;
+pub mod ratelog;
 pub mod registry;
 pub mod secret;
 pub mod server;
@@ -101,6 +103,7 @@ use crate::identity::token::TokenResolver;
 use crate::identity::IdentityResolver;
 use crate::metrics::Metrics;
 use crate::policy::SocketLimit;
+use crate::ratelog::RateLog;
 use crate::registry::Registry;
 use crate::worker::{Relay, SocketConfig};
 
@@ -277,6 +280,7 @@ impl Parts {
             sockets: SocketLimit::new(effective_max_sockets(config.max_sockets)),
             shutdown: shutdown.clone(),
             metrics: metrics.clone(),
+            refusals: RateLog::new("wsrelay::handshake", "refused for"),
         });
         let relay = Arc::new(Relay {
             config: SocketConfig::new(&config),
@@ -319,6 +323,18 @@ pub async fn check(config: &Config) -> io::Result<Vec<String>> {
     Ok(parts.handshaker.resolver.probe().await)
 }
 
+/// Logs the summaries of refusals not logged (see [`ratelog`]) once their minute is
+/// over, until `stop`.
+async fn summarize_refusals(handshaker: Arc<Handshaker>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(ratelog::WINDOW / 6);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => handshaker.refusals.flush_to_log(),
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
 /// Serves on `listener` until `stop` completes, then closes every socket with 1001
 /// (spread over `drain_window`, bounded by `shutdown_timeout`) and returns. Runs on
 /// any tokio runtime; the worker threads are its own.
@@ -339,6 +355,7 @@ pub async fn run(
     if let Some(subscriber) = subscriber {
         tokio::spawn(subscriber.run());
     }
+    tokio::spawn(summarize_refusals(handshaker.clone(), broker_stop.clone()));
     let addr = listener.local_addr()?;
     let server = server::Listener {
         relay: relay.clone(),

@@ -212,7 +212,11 @@ impl PolicyConfig {
             return Ok(());
         };
         let origin = origin.to_str().unwrap_or("");
-        let refused = || Err(format!("origin {origin:?} is not allowed"));
+        let refused = || {
+            Err(format!(
+                "origin {origin:?} is not allowed (list it in policy.allowed_origins)"
+            ))
+        };
         let Some((scheme, authority)) = origin.split_once("://") else {
             return refused();
         };

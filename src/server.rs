@@ -174,7 +174,7 @@ impl Listener {
                     None => {
                         let refusal = crate::handshake::HandshakeError::PerIpLimit(ip);
                         self.refuse(tcp, refusal.to_http());
-                        self.handshaker.count(Some(&refusal));
+                        self.handshaker.count(Some(&refusal), None);
                         return Err(io::Error::other("per-address limit").into());
                     }
                 }

@@ -105,7 +105,10 @@ async fn cross_site_pages_are_refused_by_origin() {
     let (status, body) = handshake(&gw, path, &[("Origin", "https://evil.example")]).await;
     assert_eq!(
         (status, body.as_str()),
-        (403, "origin \"https://evil.example\" is not allowed")
+        (
+            403,
+            "origin \"https://evil.example\" is not allowed (list it in policy.allowed_origins)"
+        )
     );
     let listed = Gateway::start(&[(
         "policy__allowed_origins",
@@ -216,4 +219,56 @@ async fn subscriptions_per_socket_are_bounded() {
         (status, body.as_str()),
         (403, "too many subscriptions: 2 keys, at most 1")
     );
+}
+
+/// Waits until the gateway's log has a line containing `text`, and returns the log.
+async fn log_until(gw: &Gateway, text: &str) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + crate::harness::WAIT;
+    loop {
+        let log = gw.log();
+        if log.iter().any(|l| l.contains(text)) {
+            return log;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {text:?} in {log:#?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn refused_sockets_are_logged_ten_per_reason_and_minute() {
+    let mut gw = Gateway::start_process(&[], &[]);
+    let origin = [("Origin", "http://localhost:8000")];
+    for _ in 0..15 {
+        let (status, body) = handshake(&gw, "/ws/chat?subscribe-broadcast", &origin).await;
+        assert_eq!(status, 403);
+        assert!(body.contains("policy.allowed_origins"), "{body}");
+    }
+    // A refusal for another reason is logged after the others: once it is read, so is
+    // every line before it.
+    let (status, body) = handshake(&gw, "/ws/a%3Ab?subscribe-broadcast", &[]).await;
+    assert_eq!(status, 400, "{body}");
+    let log = log_until(&gw, "socket refused (bad_request)").await;
+    let refused: Vec<_> = log
+        .iter()
+        .filter(|l| l.contains("socket refused (origin)"))
+        .collect();
+    assert_eq!(refused.len(), 10, "{log:#?}");
+    let line = refused[0];
+    assert!(line.contains(" INFO "), "{line}");
+    assert!(line.contains("from 127.0.0.1"), "{line}");
+    assert!(line.contains("for facility \"chat\""), "{line}");
+    assert!(
+        line.contains(
+            "\"http://localhost:8000\" is not allowed (list it in policy.allowed_origins)"
+        ),
+        "{line}"
+    );
+    // The summary of the other five comes when the minute is over (see the unit tests
+    // of `ratelog`).
+    assert!(!log.iter().any(|l| l.contains("more refused")), "{log:#?}");
+    gw.terminate();
+    assert!(gw.wait_exit().success());
 }
