@@ -133,6 +133,71 @@ pub enum ConfigError {
     Source(#[from] config::ConfigError),
     #[error("setting `{0}`: {1}")]
     Invalid(&'static str, String),
+    /// A value that is not one of an enum setting's names.
+    #[error("setting `{key}`: {value:?} is not one of {valid}")]
+    UnknownValue {
+        key: String,
+        value: String,
+        valid: String,
+    },
+}
+
+/// The names an enum setting accepts, as serde lists them (`` `a`, `b`, `c` ``), for
+/// the error the config crate gives, which names the type but not its values.
+fn enum_values(type_name: &str) -> Option<String> {
+    fn names<T: serde::de::DeserializeOwned>() -> String {
+        // No variant is named NUL: serde's refusal lists the ones there are.
+        let probe = serde::de::value::StrDeserializer::<serde::de::value::Error>::new("\0");
+        let refusal = T::deserialize(probe).err().map(|e| e.to_string());
+        let listed = refusal.as_deref().and_then(|m| m.split_once("expected "));
+        listed.map_or_else(String::new, |(_, names)| {
+            names.trim_start_matches("one of ").to_string()
+        })
+    }
+    use crate::identity::django::{database::UserIdType, session::Serializer, Engine};
+    use crate::policy::{Kind, Who};
+    Some(match type_name {
+        "IdentitySource" => names::<IdentitySource>(),
+        "Engine" => names::<Engine>(),
+        "Serializer" => names::<Serializer>(),
+        "UserIdType" => names::<UserIdType>(),
+        "Kind" => names::<Kind>(),
+        "Who" => names::<Who>(),
+        _ => return None,
+    })
+}
+
+impl ConfigError {
+    /// The config crate's error, with the valid values added where it refused a value
+    /// of an enum setting (`enum IdentitySource does not have variant constructor
+    /// djano for key `identity.source``).
+    fn from_source(error: config::ConfigError) -> ConfigError {
+        let text = error.to_string();
+        let refused = text
+            .strip_prefix("enum ")
+            .and_then(|rest| rest.split_once(" does not have variant constructor "))
+            .and_then(|(type_name, rest)| Some((enum_values(type_name)?, rest)));
+        match refused {
+            Some((valid, rest)) if !valid.is_empty() => {
+                let (value, key) = rest.split_once(" for key `").unwrap_or((rest, ""));
+                ConfigError::UnknownValue {
+                    key: key.trim_end_matches('`').to_string(),
+                    value: value.to_string(),
+                    valid,
+                }
+            }
+            _ => ConfigError::Source(error),
+        }
+    }
+}
+
+/// Variables that look meant for wsrelay but are not read: `WSRELAY_REDIS__URL` (one
+/// underscore after `WSRELAY`). Settings are `WSRELAY__{KEY}`.
+pub fn misnamed_variables(names: impl IntoIterator<Item = String>) -> Vec<String> {
+    names
+        .into_iter()
+        .filter(|n| n.starts_with("WSRELAY_") && !n.starts_with("WSRELAY__"))
+        .collect()
 }
 
 fn seconds(value: f64) -> Duration {
@@ -141,7 +206,17 @@ fn seconds(value: f64) -> Duration {
 
 impl Config {
     /// Reads defaults, then the TOML file at `path` (if any), then `WSRELAY__*` variables.
+    /// A variable that starts with `WSRELAY_` but not `WSRELAY__` is warned about.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        for name in
+            misnamed_variables(std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()))
+        {
+            let meant = format!("WSRELAY__{}", &name["WSRELAY_".len()..]);
+            log::warn!(
+                "environment variable {name} is ignored: settings are WSRELAY__<KEY>, with two \
+                 underscores after WSRELAY (did you mean {meant}?)"
+            );
+        }
         let vars = std::env::vars()
             .filter(|(k, _)| k.starts_with("WSRELAY__"))
             .collect();
@@ -252,7 +327,20 @@ impl Config {
                 builder = builder.set_override(list, items)?;
             }
         }
-        let mut config: Config = builder.build()?.try_deserialize()?;
+        let built = builder.build()?;
+        // The config crate's message for an address does not show the value.
+        if let Ok(listen) = built.get_string("listen") {
+            if listen.parse::<SocketAddr>().is_err() {
+                return Err(ConfigError::Invalid(
+                    "listen",
+                    format!(
+                        "{listen:?} is not an IP address and port (like 127.0.0.1:8080, \
+                         0.0.0.0:8080 or [::]:8080)"
+                    ),
+                ));
+            }
+        }
+        let mut config: Config = built.try_deserialize().map_err(ConfigError::from_source)?;
         // An empty value (`WSRELAY__PUBLISH_TOKEN=`) means "not set".
         for optional in [
             &mut config.heartbeat,
@@ -352,8 +440,15 @@ impl Config {
         }
         if let Some(url) = &self.redis.url {
             if let Err(e) = redis::Client::open(url.as_str()) {
-                // The error text of the redis crate never contains the password.
-                return bad("redis.url", &e.to_string());
+                // Neither the value shown nor the redis crate's text has the password.
+                return bad(
+                    "redis.url",
+                    &format!(
+                        "{:?} is not a Redis URL ({e}); accepted: redis://[[user]:password@]host[:port][/db], \
+                         rediss://… (TLS), redis+unix:///path/to/socket[?db=N] or unix:///path/to/socket",
+                        redis_url_without_password(url)
+                    ),
+                );
             }
         }
         if let Some(p) = &self.redis.prefix {
@@ -584,6 +679,84 @@ mod tests {
             let err = load(&[(var, value)]).unwrap_err().to_string();
             assert!(err.contains(setting), "{var}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn an_unknown_value_lists_the_valid_ones() {
+        let err = load(&[("WSRELAY__IDENTITY__SOURCE", "djano")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "setting `identity.source`: \"djano\" is not one of `record`, `django`, `callback`, `token`"
+        );
+        let err = load(&[("WSRELAY__IDENTITY__DJANGO__SERIALIZER", "xml")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("setting `identity.django.serializer`: \"xml\" is not one of `json`"),
+            "{err}"
+        );
+        for name in [
+            "IdentitySource",
+            "Engine",
+            "Serializer",
+            "UserIdType",
+            "Kind",
+            "Who",
+        ] {
+            let valid = enum_values(name).unwrap();
+            assert!(
+                valid.starts_with('`') && valid.ends_with('`'),
+                "{name}: {valid}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_redis_url_that_does_not_parse_is_shown_without_its_password() {
+        let err = load(&[("WSRELAY__REDIS__URL", "redis://:sekrit@host:port/0")])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("sekrit"), "{err}");
+        assert!(
+            err.starts_with("setting `redis.url`: \"redis://***@host:port/0\" is not a Redis URL"),
+            "{err}"
+        );
+        assert!(
+            err.contains("accepted: redis://[[user]:password@]host[:port][/db], rediss://"),
+            "{err}"
+        );
+        let err = load(&[("WSRELAY__REDIS__URL", "http://x")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"http://x\" is not a Redis URL"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_listen_address_is_echoed() {
+        let err = load(&[("WSRELAY__LISTEN", "localhost:80800")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("setting `listen`: \"localhost:80800\" is not an IP address and port"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn variables_with_one_underscore_are_found() {
+        let names = [
+            "WSRELAY_REDIS__URL",
+            "WSRELAY__LISTEN",
+            "WSRELAYX",
+            "PATH",
+            "WSRELAY_",
+        ];
+        assert_eq!(
+            misnamed_variables(names.map(String::from)),
+            ["WSRELAY_REDIS__URL", "WSRELAY_"]
+        );
     }
 
     #[test]

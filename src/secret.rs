@@ -36,7 +36,31 @@ pub fn secret_value(
         (Some(secret), _) => Ok(Some(secret.expose().to_string())),
         (None, Some(path)) => std::fs::read_to_string(path)
             .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_string()))
-            .map_err(|e| format!("{file_setting}: {e}")),
+            .map_err(|e| format!("{file_setting}: cannot read {}: {e}", path.display())),
         (None, None) => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_secret_file_is_named() {
+        let path = Path::new("/nonexistent/wsrelay/secret_key");
+        let err = secret_value(None, Some(path), "identity.django.secret_key_file").unwrap_err();
+        assert!(
+            err.starts_with(
+                "identity.django.secret_key_file: cannot read /nonexistent/wsrelay/secret_key: "
+            ),
+            "{err}"
+        );
+        let inline = Secret::new("s");
+        assert_eq!(
+            secret_value(Some(&inline), Some(path), "x")
+                .unwrap()
+                .as_deref(),
+            Some("s")
+        );
     }
 }

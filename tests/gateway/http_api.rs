@@ -180,3 +180,23 @@ fn check_config_names_the_bad_setting() {
         "{out:?}"
     );
 }
+
+#[test]
+fn a_variable_with_one_underscore_is_warned_about() {
+    let out = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        .arg("--check-config")
+        .env_clear()
+        .env("WSRELAY_REDIS__URL", "redis://127.0.0.1:1/0")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("WARN")
+            && stderr.contains("environment variable WSRELAY_REDIS__URL is ignored")
+            && stderr.contains("did you mean WSRELAY__REDIS__URL?"),
+        "{stderr}"
+    );
+    // Not read: the embedded broker serves.
+    assert!(String::from_utf8_lossy(&out.stdout).contains("embedded in-memory broker"));
+}
