@@ -33,6 +33,28 @@ const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Channels per SUBSCRIBE/UNSUBSCRIBE command when many change at once.
 const CHUNK: usize = 1024;
 
+/// Why a connect did not complete within [`OP_TIMEOUT`]. For a TLS URL (`rediss://`),
+/// a plain TCP connect tells a server that does not answer at all from one that does
+/// not speak TLS (a plain Redis reads the TLS greeting as a command and waits for the
+/// rest of it, so the TLS handshake never completes).
+async fn timed_out(addr: &redis::ConnectionAddr) -> String {
+    let redis::ConnectionAddr::TcpTls { host, port, .. } = addr else {
+        return "connect timed out".into();
+    };
+    let tcp = timeout(
+        OP_TIMEOUT,
+        tokio::net::TcpStream::connect((host.as_str(), *port)),
+    )
+    .await;
+    match tcp {
+        Ok(Ok(_)) => format!(
+            "TLS handshake with {host}:{port} did not complete: the server accepts \
+             connections but does not answer TLS (a plain Redis? then use redis://)"
+        ),
+        _ => format!("connect to {host}:{port} timed out (TLS)"),
+    }
+}
+
 /// Whether the pub/sub link is up, shared by the subscriber and `/health`.
 #[derive(Debug)]
 struct Link(Mutex<Result<(), String>>);
@@ -219,10 +241,12 @@ impl Subscriber {
 
     /// Connects, resubscribes every live key, then relays until the link fails.
     async fn serve(&mut self) -> Result<(), Failure> {
-        let pubsub = timeout(OP_TIMEOUT, self.client.get_async_pubsub())
-            .await
-            .map_err(|_| Failure::Connect("connect timed out".into()))?
-            .map_err(|e| Failure::Connect(e.to_string()))?;
+        let connected = timeout(OP_TIMEOUT, self.client.get_async_pubsub()).await;
+        let Ok(pubsub) = connected else {
+            let addr = self.client.get_connection_info().addr();
+            return Err(Failure::Connect(timed_out(addr).await));
+        };
+        let pubsub = pubsub.map_err(|e| Failure::Connect(e.to_string()))?;
         let (mut sink, mut stream) = pubsub.split();
 
         // Every change logged so far is superseded by the snapshot taken after it.
@@ -378,5 +402,29 @@ async fn round_trip(
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("subscribe timed out".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_tls_url_against_a_server_that_accepts_says_tls_failed() {
+        // A server that accepts and never answers, as a plain Redis does a TLS greeting.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let client = redis::Client::open(format!("rediss://127.0.0.1:{port}/0")).unwrap();
+        let reason = timed_out(client.get_connection_info().addr()).await;
+        assert!(
+            reason.starts_with("TLS handshake with 127.0.0.1:"),
+            "{reason}"
+        );
+        assert!(reason.contains("then use redis://"), "{reason}");
+        let plain = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
+        assert_eq!(
+            timed_out(plain.get_connection_info().addr()).await,
+            "connect timed out"
+        );
     }
 }
