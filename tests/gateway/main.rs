@@ -24,6 +24,7 @@ mod limits;
 mod nginx;
 mod on_redis;
 mod operations;
+mod python;
 mod wire;
 
 use harness::{Gateway, RedisServer};

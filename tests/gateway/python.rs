@@ -1,0 +1,93 @@
+//! The Python package (`python/`, distribution `wsrelay`) against the real gateway: its
+//! pytest suite runs in the Django virtual environment (`target/django-venv`, see
+//! `django_site`), with a gateway in this process on a Redis of its own, both with a key
+//! prefix, so the Python `RedisPublisher` is checked to write exactly the keys the
+//! gateway reads.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::django_site::{DjangoSite, DjangoSiteSettings};
+use crate::harness::{Gateway, RedisServer, TempDir, TOKEN};
+
+/// The whole pytest run; it takes a few seconds.
+const PYTEST_LIMIT: Duration = Duration::from_secs(300);
+const PREFIX: &str = "site";
+
+/// `WSRELAY_DJANGO_PYTHON`, else `target/django-venv/bin/python`, made by starting the
+/// test Django site once (the virtual environment is made on its first use, once per
+/// test binary, so two modules never build it at the same time).
+async fn venv_python() -> PathBuf {
+    if let Some(python) = std::env::var_os("WSRELAY_DJANGO_PYTHON") {
+        return PathBuf::from(python);
+    }
+    let dir = TempDir::new("python-venv-probe");
+    let site = DjangoSite::start(DjangoSiteSettings {
+        database_url: format!("sqlite://{}", dir.join("db.sqlite3").display()),
+        secret_key: "python-package-tests".into(),
+        ..Default::default()
+    })
+    .await;
+    drop(site);
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/django-venv/bin/python")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pytest_suite() {
+    let python = venv_python().await;
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let mut gw = Gateway::start(&[("redis__url", &url), ("redis__prefix", PREFIX)]);
+    gw.wait_health(200).await;
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = TempDir::new("pytest");
+    let log = out.join("pytest.log");
+    let mut child = Command::new(&python)
+        .args([
+            "-m",
+            "pytest",
+            "python/tests",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+        ])
+        .current_dir(root)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("WSRELAY_TEST_REDIS_URL", &url)
+        .env("WSRELAY_TEST_GATEWAY", gw.addr.to_string())
+        .env("WSRELAY_TEST_TOKEN", TOKEN)
+        .env("WSRELAY_TEST_PREFIX", PREFIX)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(out.join("stderr.log")).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    let deadline = Instant::now() + PYTEST_LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    let errors = std::fs::read_to_string(out.join("stderr.log")).unwrap_or_default();
+    match status {
+        Some(s) if s.success() => {
+            // Everything ran: a suite that skipped its gateway tests proves nothing.
+            assert!(
+                !output.contains("skipped"),
+                "pytest skipped tests:\n{output}\n{errors}"
+            );
+        }
+        Some(s) => panic!("pytest failed ({s}):\n{output}\n{errors}"),
+        None => panic!("pytest took longer than {PYTEST_LIMIT:?}:\n{output}\n{errors}"),
+    }
+    assert!(gw.stop().success());
+}
