@@ -379,7 +379,7 @@ const INSTALL_LIMIT: Duration = Duration::from_secs(300);
 
 /// `WSRELAY_DJANGO_PYTHON`, else the virtual environment `target/django-venv`, made (once
 /// per test binary, and again when `tests/django/requirements.txt` changes) on first use.
-fn python() -> PathBuf {
+pub fn python() -> PathBuf {
     if let Some(python) = std::env::var_os("WSRELAY_DJANGO_PYTHON") {
         let python = PathBuf::from(python);
         assert!(

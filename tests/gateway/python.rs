@@ -4,38 +4,19 @@
 //! prefix, so the Python `RedisPublisher` is checked to write exactly the keys the
 //! gateway reads.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::django_site::{DjangoSite, DjangoSiteSettings};
 use crate::harness::{Gateway, RedisServer, TempDir, TOKEN};
 
 /// The whole pytest run; it takes a few seconds.
 const PYTEST_LIMIT: Duration = Duration::from_secs(300);
 const PREFIX: &str = "site";
 
-/// `WSRELAY_DJANGO_PYTHON`, else `target/django-venv/bin/python`, made by starting the
-/// test Django site once (the virtual environment is made on its first use, once per
-/// test binary, so two modules never build it at the same time).
-async fn venv_python() -> PathBuf {
-    if let Some(python) = std::env::var_os("WSRELAY_DJANGO_PYTHON") {
-        return PathBuf::from(python);
-    }
-    let dir = TempDir::new("python-venv-probe");
-    let site = DjangoSite::start(DjangoSiteSettings {
-        database_url: format!("sqlite://{}", dir.join("db.sqlite3").display()),
-        secret_key: "python-package-tests".into(),
-        ..Default::default()
-    })
-    .await;
-    drop(site);
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/django-venv/bin/python")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pytest_suite() {
-    let python = venv_python().await;
+    let python = crate::django_site::python();
     let redis = RedisServer::start().await;
     let url = redis.url();
     let mut gw = Gateway::start(&[("redis__url", &url), ("redis__prefix", PREFIX)]);
