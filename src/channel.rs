@@ -263,6 +263,36 @@ impl Flags {
         }
     }
 
+    /// A parameter of `query` that looks like a mistyped flag, for the log: one that
+    /// starts with `subscribe-` or `publish-` but names no audience
+    /// (`subscribe-braodcast`), or the first parameter of a query that names no flag
+    /// at all (`subcribe-broadcast`). Other parameters (a cache buster next to real
+    /// flags) are not mistakes.
+    pub fn mistyped(query: &str) -> Option<&str> {
+        const AUDIENCES: [&str; 4] = ["broadcast", "user", "group", "session"];
+        let names = query
+            .split('&')
+            .map(|p| p.split_once('=').map_or(p, |(n, _)| n))
+            .filter(|n| !n.is_empty());
+        let mut first_unknown = None;
+        let mut any_known = false;
+        for name in names {
+            let lower = name.to_ascii_lowercase();
+            let audience = lower
+                .strip_prefix("subscribe-")
+                .or_else(|| lower.strip_prefix("publish-"));
+            match audience {
+                Some(a) if AUDIENCES.contains(&a) => any_known = true,
+                Some(_) => return Some(name),
+                None if lower == "echo" => any_known = true,
+                None => {
+                    first_unknown.get_or_insert(name);
+                }
+            }
+        }
+        first_unknown.filter(|_| !any_known)
+    }
+
     /// Parses a query string. Flag names are case-insensitive, values are ignored and
     /// unknown parameters are skipped, as ws4redis does.
     pub fn parse(query: &str) -> Flags {
@@ -342,6 +372,22 @@ mod tests {
             Err(NameError::TooLong(Session))
         );
         assert!(validate_name(Session, &long[1..]).is_ok());
+    }
+
+    #[test]
+    fn mistyped_flags_are_found_and_other_parameters_are_not() {
+        for (query, found) in [
+            ("subscribe-braodcast", Some("subscribe-braodcast")),
+            ("subscribe-broadcast&Publish-Users=1", Some("Publish-Users")),
+            ("subcribe-broadcast&x=1", Some("subcribe-broadcast")),
+            ("subscribe-broadcast&_=1700000000", None),
+            ("Subscribe-User&echo", None),
+            ("echo&nocache", None),
+            ("", None),
+            ("&", None),
+        ] {
+            assert_eq!(Flags::mistyped(query), found, "{query}");
+        }
     }
 
     #[test]

@@ -182,6 +182,8 @@ pub struct Handshaker {
     pub metrics: Arc<Metrics>,
     /// Refusals logged at `info`, rate-limited per reason.
     pub refusals: RateLog,
+    /// Sockets with mistyped flags, logged at `info`, rate-limited.
+    pub mistyped_flags: RateLog,
 }
 
 impl Handshaker {
@@ -320,7 +322,21 @@ impl Handshaker {
             ),
             (slot, _) => slot,
         };
-        let requested = Flags::parse(head.uri.query().unwrap_or(""));
+        let query = head.uri.query().unwrap_or("");
+        let requested = Flags::parse(query);
+        if let Some(name) = Flags::mistyped(query) {
+            // The client chose it: bounded in the log.
+            let name: String = name.chars().take(64).collect();
+            self.metrics.unknown_flags.inc();
+            self.mistyped_flags.info("unknown flags", || {
+                let client = client.map_or_else(|| "-".to_string(), |ip| ip.to_string());
+                format!(
+                    "socket from {client} for facility {facility:?} names an unknown flag \
+                     {name:?}; it opens without it (flags: subscribe-/publish- followed by \
+                     broadcast, user, group or session, and echo)"
+                )
+            });
+        }
         let handshake = Handshake {
             head,
             facility: &facility,

@@ -28,7 +28,7 @@
 //! - [`broker`]: Redis (one pub/sub + one command connection per process) or the
 //!   embedded in-memory broker.
 //! - [`publisher`]: [`RedisPublisher`], for Rust web applications that publish.
-//! - [`ratelog`]: log lines rate-limited per reason (refused sockets).
+//! - [`ratelog`]: log lines rate-limited per reason (refused sockets, mistyped flags).
 //! - [`metrics`]: Prometheus metrics at `/metrics`, summarised by `/health`.
 //! - [`shutdown`], [`notify`]: the stop signal; readiness notifications to systemd.
 //! - [`secret`]: secrets in the configuration (never logged; inline or from a file).
@@ -281,6 +281,7 @@ impl Parts {
             shutdown: shutdown.clone(),
             metrics: metrics.clone(),
             refusals: RateLog::new("wsrelay::handshake", "refused for"),
+            mistyped_flags: RateLog::new("wsrelay::handshake", "sockets with"),
         });
         let relay = Arc::new(Relay {
             config: SocketConfig::new(&config),
@@ -323,13 +324,16 @@ pub async fn check(config: &Config) -> io::Result<Vec<String>> {
     Ok(parts.handshaker.resolver.probe().await)
 }
 
-/// Logs the summaries of refusals not logged (see [`ratelog`]) once their minute is
-/// over, until `stop`.
+/// Logs the summaries of refusals and mistyped flags not logged (see [`ratelog`]) once
+/// their minute is over, until `stop`.
 async fn summarize_refusals(handshaker: Arc<Handshaker>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(ratelog::WINDOW / 6);
     loop {
         tokio::select! {
-            _ = tick.tick() => handshaker.refusals.flush_to_log(),
+            _ = tick.tick() => {
+                handshaker.refusals.flush_to_log();
+                handshaker.mistyped_flags.flush_to_log();
+            }
             _ = stop.cancelled() => return,
         }
     }

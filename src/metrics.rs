@@ -22,6 +22,8 @@ pub struct Metrics {
     pub handshakes: IntCounterVec,
     /// Identity warnings and failures, by event.
     pub identity_events: IntCounterVec,
+    /// Sockets whose query names a flag that does not exist (they still open).
+    pub unknown_flags: IntCounter,
     /// Publications received from the broker.
     pub broker_messages: IntCounter,
     /// Publications not relayed, by reason (`too_large`: over `max_publication_size`).
@@ -98,6 +100,10 @@ impl Metrics {
                 "wsrelay_identity_events_total",
                 "Identity warnings and failures",
                 "event",
+            ),
+            unknown_flags: counter(
+                "wsrelay_unknown_flags_total",
+                "Sockets whose query names a flag that does not exist",
             ),
             broker_messages: counter(
                 "wsrelay_broker_messages_total",

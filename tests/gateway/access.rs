@@ -238,7 +238,7 @@ async fn log_until(gw: &Gateway, text: &str) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn refused_sockets_are_logged_ten_per_reason_and_minute() {
+async fn refused_sockets_and_mistyped_flags_are_logged_ten_per_reason_and_minute() {
     let mut gw = Gateway::start_process(&[], &[]);
     let origin = [("Origin", "http://localhost:8000")];
     for _ in 0..15 {
@@ -246,6 +246,15 @@ async fn refused_sockets_are_logged_ten_per_reason_and_minute() {
         assert_eq!(status, 403);
         assert!(body.contains("policy.allowed_origins"), "{body}");
     }
+    // A mistyped flag does not refuse the socket (as in ws4redis), but is logged and
+    // counted.
+    let (status, _) = handshake(&gw, "/ws/chat?subscribe-braodcast", &[]).await;
+    assert_eq!(status, 101);
+    let metrics = http(gw.addr, "GET", "/metrics", &[], "").await.body;
+    assert_eq!(
+        crate::harness::metric(&metrics, "wsrelay_unknown_flags_total"),
+        1.0
+    );
     // A refusal for another reason is logged after the others: once it is read, so is
     // every line before it.
     let (status, body) = handshake(&gw, "/ws/a%3Ab?subscribe-broadcast", &[]).await;
@@ -265,6 +274,11 @@ async fn refused_sockets_are_logged_ten_per_reason_and_minute() {
             "\"http://localhost:8000\" is not allowed (list it in policy.allowed_origins)"
         ),
         "{line}"
+    );
+    assert!(
+        log.iter().any(|l| l.contains(" INFO ")
+            && l.contains("for facility \"chat\" names an unknown flag \"subscribe-braodcast\"")),
+        "{log:#?}"
     );
     // The summary of the other five comes when the minute is over (see the unit tests
     // of `ratelog`).
