@@ -232,6 +232,100 @@ async fn sockets_survive_a_redis_restart() {
     );
 }
 
+/// Threads that keep every core busy until dropped (at most `limit`), as a loaded
+/// machine would.
+struct Busy {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Busy {
+    fn start(threads: usize, limit: Duration) -> Busy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let threads = (0..threads)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let started = std::time::Instant::now();
+                    while !stop.load(Ordering::Relaxed) && started.elapsed() < limit {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        Busy { stop, threads }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// `/ready`'s status, asked now.
+async fn ready_status(gw: &Gateway) -> u16 {
+    crate::harness::http(gw.addr, "GET", "/ready", &[], "")
+        .await
+        .status
+}
+
+/// After a Redis restart, `/ready` says 200 only once the pub/sub link is subscribed to
+/// every live key: a publication made the moment it does reaches every socket, with
+/// both cores busy and 300 keys to subscribe again, three restarts in a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_after_a_redis_restart_means_publications_arrive() {
+    let mut redis = RedisServer::start().await;
+    let url = redis.url();
+    let gw = Gateway::start(&[("redis__url", &url)]);
+    gw.wait_health(200).await;
+    let mut sockets = Vec::new();
+    for i in 0..300 {
+        sockets.push(Client::connect(&gw.ws_url(&format!("/ws/f{i}?subscribe-broadcast"))).await);
+    }
+    for i in 0..300 {
+        wait_numsub(&redis, &format!("broadcast:f{i}"), 1).await;
+    }
+    let _busy = Busy::start(2, Duration::from_secs(120));
+    for round in 0..3 {
+        redis.kill();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while ready_status(&gw).await != 503 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/ready never said 503"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        redis.restart().await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while ready_status(&gw).await != 200 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/ready never said 200"
+            );
+        }
+        // At once, in one pipeline: every key, every socket.
+        let mut pipe = redis::pipe();
+        for i in 0..300 {
+            pipe.publish(format!("broadcast:f{i}"), format!("round {round}"))
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut redis.conn().await).await.unwrap();
+        for (i, socket) in sockets.iter_mut().enumerate() {
+            assert_eq!(
+                socket.recv_text().await,
+                format!("round {round}"),
+                "socket {i} after restart {round}"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_starts_while_redis_is_down_and_recovers() {
     let mut redis = RedisServer::start().await;
