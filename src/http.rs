@@ -125,7 +125,9 @@ async fn metrics(state: web::Data<HttpState>) -> HttpResponse {
 struct PublishRequest {
     facility: String,
     audiences: Audiences,
-    message: String,
+    /// A string is published as is; any other JSON value as its compact text, its
+    /// object keys in the order given.
+    message: Box<serde_json::value::RawValue>,
     /// Seconds to keep the message for late joiners; default `redis.expire`, 0 = not kept.
     expire: Option<u64>,
 }
@@ -213,7 +215,11 @@ async fn publish_checked(
         Ok(r) => r,
         Err(e) => return bad(format!("audiences: {e}")),
     };
-    if request.message.len() > state.max_message_size {
+    let message = match message_text(&request.message) {
+        Ok(m) => m,
+        Err(e) => return bad(format!("message: {e}")),
+    };
+    if message.len() > state.max_message_size {
         return bad(format!(
             "message is longer than max_message_size ({} bytes)",
             state.max_message_size
@@ -228,7 +234,7 @@ async fn publish_checked(
     if expire > MAX_EXPIRE {
         return bad(format!("expire: at most {MAX_EXPIRE} seconds"));
     }
-    let payload = web::Bytes::from(request.message);
+    let payload = web::Bytes::from(message);
     match state.broker.publish(&keys, &payload, expire).await {
         Ok(()) => {
             let keys: Vec<&str> = keys.iter().map(|k| &**k).collect();
@@ -236,6 +242,33 @@ async fn publish_checked(
         }
         Err(e) => plain(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
+}
+
+/// The text a publication's `message` stands for: a JSON string's value, or any other
+/// JSON value without the whitespace between its tokens.
+fn message_text(raw: &serde_json::value::RawValue) -> serde_json::Result<String> {
+    let text = raw.get();
+    if text.starts_with('"') {
+        return serde_json::from_str(text);
+    }
+    let mut compact = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in text.chars() {
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else if matches!(c, ' ' | '\t' | '\n' | '\r') {
+            continue;
+        }
+        compact.push(c);
+    }
+    Ok(compact)
 }
 
 /// Compares the bearer token in constant time.
@@ -253,4 +286,26 @@ fn bearer_matches(req: &HttpRequest, token: &str) -> bool {
             .zip(token.bytes())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(json: &str) -> String {
+        let raw: Box<serde_json::value::RawValue> = serde_json::from_str(json).unwrap();
+        message_text(&raw).unwrap()
+    }
+
+    #[test]
+    fn a_string_is_published_as_is_and_other_json_compact() {
+        assert_eq!(text(r#""hi \"there\"""#), r#"hi "there""#);
+        assert_eq!(text(r#""{\"a\": 1}""#), r#"{"a": 1}"#);
+        assert_eq!(
+            text(" { \"z\" : [1, 2.5, true, null],\n \"a\": \"x y \\\" {\" } "),
+            r#"{"z":[1,2.5,true,null],"a":"x y \" {"}"#
+        );
+        assert_eq!(text("42"), "42");
+        assert_eq!(text("null"), "null");
+    }
 }

@@ -128,6 +128,21 @@ async fn the_publish_api_needs_the_token_and_valid_json() {
     assert_eq!(ok.status, 200, "{}", ok.body);
     assert_eq!(ok.body, r#"{"keys":["broadcast:chat","user:jane:chat"]}"#);
     assert_eq!(c.recv_text().await, "hi");
+    // Any other JSON value is published as its compact text, keys in the order given.
+    let json = post(
+        r#"{"facility": "chat", "audiences": {"broadcast": true},
+            "message": {"type": "update", "ids": [3, 1], "note": "a \"b\"", "at": null}}"#,
+    )
+    .await;
+    assert_eq!(json.status, 200, "{}", json.body);
+    assert_eq!(
+        c.recv_text().await,
+        r#"{"type":"update","ids":[3,1],"note":"a \"b\"","at":null}"#
+    );
+    let number =
+        post(r#"{"facility": "chat", "audiences": {"broadcast": true}, "message": 7}"#).await;
+    assert_eq!(number.status, 200, "{}", number.body);
+    assert_eq!(c.recv_text().await, "7");
 }
 
 #[tokio::test]
