@@ -52,7 +52,9 @@ class Sockets:
 
     def connect(self, path: str, cookie: str | None = None, *keys: str) -> WebSocket:
         """Opens ``ws://gateway{path}`` and waits until the gateway subscribed to
-        ``keys`` (so that a publication that follows cannot be missed)."""
+        ``keys`` (so that a publication that follows cannot be missed). The socket may
+        still be reading its stored messages then: a publication that is also stored
+        (expire > 0) can arrive twice, so tests that publish at once use expire=0."""
         ws = WebSocket(f"ws://{self.gateway}{path}", cookie=cookie)
         self.open.append(ws)
         for key in keys:
