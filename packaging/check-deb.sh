@@ -29,6 +29,9 @@ root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 dpkg-deb --extract "$deb" "$root"
 "$root/usr/bin/wsrelay" --version
+if readelf --section-headers "$root/usr/bin/wsrelay" | grep -Eq '\.debug_(info|line) '; then
+    fail "the binary carries debug information (build with cargo deb --strip)"
+fi
 "$root/usr/bin/wsrelay" --check-config --config "$root/etc/wsrelay/wsrelay.toml" |
     grep -q '^configuration ok' || fail "the shipped configuration does not check"
 
