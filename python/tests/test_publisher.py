@@ -101,6 +101,18 @@ def test_self_user_group_session_reach_their_socket(
 
 
 @pytest.mark.django_db
+def test_ws4redis_own_self_is_understood() -> None:
+    # ws4redis.redis_store defines SELF as the one instance of a class named SELF_TYPE;
+    # apps that still import it keep working.
+    ws4redis_self = type("SELF_TYPE", (object,), {})()
+    request = jane_request(groups=["from-session"])
+    p = RedisPublisher(
+        facility="f", users=[ws4redis_self], groups=[ws4redis_self], request=request, prefix=""
+    )
+    assert sorted(p.keys) == ["group:from-session:f", "user:jane:f"]
+
+
+@pytest.mark.django_db
 def test_self_groups_come_from_the_session_first() -> None:
     request = jane_request(groups=["from-session"])
     p = RedisPublisher(facility="f", groups=[SELF], request=request, prefix="")

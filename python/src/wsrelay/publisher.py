@@ -103,6 +103,12 @@ def _group_names(request: HttpRequest | None) -> list[str]:
     return [str(name) for name in groups.values_list("name", flat=True)]
 
 
+def _is_self(name: object) -> bool:
+    """``SELF``, ours or ws4redis's (``ws4redis.redis_store.SELF``, an instance of a class
+    named ``SELF_TYPE``), so that code written for ws4redis keeps working unchanged."""
+    return name is SELF or type(name).__name__ == "SELF_TYPE"
+
+
 def _expand(kind: str, names: Names, request: HttpRequest | None, own: Any) -> list[str]:
     """ws4redis's reading of ``users=`` / ``groups=`` / ``sessions=``: a list or
     tuple (``SELF`` inside stands for the request's own), ``True`` (deprecated: the
@@ -123,7 +129,7 @@ def _expand(kind: str, names: Names, request: HttpRequest | None, own: Any) -> l
         raise ValueError(f"Argument `{kind}` must be a list or tuple")
     result: list[str] = []
     for name in names:
-        found = own(request) if name is SELF else [name]
+        found = own(request) if _is_self(name) else [name]
         for n in found:
             if n is not None and n not in result:
                 result.append(str(n))
