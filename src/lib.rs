@@ -31,7 +31,8 @@
 //! - [`ratelog`]: log lines rate-limited per reason (refused sockets, mistyped flags).
 //! - [`metrics`]: Prometheus metrics at `/metrics`, summarised by `/health`.
 //! - [`shutdown`], [`notify`]: the stop signal; readiness notifications to systemd.
-//! - [`secret`]: secrets in the configuration (never logged; inline or from a file).
+//! - [`secret`]: secrets in the configuration (never logged; inline or from a file);
+//!   [`ttl_cache`]: the bounded, expiring map of reused answers (callbacks, database).
 //!
 //! # Data path
 //!
@@ -74,6 +75,7 @@ pub mod secret;
 pub mod server;
 pub mod shutdown;
 pub mod socket;
+pub mod ttl_cache;
 pub mod webapp;
 pub mod wheel;
 pub mod worker;

@@ -13,10 +13,8 @@
 //! The settings are the same for both (`identity.callback.*`, `policy.callback.*`):
 //! one [`CallbackConfig`].
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix_http::header::{HeaderMap, HeaderName, COOKIE};
 use actix_http::{Method, StatusCode};
@@ -24,6 +22,8 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+
+use crate::ttl_cache::TtlCache;
 
 /// Largest answer body read from the application (identities, allowed flags).
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -147,11 +147,9 @@ pub type CacheKey = [u8; 32];
 pub struct Endpoint<V> {
     pub url: String,
     timeout: Duration,
-    ttl: Duration,
-    size: usize,
     /// `Cookie`, then the configured headers.
     forward: Vec<HeaderName>,
-    cache: Mutex<HashMap<CacheKey, (Instant, V)>>,
+    cache: TtlCache<CacheKey, V>,
 }
 
 impl<V: Clone> Endpoint<V> {
@@ -176,10 +174,8 @@ impl<V: Clone> Endpoint<V> {
         Ok(Endpoint {
             url,
             timeout: Duration::from_secs_f64(config.timeout),
-            ttl: Duration::from_secs_f64(config.cache_ttl),
-            size: config.cache_size,
             forward,
-            cache: Mutex::default(),
+            cache: TtlCache::new(Duration::from_secs_f64(config.cache_ttl), config.cache_size),
         })
     }
 
@@ -213,27 +209,12 @@ impl<V: Clone> Endpoint<V> {
 
     /// The answer cached under `key`, if still fresh.
     pub fn cached(&self, key: &CacheKey) -> Option<V> {
-        // unwrap: nothing panics while the cache is locked.
-        let cache = self.cache.lock().unwrap();
-        cache
-            .get(key)
-            .filter(|(at, _)| at.elapsed() < self.ttl)
-            .map(|(_, answer)| answer.clone())
+        self.cache.get(key)
     }
 
     /// Caches `answer` (unless the cache is off, or full of fresh answers).
     pub fn remember(&self, key: CacheKey, answer: &V) {
-        if self.ttl.is_zero() {
-            return;
-        }
-        // unwrap: see `cached`.
-        let mut cache = self.cache.lock().unwrap();
-        if cache.len() >= self.size {
-            cache.retain(|_, (at, _)| at.elapsed() < self.ttl);
-        }
-        if cache.len() < self.size {
-            cache.insert(key, (Instant::now(), answer.clone()));
-        }
+        self.cache.put(key, answer.clone());
     }
 
     /// A request to `url` (the endpoint's, with a query perhaps) carrying the

@@ -21,8 +21,6 @@
 //! (found or not). A change in the database (logout, password, groups, `is_active`)
 //! applies within `cache_ttl`. Concurrent misses for one key each run their query.
 
-use std::collections::HashMap;
-use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +30,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyConnection, AnyPool, Connection, Row};
 
 use crate::secret::Secret;
+use crate::ttl_cache::TtlCache;
 
 /// How long the database is taken as down after a failure.
 pub const OUTAGE_PAUSE: Duration = Duration::from_secs(1);
@@ -197,56 +196,6 @@ pub enum DatabaseError {
     Task(String),
     #[error("down since a moment ago ({0})")]
     Down(String),
-}
-
-/// A bounded map whose entries expire; a TTL of zero caches nothing. When full, expired
-/// entries are swept (at most once per TTL); a new entry that still does not fit is not
-/// kept.
-struct TtlCache<K, V> {
-    ttl: Duration,
-    size: usize,
-    entries: Mutex<Entries<K, V>>,
-}
-
-struct Entries<K, V> {
-    map: HashMap<K, (Instant, V)>,
-    swept: Instant,
-}
-
-impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
-    fn new(ttl: Duration, size: usize) -> Self {
-        TtlCache {
-            ttl,
-            size,
-            entries: Mutex::new(Entries {
-                map: HashMap::new(),
-                swept: Instant::now(),
-            }),
-        }
-    }
-
-    fn get(&self, key: &K) -> Option<V> {
-        // unwrap: nothing panics while the map is locked.
-        let entries = self.entries.lock().unwrap();
-        let (at, value) = entries.map.get(key)?;
-        (at.elapsed() < self.ttl).then(|| value.clone())
-    }
-
-    fn put(&self, key: K, value: V) {
-        if self.ttl.is_zero() {
-            return;
-        }
-        // unwrap: see `get`.
-        let Entries { map, swept } = &mut *self.entries.lock().unwrap();
-        if map.len() >= self.size && swept.elapsed() >= self.ttl {
-            let ttl = self.ttl;
-            map.retain(|_, (at, _)| at.elapsed() < ttl);
-            *swept = Instant::now();
-        }
-        if map.len() < self.size {
-            map.insert(key, (Instant::now(), value));
-        }
-    }
 }
 
 /// Settings of the pool and its caches.
@@ -633,18 +582,5 @@ mod tests {
             Dialect::Sqlite
         );
         assert!(Dialect::of("oracle://x").is_err());
-    }
-
-    #[test]
-    fn the_cache_expires_and_stays_bounded() {
-        let cache = TtlCache::new(Duration::from_secs(60), 2);
-        cache.put("a", 1);
-        cache.put("b", 2);
-        // Full of live entries: the new one is not kept.
-        cache.put("c", 3);
-        assert_eq!((cache.get(&"a"), cache.get(&"c")), (Some(1), None));
-        let off = TtlCache::new(Duration::ZERO, 2);
-        off.put("a", 1);
-        assert_eq!(off.get(&"a"), None);
     }
 }
