@@ -258,28 +258,12 @@ impl DjangoResolver {
                     .map_err(|e| format!("identity.django.redis_url: {e}"))?,
             ),
         };
-        let database = match &config.database_url {
-            None if engine == Engine::Db => {
-                return Err("identity.django.database_url is needed by the db engine".into())
-            }
-            None => None,
-            Some(url) => Some(
-                Database::new(DatabaseSettings {
-                    url: url.clone(),
-                    schema: config.schema(),
-                    pool_size: config.database_pool,
-                    timeout: Duration::from_secs_f64(config.database_timeout),
-                    cache_ttl: Duration::from_secs_f64(config.cache_ttl),
-                    cache_size: config.cache_size,
-                })
-                .map_err(|e| format!("identity.django.database_url: {e}"))?,
-            ),
-        };
         let secret = secret_value(
             config.secret_key.as_ref(),
             config.secret_key_file.as_deref(),
             "identity.django.secret_key_file",
         )?;
+        let has_secret = secret.is_some();
         let keys: Vec<String> = secret
             .into_iter()
             .chain(
@@ -300,7 +284,7 @@ impl DjangoResolver {
             engine,
             Engine::Db | Engine::SignedCookies | Engine::RedisSessions
         );
-        if (signed || database.is_some()) && secret_missing(&config, &keys) {
+        if (signed || config.database_url.is_some()) && !has_secret {
             return Err(format!(
                 "identity.django.secret_key or secret_key_file (Django's SECRET_KEY) is needed \
                  to verify {}",
@@ -311,6 +295,23 @@ impl DjangoResolver {
                 }
             ));
         }
+        let database = match &config.database_url {
+            None if engine == Engine::Db => {
+                return Err("identity.django.database_url is needed by the db engine".into())
+            }
+            None => None,
+            Some(url) => Some(
+                Database::new(DatabaseSettings {
+                    url: url.clone(),
+                    schema: config.schema(),
+                    pool_size: config.database_pool,
+                    timeout: Duration::from_secs_f64(config.database_timeout),
+                    cache_ttl: Duration::from_secs_f64(config.cache_ttl),
+                    cache_size: config.cache_size,
+                })
+                .map_err(|e| format!("identity.django.database_url: {e}"))?,
+            ),
+        };
         Ok(DjangoResolver {
             config,
             keys,
@@ -364,27 +365,41 @@ impl DjangoResolver {
         match self.config.engine {
             Engine::Db => self.database_row(session).await,
             Engine::CachedDb => match self.redis_get(session).await? {
-                Some(raw) => Ok(Stored::Pickled(raw)),
+                Some(raw) => Ok(self.stored_in_redis(raw)),
                 None => self.database_row(session).await,
             },
-            Engine::Cache => Ok(self
+            Engine::Cache | Engine::RedisSessions => Ok(self
                 .redis_get(session)
                 .await?
-                .map_or(Stored::Missing, Stored::Pickled)),
-            Engine::RedisSessions => Ok(self
-                .redis_get(session)
-                .await?
-                .map_or(Stored::Missing, Stored::Signed)),
+                .map_or(Stored::Missing, |raw| self.stored_in_redis(raw))),
             // The cookie is the session; `lookup` never fetches it.
             Engine::SignedCookies => Ok(Stored::Missing),
         }
     }
 
-    fn decode(&self, stored: &[u8], signed: bool) -> Result<SessionFields, DecodeError> {
-        let (user, groups) = (&self.config.user_field, &self.config.groups_field);
-        if !signed {
-            return Ok(fields_from_pickle(stored, user, groups)?);
+    /// A session value as this engine's Redis holds it: signed by django-redis-sessions,
+    /// pickled by Django's cache.
+    fn stored_in_redis(&self, raw: Vec<u8>) -> Stored {
+        match self.config.engine {
+            Engine::RedisSessions => Stored::Signed(raw),
+            _ => Stored::Pickled(raw),
         }
+    }
+
+    /// The fields of a stored session; `None` when there is none.
+    fn decode(&self, stored: &Stored) -> Option<Result<SessionFields, DecodeError>> {
+        match stored {
+            Stored::Missing => None,
+            Stored::Pickled(raw) => Some(
+                fields_from_pickle(raw, &self.config.user_field, &self.config.groups_field)
+                    .map_err(DecodeError::from),
+            ),
+            Stored::Signed(raw) => Some(self.unsign(raw)),
+        }
+    }
+
+    fn unsign(&self, stored: &[u8]) -> Result<SessionFields, DecodeError> {
+        let (user, groups) = (&self.config.user_field, &self.config.groups_field);
         let (salt, max_age) = match self.config.engine {
             Engine::SignedCookies => (
                 SIGNED_COOKIES_SALT,
@@ -443,12 +458,7 @@ impl DjangoResolver {
             };
             (Some(key), stored)
         };
-        let decoded = match &stored {
-            Stored::Missing => None,
-            Stored::Signed(raw) => Some(self.decode(raw, true)),
-            Stored::Pickled(raw) => Some(self.decode(raw, false)),
-        };
-        let fields = match decoded {
+        let fields = match self.decode(&stored) {
             Some(Ok(fields)) => Some(fields),
             Some(Err(e)) => {
                 self.metrics
@@ -581,8 +591,7 @@ impl DjangoResolver {
                 .await
                 .ok()
                 .flatten();
-            let signed = self.config.engine == Engine::RedisSessions;
-            let verdict = match raw.map(|raw| self.decode(&raw, signed)) {
+            let verdict = match raw.and_then(|raw| self.decode(&self.stored_in_redis(raw))) {
                 Some(Ok(f)) if f.user.is_some() || f.user_id.is_some() => "a logged-in session",
                 Some(Ok(_)) => "an anonymous session",
                 Some(Err(DecodeError::Signature(_))) => {
@@ -600,11 +609,6 @@ impl DjangoResolver {
 /// A database failure, as a handshake answers it (503); the database logs it.
 fn unavailable(e: DatabaseError) -> IdentityError {
     IdentityError::Unavailable(format!("django database: {e}"))
-}
-
-/// True when no key is configured (`keys` holds only fallbacks, or nothing).
-fn secret_missing(config: &DjangoConfig, keys: &[String]) -> bool {
-    keys.len() <= config.secret_key_fallbacks.len()
 }
 
 impl IdentityResolver for DjangoResolver {
