@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use crate::channel::DEFAULT_EXPIRE;
+use crate::facility::FacilityRule;
 use crate::identity::callback::CallbackConfig;
 use crate::identity::django::DjangoConfig;
 use crate::identity::token::TokenConfig;
@@ -88,6 +89,9 @@ pub struct Config {
     pub session: SessionConfig,
     pub identity: IdentityConfig,
     pub policy: PolicyConfig,
+    /// `[[facility]]`: history and slow-consumer behaviour per facility pattern.
+    #[serde(default)]
+    pub facility: Vec<FacilityRule>,
 }
 
 /// Where identities come from (see [`crate::identity`]).
@@ -489,6 +493,9 @@ impl Config {
                 "timeout must be above 0 and cache_ttl at least 0",
             );
         }
+        if let Err(why) = crate::facility::validate(&self.facility, MAX_EXPIRE) {
+            return bad("facility", &why);
+        }
         if let Err((name, why)) = self.identity.django.validate() {
             return bad(name, &why);
         }
@@ -798,5 +805,34 @@ mod tests {
             "redis://***@h:1/0"
         );
         assert_eq!(redis_url_without_password("redis://h/0"), "redis://h/0");
+    }
+
+    #[test]
+    fn facility_rules_come_from_the_file_in_order() {
+        let dir = std::env::temp_dir().join(format!("wsrelay-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("facility.toml");
+        std::fs::write(
+            &path,
+            "[[facility]]\npattern = \"prices/*\"\nslow_consumer = \"conflate\"\n\n\
+             [[facility]]\npattern = \"*\"\nhistory = 50\n",
+        )
+        .unwrap();
+        let c = Config::load_from(Some(&path), HashMap::new()).unwrap();
+        let f = crate::facility::Facilities::new(c.facility);
+        assert_eq!(
+            f.of("prices/x").slow_consumer,
+            crate::facility::SlowConsumer::Conflate
+        );
+        let h = f.of("chat").history.unwrap();
+        assert_eq!((h.len, h.ttl), (50, crate::facility::DEFAULT_HISTORY_TTL));
+        std::fs::write(
+            &path,
+            "[[facility]]\npattern = \"*\"\nhistory = 5\nhistroy_ttl = 1\n",
+        )
+        .unwrap();
+        let err = Config::load_from(Some(&path), HashMap::new()).unwrap_err();
+        assert!(err.to_string().contains("histroy_ttl"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -61,6 +61,7 @@ pub mod broker;
 pub mod channel;
 pub mod config;
 pub mod conn;
+pub mod facility;
 pub mod handshake;
 pub mod http;
 pub mod identity;
