@@ -5,13 +5,25 @@
 //!   same API as ws4redis.js, no jQuery needed).
 //! - `GET /wsrelay.mjs`: the same file as an ES module (`import WS4Redis from …`).
 //! - `GET /`: the demo page, when `demo` is on (by default only with the embedded broker).
+//! - `POST /demo/publish`: the demo page's "publish from the server" button, mounted
+//!   only when `demo` is on. It takes the body of `POST /api/publish` and publishes
+//!   through the same code ([`http::publish_body`]), without the bearer token, but only
+//!   what the demo's access rule ([`Rule::demo`]) lets its sockets publish: on `demo/…`
+//!   facilities, to everybody (broadcast) or to the caller's own session (its
+//!   `sessionid` cookie, the one the page sets). Anything else is refused with 403 and
+//!   the reason; so is an `Origin` the sockets would refuse.
 //!
 //! Each answer carries an `ETag` (a hash of the content) and honours `If-None-Match`
 //! with 304, so browsers revalidate cheaply after a gateway upgrade.
 
-use actix_web::http::header;
+use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use sha2::{Digest, Sha256};
+
+use crate::config::DEFAULT_SESSION_COOKIE;
+use crate::http::{self, HttpState, PublishRequest};
+use crate::identity;
+use crate::policy::{glob_match, Rule};
 
 const HELPER: &str = include_str!("../assets/wsrelay.js");
 const MODULE_EXPORTS: &str = "\nexport default WS4Redis;\nexport { WS4Redis };\n";
@@ -94,12 +106,17 @@ impl Assets {
     }
 }
 
-/// Mounts the files; `assets` is shared by the workers.
+/// Mounts the files, and the demo's publish route when the demo is on; `assets` is
+/// shared by the workers.
 pub fn configure(cfg: &mut web::ServiceConfig, assets: web::Data<Assets>) {
+    let demo_on = assets.demo_on;
     cfg.app_data(assets)
         .service(web::resource("/wsrelay.js").get(script))
         .service(web::resource("/wsrelay.mjs").get(module))
         .service(web::resource("/").get(demo));
+    if demo_on {
+        cfg.service(web::resource("/demo/publish").post(demo_publish));
+    }
 }
 
 async fn script(req: HttpRequest, assets: web::Data<Assets>) -> HttpResponse {
@@ -117,4 +134,65 @@ async fn demo(req: HttpRequest, assets: web::Data<Assets>) -> HttpResponse {
             .body("the demo page is off (setting `demo`)");
     }
     assets.demo.respond(&req)
+}
+
+/// `POST /demo/publish`: a publish request from the demo page (see the module's text).
+async fn demo_publish(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<HttpState>,
+) -> HttpResponse {
+    let peer = req.peer_addr().map(|a| a.ip());
+    if let Err(why) = state.handshaker.policy.check_origin(req.head(), peer) {
+        return http::plain(StatusCode::FORBIDDEN, why);
+    }
+    let session = match identity::session_key(req.headers(), DEFAULT_SESSION_COOKIE) {
+        Ok(session) => session,
+        Err(e) => return http::plain(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let limit = http::publish_limit(state.max_message_size);
+    http::publish_body(body, limit, &state, |request| {
+        demo_may_publish(request, session.as_deref())
+    })
+    .await
+}
+
+/// Whether the demo page may make `request`, `session` being the caller's session key:
+/// only what the demo's access rule lets its sockets publish.
+fn demo_may_publish(request: &PublishRequest, session: Option<&str>) -> Result<(), String> {
+    let rule = Rule::demo();
+    if !glob_match(&rule.facility, &request.facility) {
+        let facility: String = request.facility.chars().take(64).collect();
+        return Err(format!(
+            "the demo publishes only on {} facilities, not {facility:?}; \
+             anything else goes through POST /api/publish",
+            rule.facility
+        ));
+    }
+    let audiences = &request.audiences;
+    if !audiences.users.is_empty() || !audiences.groups.is_empty() {
+        return Err(
+            "the demo publishes only to everybody (broadcast) and to this \
+                    browser's own session; users and groups go through POST /api/publish"
+                .into(),
+        );
+    }
+    for key in &audiences.sessions {
+        match session {
+            Some(own) if own == key => {}
+            Some(_) => {
+                return Err(format!(
+                    "the demo publishes only to this browser's own session (its \
+                     {DEFAULT_SESSION_COOKIE} cookie), not to another one"
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "no {DEFAULT_SESSION_COOKIE} cookie: the demo publishes to a session \
+                     only from that session's browser (open the demo page first)"
+                ))
+            }
+        }
+    }
+    Ok(())
 }

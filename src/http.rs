@@ -1,5 +1,6 @@
 //! HTTP routes: `/health`, `/ready`, `/metrics`, `POST /api/publish`, and the answer
-//! to a request for a WebSocket URL that does not upgrade.
+//! to a request for a WebSocket URL that does not upgrade. The demo's
+//! `POST /demo/publish` ([`crate::assets`]) publishes through [`publish_body`] too.
 //!
 //! WebSocket upgrades never reach these routes: they leave the HTTP server at the
 //! upgrade hook ([`crate::server`]) and are decided by [`crate::handshake`].
@@ -62,9 +63,9 @@ pub fn configure(cfg: &mut web::ServiceConfig, websocket_url: &str, max_message_
         .service(web::resource("/metrics").get(metrics))
         .service(
             web::resource("/api/publish")
-                .app_data(web::Data::new(PublishLimit(
-                    max_message_size * 6 + PUBLISH_ENVELOPE,
-                )))
+                .app_data(web::Data::new(PublishLimit(publish_limit(
+                    max_message_size,
+                ))))
                 .post(publish),
         );
 }
@@ -72,13 +73,21 @@ pub fn configure(cfg: &mut web::ServiceConfig, websocket_url: &str, max_message_
 /// The largest `POST /api/publish` body, in bytes.
 struct PublishLimit(usize);
 
+/// The largest body of a publish request (`POST /api/publish`, and the demo's
+/// `POST /demo/publish`), in bytes: room for a message of `max_message_size` bytes
+/// written with JSON escapes, and the JSON around it.
+pub fn publish_limit(max_message_size: usize) -> usize {
+    max_message_size * 6 + PUBLISH_ENVELOPE
+}
+
 /// A request for a WebSocket URL that did not ask to upgrade: refused with the
 /// handshake's reason (ws4redis's texts).
 async fn not_upgraded(req: HttpRequest, state: web::Data<HttpState>) -> HttpResponse {
     state.handshaker.refuse_plain(req.head()).error_response()
 }
 
-fn plain(status: StatusCode, reason: String) -> HttpResponse {
+/// An answer with a plain-text reason.
+pub fn plain(status: StatusCode, reason: String) -> HttpResponse {
     HttpResponse::build(status)
         .content_type("text/plain; charset=utf-8")
         .body(reason)
@@ -122,27 +131,28 @@ async fn metrics(state: web::Data<HttpState>) -> HttpResponse {
 /// The body of `POST /api/publish`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PublishRequest {
-    facility: String,
-    audiences: Audiences,
+pub struct PublishRequest {
+    pub facility: String,
+    pub audiences: Audiences,
     /// A string is published as is; any other JSON value as its compact text, its
     /// object keys in the order given.
     message: Box<serde_json::value::RawValue>,
     /// Seconds to keep the message for late joiners; default `redis.expire`, 0 = not kept.
-    expire: Option<u64>,
+    pub expire: Option<u64>,
 }
 
+/// Who a publish request names (names not validated yet).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Audiences {
+pub struct Audiences {
     #[serde(default)]
-    broadcast: bool,
+    pub broadcast: bool,
     #[serde(default)]
-    users: Vec<String>,
+    pub users: Vec<String>,
     #[serde(default)]
-    groups: Vec<String>,
+    pub groups: Vec<String>,
     #[serde(default)]
-    sessions: Vec<String>,
+    pub sessions: Vec<String>,
 }
 
 impl Audiences {
@@ -190,18 +200,35 @@ async fn publish_checked(
             .content_type("text/plain; charset=utf-8")
             .body("missing or wrong bearer token");
     }
+    publish_body(body, limit, state, |_| Ok(())).await
+}
+
+/// Reads a publish request from `body` (at most `limit` bytes), asks `allowed` whether
+/// this caller may make it (`Err`: 403 with the reason), then validates and publishes
+/// it: what `POST /api/publish` does once the caller is known, also for the demo page
+/// ([`crate::assets`]).
+pub async fn publish_body(
+    body: web::Payload,
+    limit: usize,
+    state: &HttpState,
+    allowed: impl FnOnce(&PublishRequest) -> Result<(), String>,
+) -> HttpResponse {
+    // The outer error is the limit; the inner one, the body's own (a broken transfer).
     let body = match body.to_bytes_limited(limit).await {
         Ok(Ok(body)) => body,
-        Ok(Err(_)) => {
+        Ok(Err(e)) => return plain(StatusCode::BAD_REQUEST, format!("request body: {e}")),
+        Err(_) => {
             let why = format!("request body is larger than {limit} bytes");
             return plain(StatusCode::PAYLOAD_TOO_LARGE, why);
         }
-        Err(e) => return plain(StatusCode::BAD_REQUEST, format!("request body: {e}")),
     };
     let request: PublishRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return plain(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")),
     };
+    if let Err(why) = allowed(&request) {
+        return plain(StatusCode::FORBIDDEN, why);
+    }
     let bad = |why: String| plain(StatusCode::BAD_REQUEST, why);
     let recipients = match Recipients::new(request.facility.as_str()) {
         Ok(r) => r,

@@ -611,7 +611,7 @@ const scenarios = [
   },
   {
     id: 'g',
-    name: 'the demo page shows live chat and notifications between tabs',
+    name: 'the demo page shows live chat, notifications between tabs and publications from the server',
     async run({ browser, demo }, ctx) {
       const context = await newContext(browser, demo, ctx);
       const one = await context.newPage();
@@ -646,6 +646,41 @@ const scenarios = [
       await stranger.locator('#chat-log li', { hasText: 'And hello back' }).waitFor({ timeout: WAIT });
       const leaked = await stranger.locator('#notify-log li', { hasText: 'ping #1' }).count();
       assert(leaked === 0, "another browser's session received this browser's notification");
+
+      // Publish from the server: to everybody on demo/chat, then to this browser's session.
+      await one.fill('#push-text', 'Pushed to everybody');
+      const curl = await one.locator('#push-curl').textContent();
+      assert(
+        curl.includes('Bearer $TOKEN') && curl.includes('"message":"Pushed to everybody"') && curl.includes('/api/publish'),
+        `the curl command does not follow the form: ${curl}`,
+      );
+      await one.click('#push-button');
+      await one.locator('#push-note', { hasText: 'HTTP 200' }).waitFor({ timeout: WAIT });
+      for (const p of [one, two, stranger]) {
+        await p.locator('#chat-log li', { hasText: 'Pushed to everybody' }).waitFor({ timeout: WAIT });
+      }
+      await one.check('input[name="push-to"][value="session"]');
+      await one.fill('#push-text', 'Pushed to this browser');
+      const session = sessions[0].match(/sessionid=([^;]+)/)[1];
+      const redisCli = await one.locator('#push-redis').textContent();
+      assert(
+        redisCli.includes(`PUBLISH session:${session}:demo/notify 'Pushed to this browser'`),
+        `the redis-cli lines do not follow the form: ${redisCli}`,
+      );
+      await one.click('#push-button');
+      for (const p of [one, two]) {
+        await p.locator('#notify-log li', { hasText: 'Pushed to this browser' }).waitFor({ timeout: WAIT });
+      }
+      // The stranger's own push arrives; this browser's never does.
+      await stranger.check('input[name="push-to"][value="session"]');
+      await stranger.fill('#push-text', 'Pushed to the stranger');
+      await stranger.click('#push-button');
+      await stranger.locator('#notify-log li', { hasText: 'Pushed to the stranger' }).waitFor({ timeout: WAIT });
+      const pushLeaked = await stranger.locator('#notify-log li', { hasText: 'Pushed to this browser' }).count();
+      assert(pushLeaked === 0, "another browser's session received this browser's push");
+      // Nothing went wrong in the consoles (a 404 shows there as an error).
+      const errors = ctx.notes.filter((n) => n.includes('console.error') || n.includes('exception'));
+      assert(errors.length === 0, `the demo pages logged errors: ${JSON.stringify(errors)}`);
 
       fs.mkdirSync(ARTIFACTS, { recursive: true });
       const shot = path.join(ARTIFACTS, 'demo.png');

@@ -8,13 +8,15 @@
 //! PostgreSQL and MariaDB servers and the real Django site they use; `access` the access policy,
 //! `Origin` and the limits; `authorize` the authorization callback under each identity
 //! source; `operations` systemd units, readiness, metrics and drains;
-//! `nginx` the shipped nginx site in front of one and two gateways.
+//! `nginx` the shipped nginx site in front of one and two gateways; `demo` the demo
+//! page's publish route.
 
 mod access;
 mod authorize;
 mod browser;
 mod conformance;
 mod databases;
+mod demo;
 mod django_db;
 mod django_site;
 mod harness;
