@@ -16,7 +16,12 @@ use wsrelay::ws::reader::{Input, Reader};
 /// queues (a reference count each) and taken out again as a write would.
 fn fan_out(c: &mut Criterion) {
     let mut group = c.benchmark_group("fan-out");
-    let publication = Publication::new(Arc::from("broadcast:chat"), &[b'x'; 100], Instant::now());
+    let publication = Publication::new(
+        Arc::from("broadcast:chat"),
+        &[b'x'; 100],
+        None,
+        Instant::now(),
+    );
     let frame = std::rc::Rc::new(publication.frame.clone());
     for n in [1usize, 100, 10_000] {
         let mut outboxes: Vec<Outbox> = (0..n).map(|_| Outbox::default()).collect();
@@ -40,7 +45,7 @@ fn fan_out(c: &mut Criterion) {
 fn framing(c: &mut Criterion) {
     let payload = [b'x'; 100];
     c.bench_function("frame/encode 100 B publication", |b| {
-        b.iter(|| Publication::new(Arc::from("k"), black_box(&payload), Instant::now()))
+        b.iter(|| Publication::new(Arc::from("k"), black_box(&payload), None, Instant::now()))
     });
     let raw = wsrelay::ws::frame::encode_masked(true, 1, &payload, [1, 2, 3, 4]);
     c.bench_function("frame/read 100 B client message", |b| {

@@ -113,6 +113,14 @@ impl Audience {
         }
     }
 
+    /// The group's name, for a group audience.
+    pub fn group_name(&self) -> Option<&str> {
+        match self {
+            Audience::Group(name) => Some(name),
+            _ => None,
+        }
+    }
+
     pub fn user(name: impl Into<String>) -> Result<Self, NameError> {
         let name = name.into();
         validate_name(NameKind::User, &name)?;
@@ -165,6 +173,64 @@ impl KeySpace {
     pub fn internal(&self, rest: &str) -> String {
         format!("{}wsrelay:{rest}", self.prefix)
     }
+
+    /// The parts of an audience key made by [`KeySpace::key`]: its audience kind, the
+    /// group's name for a group key, and the facility. Names hold no `:`, so the split
+    /// is unambiguous.
+    pub fn parse<'k>(&self, key: &'k str) -> Option<KeyParts<'k>> {
+        let rest = key.strip_prefix(self.prefix.as_str())?;
+        let (kind, rest) = rest.split_once(':')?;
+        let (kind, group, facility) = match kind {
+            "broadcast" => ("broadcast", None, rest),
+            "user" | "group" | "session" => {
+                let (name, facility) = rest.split_once(':')?;
+                let kind = match kind {
+                    "user" => "user",
+                    "group" => "group",
+                    _ => "session",
+                };
+                (kind, (kind == "group").then_some(name), facility)
+            }
+            _ => return None,
+        };
+        Some(KeyParts {
+            kind,
+            group,
+            facility,
+        })
+    }
+
+    /// The stream that keeps `key`'s history.
+    pub fn history(&self, key: &str) -> String {
+        self.internal(&format!("history:{}", self.unprefixed(key)))
+    }
+
+    /// The channel on which a publication's id is announced, right before the
+    /// publication itself goes out on `key` (see [`crate::broker::redis`]).
+    pub fn id_channel(&self, key: &str) -> String {
+        self.internal(&format!("id:{}", self.unprefixed(key)))
+    }
+
+    /// The key whose ids `channel` announces, if it is an id channel.
+    pub fn key_of_id_channel(&self, channel: &str) -> Option<String> {
+        let rest = channel
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix("wsrelay:id:")?;
+        Some(format!("{}{rest}", self.prefix))
+    }
+
+    fn unprefixed<'k>(&self, key: &'k str) -> &'k str {
+        key.strip_prefix(self.prefix.as_str()).unwrap_or(key)
+    }
+}
+
+/// What an audience key names (see [`KeySpace::parse`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyParts<'k> {
+    /// `broadcast`, `user`, `group` or `session`.
+    pub kind: &'static str,
+    pub group: Option<&'k str>,
+    pub facility: &'k str,
 }
 
 /// Which of the four audience kinds a socket asked for, in one direction.
@@ -323,6 +389,28 @@ impl Flags {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_parse_back_into_their_parts() {
+        for prefix in [None, Some("app")] {
+            let space = KeySpace::new(prefix);
+            let key = space.key(&Audience::group("staff").unwrap(), "chat/room");
+            let parts = space.parse(&key).unwrap();
+            assert_eq!(
+                (parts.kind, parts.group, parts.facility),
+                ("group", Some("staff"), "chat/room")
+            );
+            let key = space.key(&Audience::session("k1").unwrap(), "n");
+            assert_eq!(space.parse(&key).unwrap().group, None);
+            let key = space.key(&Audience::Broadcast, "a");
+            assert_eq!(space.parse(&key).unwrap().facility, "a");
+            let ids = space.id_channel(&key);
+            assert_eq!(space.key_of_id_channel(&ids).as_deref(), Some(&*key));
+            assert!(space.history(&key).contains("wsrelay:history:broadcast:a"));
+            assert_eq!(space.parse(&space.internal("probe:x")), None);
+            assert_eq!(space.key_of_id_channel(&key), None);
+        }
+    }
 
     #[test]
     fn key_names_match_ws4redis() {

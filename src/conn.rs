@@ -44,6 +44,7 @@ use log::{debug, info};
 
 use crate::broker::BrokerError;
 use crate::channel::AudienceKinds;
+use crate::history::{envelope, CatchUp, StreamId};
 use crate::outbox;
 use crate::policy::{IpSlot, SocketPermit};
 use crate::socket::{signal, Socket, NEVER};
@@ -81,6 +82,10 @@ pub struct SocketParams {
     /// Keys that messages from this socket are published to.
     pub publish: Arc<[Arc<str>]>,
     pub echo: bool,
+    /// The client speaks the envelope subprotocol ([`crate::history::SUBPROTOCOL`]).
+    pub envelope: bool,
+    /// Per key of `subscribe`, the id the client resumes from (`last-id`).
+    pub resume: Vec<Option<StreamId>>,
     /// The audience kinds this socket listens to (metric labels).
     pub listening: AudienceKinds,
     /// Held until the descriptor is released.
@@ -162,7 +167,7 @@ pub fn serve(
     leftover: BytesMut,
 ) -> impl Future<Output = ()> {
     let now = worker.clock.now();
-    let socket = Rc::new(Socket::new(stream, params.echo, now));
+    let socket = Rc::new(Socket::new(stream, params.echo, params.envelope, now));
     let mut conn = Conn::new(worker, socket, params, now);
     conn.count(1);
     conn.log_open();
@@ -186,12 +191,12 @@ struct Timers {
     closing_at: Tick,
 }
 
-type Setup = Pin<Box<dyn Future<Output = Option<Vec<Option<Bytes>>>>>>;
+type Setup = Pin<Box<dyn Future<Output = Option<Vec<CatchUp>>>>>;
 type Publishing = Pin<Box<dyn Future<Output = Result<(), BrokerError>>>>;
 
 enum Event {
     Signals(u8),
-    SetupDone(Option<Vec<Option<Bytes>>>),
+    SetupDone(Option<Vec<CatchUp>>),
     Published(Result<(), BrokerError>),
     Writable(std::io::Result<()>),
     Readable(std::io::Result<()>),
@@ -412,26 +417,53 @@ impl Conn {
         Ok(())
     }
 
-    /// The subscriptions are live (or setup gave up): stored messages go out first,
-    /// then what arrived meanwhile; then the client's waiting messages are published.
-    fn on_setup_done(&mut self, stored: Option<Vec<Option<Bytes>>>, now: Tick) {
-        let config = self.config();
-        let heartbeat = config.heartbeat.as_ref().map(|h| &h.text[..]);
-        let stored: Vec<Bytes> = stored
-            .unwrap_or_default()
-            .into_iter()
-            .flatten()
-            .filter(|v| Some(&v[..]) != heartbeat && v.len() <= config.max_publication_size)
+    /// The subscriptions are live (or setup gave up): stored (or replayed) messages go
+    /// out first, then what arrived meanwhile; then the client's waiting messages are
+    /// published.
+    fn on_setup_done(&mut self, caught: Option<Vec<CatchUp>>, now: Tick) {
+        let relay = self.worker.relay.clone();
+        let config = &relay.config;
+        let caught: Vec<(Arc<str>, CatchUp)> = self
+            .params
+            .subscribe
+            .iter()
+            .cloned()
+            .zip(caught.unwrap_or_default())
             .collect();
-        let metrics = &self.worker.relay.metrics;
-        let frames: Vec<Bytes> = stored.iter().map(|v| frame::encode_message(v)).collect();
+        let mut floors = Vec::new();
+        for (key, caught) in &caught {
+            if let Some(newest) = caught.newest() {
+                relay.registry.seen(key, newest);
+            }
+            if let Some(id) = caught.last_id() {
+                floors.push((key.clone(), id));
+            }
+        }
+        let mut frames = CatchUpFrames::new(&relay, self.params.envelope, false);
+        frames.add(&caught);
+        if frames.fitting() < frames.len() && frames.replayed > 0 {
+            // A replay that does not fit under queue_bytes is not cut short silently:
+            // each resumed key gets a reset and its newest message instead.
+            frames = CatchUpFrames::new(&relay, self.params.envelope, true);
+            frames.add(&caught);
+        }
+        let metrics = &relay.metrics;
+        let resume = &metrics.resume;
+        resume
+            .with_label_values(&["replayed"])
+            .inc_by(frames.replayed as u64);
+        resume
+            .with_label_values(&["reset"])
+            .inc_by(frames.resets as u64);
         // Counted before the write, so that no client sees a message the metrics do not.
-        let sent = &stored[..outbox::fitting(&frames, config.queue_bytes)];
-        metrics.frames_delivered.inc_by(sent.len() as u64);
+        let sent = frames.fitting();
+        metrics.frames_delivered.inc_by(sent as u64);
         metrics
             .bytes_out
-            .inc_by(sent.iter().map(|v| v.len() as u64).sum());
-        let skipped = self.socket.release(frames, config.queue_bytes, now);
+            .inc_by(frames.sizes[..sent].iter().sum::<usize>() as u64);
+        let skipped = self
+            .socket
+            .release(frames.frames, floors, config.queue_bytes, now);
         if skipped > 0 {
             debug!(
                 "conn {}: {skipped} stored messages skipped: over queue_bytes together",
@@ -740,12 +772,15 @@ async fn publish(relay: &Relay, keys: &[Arc<str>], payload: &Bytes) -> Result<()
         .broker
         .publish(keys, payload, relay.config.expire)
         .await
+        .map(drop)
 }
 
-/// Registers the subscriptions' confirmation and then the stored messages.
+/// Registers the subscriptions' confirmation and then reads what each key gives a
+/// starting socket: its stored message, or what it missed since `last-id`.
 fn setup(worker: &Worker, params: &SocketParams) -> Setup {
     let relay = worker.relay.clone();
     let keys = params.subscribe.clone();
+    let resume = params.resume.clone();
     Box::pin(async move {
         if keys.is_empty() {
             return Some(Vec::new());
@@ -753,8 +788,107 @@ fn setup(worker: &Worker, params: &SocketParams) -> Setup {
         if !relay.registry.barrier().await {
             return None;
         }
-        relay.broker.fetch(&keys).await.ok()
+        relay.broker.catch_up(&keys, &resume).await.ok()
     })
+}
+
+/// The frames a socket gets when its setup ends, key after key, and what they cost.
+struct CatchUpFrames<'r> {
+    relay: &'r Relay,
+    envelope: bool,
+    /// Each resumed key gets a reset and its newest message instead of its replay.
+    no_replay: bool,
+    frames: Vec<Bytes>,
+    /// Each frame's payload bytes (0 for control messages), for the metrics.
+    sizes: Vec<usize>,
+    replayed: usize,
+    resets: usize,
+}
+
+impl<'r> CatchUpFrames<'r> {
+    fn new(relay: &'r Relay, envelope: bool, no_replay: bool) -> Self {
+        CatchUpFrames {
+            relay,
+            envelope,
+            no_replay,
+            frames: Vec::new(),
+            sizes: Vec::new(),
+            replayed: 0,
+            resets: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// How many frames, in order, fit under `queue_bytes` on their own.
+    fn fitting(&self) -> usize {
+        outbox::fitting(&self.frames, self.relay.config.queue_bytes)
+    }
+
+    fn add(&mut self, caught: &[(Arc<str>, CatchUp)]) {
+        for (key, caught) in caught {
+            let label = match self.envelope {
+                true => self.relay.broker.retention().label(key),
+                false => String::new(),
+            };
+            match caught {
+                CatchUp::Stored { stored, .. } => {
+                    if let Some((payload, id)) = stored {
+                        self.message(&label, payload, *id, true);
+                    }
+                }
+                CatchUp::Resumed(entries) if self.no_replay && !entries.is_empty() => {
+                    self.resets += 1;
+                    self.control(envelope::reset(&label, "too much to replay (queue_bytes)"));
+                    // unwrap: not empty.
+                    let (id, payload) = entries.last().unwrap();
+                    self.message(&label, payload, Some(*id), true);
+                }
+                CatchUp::Resumed(entries) => {
+                    for (id, payload) in entries {
+                        self.message(&label, payload, Some(*id), false);
+                    }
+                    self.replayed += entries.len();
+                    self.control(envelope::resumed(&label, entries.len()));
+                }
+                CatchUp::Reset { reason, stored, .. } => {
+                    self.resets += 1;
+                    self.control(envelope::reset(&label, reason));
+                    if let Some((payload, id)) = stored {
+                        self.message(&label, payload, *id, true);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A stored or replayed message; the heartbeat string and payloads over
+    /// `max_publication_size` are never relayed.
+    fn message(&mut self, label: &str, payload: &Bytes, id: Option<StreamId>, stored: bool) {
+        let config = &self.relay.config;
+        let heartbeat = config.heartbeat.as_ref().map(|h| &h.text[..]);
+        if Some(&payload[..]) == heartbeat || payload.len() > config.max_publication_size {
+            return;
+        }
+        self.frames.push(match self.envelope {
+            true => {
+                let text = envelope::message(label, id, payload, stored);
+                encode(frame::OP_TEXT, text.as_bytes())
+            }
+            false => frame::encode_message(payload),
+        });
+        self.sizes.push(payload.len());
+    }
+
+    /// A control message: envelope sockets only.
+    fn control(&mut self, text: String) {
+        if self.envelope {
+            self.frames.push(encode(frame::OP_TEXT, text.as_bytes()));
+            self.sizes.push(0);
+        }
+    }
 }
 
 fn ping_frame() -> Bytes {

@@ -22,6 +22,7 @@ use crate::channel::{
     validate_name, Audience, AudienceKinds, Flags, KeySpace, NameError, NameKind,
 };
 use crate::conn::{Holds, SocketParams};
+use crate::history::{self, StreamId, SUBPROTOCOL};
 use crate::identity::{Handshake, Identity, IdentityError, IdentityResolver};
 use crate::metrics::Metrics;
 use crate::policy::{IpLimiter, IpSlot, PolicyConfig, SocketLimit};
@@ -74,6 +75,8 @@ pub enum HandshakeError {
     TooManySubscriptions(usize, usize),
     #[error("server is shutting down")]
     ShuttingDown,
+    #[error("last-id: {0}")]
+    BadResume(String),
 }
 
 impl HandshakeError {
@@ -361,6 +364,7 @@ impl Handshaker {
             None => flags,
         };
         let listening = audiences_for(flags.subscribe, &identity);
+        let resume = resume_points(query, &listening).map_err(HandshakeError::BadResume)?;
         let subscribe = self.keys_of(&facility, &listening);
         let publish = self.keys_of(&facility, &audiences_for(flags.publish, &identity));
         if subscribe.len() > policy.max_subscriptions {
@@ -383,13 +387,15 @@ impl Handshaker {
             subscribe,
             publish,
             echo: flags.echo,
+            envelope: offers_protocol(&head.headers, SUBPROTOCOL),
+            resume,
             holds: Holds {
                 ip_slot,
                 permit: Some(permit),
             },
         };
         Ok(Accepted {
-            response: switching_protocols(key, first_requested_protocol(&head.headers)),
+            response: switching_protocols(key, chosen_protocol(&head.headers)),
             params,
         })
     }
@@ -435,19 +441,62 @@ fn facility_from_path(raw: &str) -> Result<String, HandshakeError> {
     Ok(facility.into_owned())
 }
 
-/// The first subprotocol the client offered, if it is a valid token; it is echoed, as
-/// ws4redis did.
-fn first_requested_protocol(headers: &HeaderMap) -> Option<&str> {
+/// The subprotocols the client offered, in its order.
+fn offered_protocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .find(|p| !p.is_empty())
-        .filter(|p| {
-            p.bytes()
-                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
-        })
+        .filter(|p| !p.is_empty())
+}
+
+fn offers_protocol(headers: &HeaderMap, protocol: &str) -> bool {
+    offered_protocols(headers).any(|p| p == protocol)
+}
+
+/// The subprotocol the answer names: the envelope's ([`SUBPROTOCOL`]) when offered;
+/// otherwise the first one offered, if it is a valid token, echoed as ws4redis did.
+fn chosen_protocol(headers: &HeaderMap) -> Option<&str> {
+    if offers_protocol(headers, SUBPROTOCOL) {
+        return Some(SUBPROTOCOL);
+    }
+    offered_protocols(headers).next().filter(|p| {
+        p.bytes()
+            .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+    })
+}
+
+/// The ids to resume from, one per audience in `listening` (in its order), from the
+/// query's `last-id=<label>:<id>,…` (labels as the envelope names keys: `broadcast`,
+/// `user`, `session`, `group:<name>`). A label the socket does not listen to is
+/// refused, so a typo cannot silently turn a resume into a fresh start.
+fn resume_points(query: &str, listening: &[Audience]) -> Result<Vec<Option<StreamId>>, String> {
+    let mut points = vec![None; listening.len()];
+    let values = query
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .filter(|(name, _)| name.eq_ignore_ascii_case("last-id"));
+    for (_, value) in values {
+        let value = percent_encoding::percent_decode_str(value)
+            .decode_utf8()
+            .map_err(|_| "not valid percent-encoded UTF-8".to_string())?;
+        for item in value.split(',').filter(|i| !i.is_empty()) {
+            let (label, id) = item
+                .rsplit_once(':')
+                .ok_or_else(|| format!("{item:?} is not <key>:<id>"))?;
+            let id: StreamId = id.parse().map_err(|e| format!("{item:?}: {e}"))?;
+            let at = listening
+                .iter()
+                .position(|a| history::label(a.kind(), a.group_name()) == label)
+                .ok_or_else(|| {
+                    let label: String = label.chars().take(64).collect();
+                    format!("{label:?} is not a key this socket listens to")
+                })?;
+            points[at] = Some(id);
+        }
+    }
+    Ok(points)
 }
 
 /// The audiences of the requested kinds that this identity has: user needs a user name,

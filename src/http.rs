@@ -263,9 +263,11 @@ pub async fn publish_body(
     }
     let payload = web::Bytes::from(message);
     match state.broker.publish(&keys, &payload, expire).await {
-        Ok(()) => {
+        Ok(ids) => {
             let keys: Vec<&str> = keys.iter().map(|k| &**k).collect();
-            HttpResponse::Ok().json(serde_json::json!({ "keys": keys }))
+            let ids: Vec<Option<String>> =
+                ids.iter().map(|id| id.map(|id| id.to_string())).collect();
+            HttpResponse::Ok().json(serde_json::json!({ "keys": keys, "ids": ids }))
         }
         Err(e) => plain(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }

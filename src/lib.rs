@@ -63,6 +63,7 @@ pub mod config;
 pub mod conn;
 pub mod facility;
 pub mod handshake;
+pub mod history;
 pub mod http;
 pub mod identity;
 pub mod metrics;
@@ -97,7 +98,9 @@ use crate::broker::redis::{LinkSettings, Subscriber};
 use crate::broker::{Broker, Inlet, MemoryBroker, RedisBroker};
 use crate::channel::KeySpace;
 use crate::config::{Config, IdentitySource};
+use crate::facility::Facilities;
 use crate::handshake::Handshaker;
+use crate::history::Retention;
 use crate::http::HttpState;
 use crate::identity::callback::CallbackResolver;
 use crate::identity::django::DjangoResolver;
@@ -249,6 +252,8 @@ impl Parts {
             config.heartbeat.as_deref(),
             config.max_publication_size,
         ));
+        let facilities = Arc::new(Facilities::new(config.facility.clone()));
+        let retention = Retention::new(facilities.clone(), keys.clone());
         let (broker, subscriber) = match (&config.redis.url, changes_rx) {
             (Some(url), Some(rx)) => {
                 let link = LinkSettings {
@@ -257,11 +262,12 @@ impl Parts {
                     reconnect_max: config.reconnect_max(),
                     probe_interval: config.probe_interval(),
                 };
-                let (broker, subscriber) = RedisBroker::new(link, inlet, rx, broker_stop.clone())
-                    .map_err(io::Error::other)?;
+                let (broker, subscriber) =
+                    RedisBroker::new(link, retention, inlet, rx, broker_stop.clone())
+                        .map_err(io::Error::other)?;
                 (Broker::Redis(broker), Some(subscriber))
             }
-            _ => (Broker::Memory(MemoryBroker::new(inlet)), None),
+            _ => (Broker::Memory(MemoryBroker::new(inlet, retention)), None),
         };
         let broker = Arc::new(broker);
         let resolver = build_resolver(&config, &broker, &keys, &metrics)

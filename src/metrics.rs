@@ -38,6 +38,13 @@ pub struct Metrics {
     pub redis_reconnects: IntCounter,
     /// 1 while the Redis pub/sub link is up.
     pub redis_connected: IntGauge,
+    /// What recoveries after a lost link did, by outcome: `replayed` (messages read
+    /// back from history), `reset` (history keys whose gap could not be filled), `gap`
+    /// (keys without history that may have missed messages).
+    pub recovery: IntCounterVec,
+    /// Messages replayed to resuming sockets, and resumes that could not be filled
+    /// (`replayed`, `reset`).
+    pub resume: IntCounterVec,
     /// `POST /api/publish` requests, by HTTP status.
     pub publish_api: IntCounterVec,
     /// Seconds from broker receipt to the socket writer, per batch.
@@ -129,6 +136,16 @@ impl Metrics {
             redis_reconnects: counter(
                 "wsrelay_redis_reconnects_total",
                 "Redis pub/sub links lost and re-established",
+            ),
+            recovery: counter_vec(
+                "wsrelay_recovery_total",
+                "What recoveries after a lost Redis link did, by outcome",
+                "outcome",
+            ),
+            resume: counter_vec(
+                "wsrelay_resume_total",
+                "Messages replayed to resuming sockets, and resumes that could not be filled",
+                "outcome",
             ),
             redis_connected: gauge(
                 "wsrelay_redis_connected",

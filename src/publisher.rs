@@ -29,6 +29,8 @@ use bytes::Bytes;
 use redis::aio::ConnectionManager;
 
 use crate::channel::{validate_name, Audience, KeySpace, NameError, NameKind, DEFAULT_EXPIRE};
+use crate::facility::{Facilities, FacilityRule};
+use crate::history::{self, Retention, StreamId};
 
 /// Why a publication failed.
 #[derive(Debug, thiserror::Error)]
@@ -108,29 +110,112 @@ impl Recipients {
     }
 }
 
-/// `PUBLISH` on every key and, when `expire > 0`, `SETEX` of the same value, as one
-/// MULTI/EXEC transaction: a reader never sees a stored value older than a publication.
+/// Appends a publication to a key's history and publishes it, in one step: `XADD` to
+/// the stream, the oldest entries deleted beyond `history` entries or `history_ttl`
+/// seconds of age (with `XDEL`, at most 1000 per call, so that the stream remembers
+/// the newest id it lost: see [`crate::history::Stream`]), the stream's expiry renewed,
+/// the stored last message set (when `expire > 0`), the new id announced on the id
+/// channel, then the payload published on the key, byte for byte as ws4redis
+/// publishes it. Returns the id.
+///
+/// KEYS: the key, its stream. ARGV: payload, expire, history, history_ttl, id channel.
+const PUBLISH_WITH_HISTORY: &str = r"
+local id = redis.call('XADD', KEYS[2], '*', 'd', ARGV[1])
+local gone = {}
+local excess = math.min(redis.call('XLEN', KEYS[2]) - tonumber(ARGV[3]), 1000)
+if excess > 0 then
+  for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', excess)) do
+    gone[#gone + 1] = e[1]
+  end
+end
+local now = redis.call('TIME')
+local oldest = (tonumber(now[1]) - tonumber(ARGV[4])) * 1000
+if oldest > 0 then
+  local before = string.format('(%d-0', oldest)
+  for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', before, 'COUNT', 1000)) do
+    gone[#gone + 1] = e[1]
+  end
+end
+if #gone > 0 then
+  redis.call('XDEL', KEYS[2], unpack(gone))
+end
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
+redis.call('PUBLISH', ARGV[5], id)
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return id
+";
+
+/// One key of a publication and, on a facility with history, where it is appended.
+#[derive(Debug, Clone)]
+pub struct Target<'a> {
+    pub key: &'a str,
+    pub history: Option<history::Target>,
+}
+
+/// Publishes on every target as one MULTI/EXEC transaction, so a reader never sees a
+/// stored value older than a publication: on a key without history, `SETEX` (when
+/// `expire > 0`) and `PUBLISH`, as ws4redis does; on a key with history, the script
+/// above. The transaction's answer lists the ids of the history keys, in order.
 pub fn publish_pipeline<'a>(
-    keys: impl IntoIterator<Item = &'a str>,
+    targets: impl IntoIterator<Item = Target<'a>>,
     payload: &[u8],
     expire: u64,
 ) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     pipe.atomic();
-    for key in keys {
-        if expire > 0 {
-            pipe.set_ex(key, payload, expire).ignore();
+    for target in targets {
+        match target.history {
+            None => {
+                if expire > 0 {
+                    pipe.set_ex(target.key, payload, expire).ignore();
+                }
+                pipe.publish(target.key, payload).ignore();
+            }
+            Some(h) => {
+                pipe.cmd("EVAL")
+                    .arg(PUBLISH_WITH_HISTORY)
+                    .arg(2)
+                    .arg(target.key)
+                    .arg(&h.stream)
+                    .arg(payload)
+                    .arg(expire)
+                    .arg(h.bounds.len)
+                    .arg(h.bounds.ttl)
+                    .arg(&h.id_channel);
+            }
         }
-        pipe.publish(key, payload).ignore();
     }
     pipe
+}
+
+/// Runs [`publish_pipeline`] and gives each target its id (`None`: no history).
+pub async fn publish_targets(
+    conn: &mut ConnectionManager,
+    targets: &[Target<'_>],
+    payload: &[u8],
+    expire: u64,
+) -> redis::RedisResult<Vec<Option<StreamId>>> {
+    let pipe = publish_pipeline(targets.iter().cloned(), payload, expire);
+    let ids: Vec<String> = pipe.query_async(conn).await?;
+    let mut ids = ids.into_iter();
+    Ok(targets
+        .iter()
+        .map(|t| {
+            t.history.as_ref()?;
+            ids.next().and_then(|id| id.parse().ok())
+        })
+        .collect())
 }
 
 /// Publishes to wsrelay (and ws4redis) subscribers through Redis.
 #[derive(Clone)]
 pub struct RedisPublisher {
     conn: ConnectionManager,
-    keys: KeySpace,
+    /// The key prefix, and which facilities keep history.
+    retention: Retention,
     expire: u64,
 }
 
@@ -140,9 +225,17 @@ impl RedisPublisher {
         let conn = redis::Client::open(url)?.get_connection_manager().await?;
         Ok(RedisPublisher {
             conn,
-            keys: KeySpace::new(prefix),
+            retention: Retention::new(Default::default(), KeySpace::new(prefix)),
             expire: DEFAULT_EXPIRE,
         })
+    }
+
+    /// The gateway's `[[facility]]` rules: publications on a facility with history are
+    /// appended to it and get ids, as the gateway's own publications do.
+    pub fn with_facilities(mut self, rules: Vec<FacilityRule>) -> Self {
+        let keys = self.retention.keys().clone();
+        self.retention = Retention::new(Facilities::new(rules).into(), keys);
+        self
     }
 
     /// The default expiry of stored messages, in seconds (3600 unless changed).
@@ -152,21 +245,26 @@ impl RedisPublisher {
     }
 
     /// Publishes `message` to every recipient in one round trip. `expire`: seconds to
-    /// keep it for late joiners (`None`: the default; `Some(0)`: not kept).
+    /// keep it for late joiners (`None`: the default; `Some(0)`: not kept). Returns
+    /// each recipient's message id, in order (`None` where its facility keeps no
+    /// history; see [`RedisPublisher::with_facilities`]).
     pub async fn publish_message(
         &self,
         to: &Recipients,
         message: impl AsRef<[u8]>,
         expire: Option<u64>,
-    ) -> Result<(), PublishError> {
-        let keys = to.keys(&self.keys);
-        let pipe = publish_pipeline(
-            keys.iter().map(String::as_str),
-            message.as_ref(),
-            expire.unwrap_or(self.expire),
-        );
-        pipe.query_async::<()>(&mut self.conn.clone()).await?;
-        Ok(())
+    ) -> Result<Vec<Option<StreamId>>, PublishError> {
+        let keys = to.keys(self.retention.keys());
+        let targets: Vec<Target> = keys
+            .iter()
+            .map(|key| Target {
+                key,
+                history: self.retention.target(key),
+            })
+            .collect();
+        let expire = expire.unwrap_or(self.expire);
+        let mut conn = self.conn.clone();
+        Ok(publish_targets(&mut conn, &targets, message.as_ref(), expire).await?)
     }
 
     /// The stored message of one audience of `facility`, if it has not expired.
@@ -176,7 +274,7 @@ impl RedisPublisher {
         audience: &Audience,
     ) -> Result<Option<Bytes>, PublishError> {
         validate_name(NameKind::Facility, facility)?;
-        let key = self.keys.key(audience, facility);
+        let key = self.retention.keys().key(audience, facility);
         let value: Option<Vec<u8>> = redis::cmd("GET")
             .arg(key)
             .query_async(&mut self.conn.clone())
@@ -201,7 +299,10 @@ impl RedisPublisher {
             validate_name(NameKind::Group, group)?;
         }
         let record = serde_json::json!({ "user": user, "groups": groups }).to_string();
-        let key = self.keys.internal(&format!("identity:{session_key}"));
+        let key = self
+            .retention
+            .keys()
+            .internal(&format!("identity:{session_key}"));
         redis::cmd("SET")
             .arg(key)
             .arg(record)
@@ -215,7 +316,10 @@ impl RedisPublisher {
     /// Removes the identity record of `session_key`; call it at logout.
     pub async fn clear_identity(&self, session_key: &str) -> Result<(), PublishError> {
         validate_name(NameKind::Session, session_key)?;
-        let key = self.keys.internal(&format!("identity:{session_key}"));
+        let key = self
+            .retention
+            .keys()
+            .internal(&format!("identity:{session_key}"));
         redis::cmd("DEL")
             .arg(key)
             .query_async::<()>(&mut self.conn.clone())

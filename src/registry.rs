@@ -16,12 +16,13 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::history::{envelope, Retention, StreamId};
 use crate::metrics::Metrics;
 use crate::ws::frame;
 
@@ -35,10 +36,15 @@ const INBOX: usize = 1024;
 #[derive(Debug)]
 pub struct Publication {
     pub key: Arc<str>,
-    /// Header and payload: the exact bytes every socket receives.
+    /// Its id in the key's history, when it has one.
+    pub id: Option<StreamId>,
+    /// Header and payload: the exact bytes every plain socket receives; empty for a
+    /// control message, which only envelope sockets receive.
     pub frame: Bytes,
     /// Where the payload starts in `frame`.
     header: usize,
+    /// The frame envelope sockets receive, encoded when the first one needs it.
+    envelope: OnceLock<Bytes>,
     /// When the broker received it (for the delivery latency metric).
     pub received: Instant,
 }
@@ -46,18 +52,72 @@ pub struct Publication {
 impl Publication {
     /// A payload carries no type: valid UTF-8 goes out as a text frame, anything else
     /// as binary. Checked once per publication, not once per socket.
-    pub fn new(key: Arc<str>, payload: &[u8], received: Instant) -> Self {
+    pub fn new(key: Arc<str>, payload: &[u8], id: Option<StreamId>, received: Instant) -> Self {
         Publication {
             key,
+            id,
             frame: frame::encode_message(payload),
             header: frame::server_header_size(payload.len()),
+            envelope: OnceLock::new(),
             received,
         }
+    }
+
+    /// A control message of the envelope (`reset`, `gap`) on `key`.
+    pub fn control(key: Arc<str>, text: &str, received: Instant) -> Self {
+        Publication {
+            key,
+            id: None,
+            frame: Bytes::new(),
+            header: 0,
+            envelope: OnceLock::from(frame::encode(frame::OP_TEXT, text.as_bytes())),
+            received,
+        }
+    }
+
+    pub fn is_control(&self) -> bool {
+        self.frame.is_empty()
     }
 
     pub fn payload(&self) -> &[u8] {
         &self.frame[self.header..]
     }
+
+    /// The frame an envelope socket receives.
+    pub fn envelope(&self, retention: &Retention) -> &Bytes {
+        self.envelope.get_or_init(|| {
+            let label = retention.label(&self.key);
+            let text = envelope::message(&label, self.id, self.payload(), false);
+            frame::encode(frame::OP_TEXT, text.as_bytes())
+        })
+    }
+}
+
+/// A message's length and a 64-bit hash of it: enough to tell two messages apart
+/// without keeping either.
+pub fn fingerprint(payload: &[u8]) -> (usize, u64) {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    payload.hash(&mut hasher);
+    (payload.len(), hasher.finish())
+}
+
+/// What the registry keeps per live key.
+#[derive(Debug, Default)]
+struct KeyState {
+    /// The workers (one bit each) with a socket on the key.
+    workers: u64,
+    /// The id of the newest publication relayed; publications with an id up to it are
+    /// duplicates (a recovery read and the live link can both bring one).
+    last_id: Option<StreamId>,
+    /// The newest history id when the key's first socket started, before anything was
+    /// relayed: where a recovery reads from when nothing was relayed since.
+    first_seen: Option<StreamId>,
+    /// A fingerprint of the last publication relayed (keys without history).
+    last: Option<(usize, u64)>,
+    /// The last publication was the stored message a recovery read: the same message
+    /// coming next on the link (it was published in between) is not relayed again.
+    recovered: bool,
 }
 
 /// A subscription change, in the order the broker must apply it.
@@ -70,8 +130,8 @@ pub enum Change {
     Barrier(oneshot::Sender<bool>),
 }
 
-/// Key → the set of workers (one bit each) with a socket on it.
-type Shard = HashMap<Arc<str>, u64>;
+/// Key → its workers and relay state.
+type Shard = HashMap<Arc<str>, KeyState>;
 
 pub struct Registry {
     shards: Box<[Mutex<Shard>]>,
@@ -124,21 +184,21 @@ impl Registry {
     /// Worker `worker` has its first socket on `key`.
     pub fn add(&self, key: &Arc<str>, worker: usize) {
         let mut shard = self.shard(key);
-        let workers = shard.entry(key.clone()).or_default();
-        if *workers == 0 {
+        let state = shard.entry(key.clone()).or_default();
+        if state.workers == 0 {
             self.log(Change::Subscribe(key.clone()));
         }
-        *workers |= 1 << worker;
+        state.workers |= 1 << worker;
     }
 
     /// Worker `worker` has no socket left on `key`.
     pub fn remove(&self, key: &Arc<str>, worker: usize) {
         let mut shard = self.shard(key);
-        let Some(workers) = shard.get_mut(&**key) else {
+        let Some(state) = shard.get_mut(&**key) else {
             return;
         };
-        *workers &= !(1 << worker);
-        if *workers == 0 {
+        state.workers &= !(1 << worker);
+        if state.workers == 0 {
             shard.remove(&**key);
             self.log(Change::Unsubscribe(key.clone()));
         }
@@ -168,18 +228,102 @@ impl Registry {
         keys
     }
 
+    /// Where a recovery reads `key`'s history from: the id of the newest publication
+    /// relayed on it, or the history's newest id when its first socket started.
+    pub fn cursors(&self) -> Vec<(Arc<str>, Option<StreamId>)> {
+        let mut cursors = Vec::new();
+        for shard in self.shards.iter() {
+            // unwrap: see `shard`.
+            let shard = shard.lock().unwrap();
+            cursors.extend(
+                shard
+                    .iter()
+                    .map(|(k, s)| (k.clone(), s.last_id.or(s.first_seen))),
+            );
+        }
+        cursors
+    }
+
+    /// A starting socket read `key`'s history, whose newest id was `newest`.
+    pub fn seen(&self, key: &str, newest: StreamId) {
+        if let Some(state) = self.shard(key).get_mut(key) {
+            if state.last_id.is_none() && state.first_seen.is_none() {
+                state.first_seen = Some(newest);
+            }
+        }
+    }
+
+    /// Relays `payload`, the stored message of `key` (a key without history) read
+    /// after the link came back, unless it is the last publication relayed on the key:
+    /// then nothing was missed. The same message arriving next on the link was
+    /// published in between and is not relayed again.
+    pub async fn dispatch_recovered(&self, key: &str, payload: &[u8]) -> usize {
+        let print = fingerprint(payload);
+        if self
+            .shard(key)
+            .get(key)
+            .is_none_or(|state| state.last == Some(print))
+        {
+            return 0;
+        }
+        let reached = self.dispatch(key, payload, None, Instant::now()).await;
+        if let Some(state) = self.shard(key).get_mut(key) {
+            state.recovered = true;
+        }
+        reached
+    }
+
     /// Hands `payload`, published on `key`, to every worker with a socket on it;
-    /// encodes it only if there is one. Waits only when a worker's inbox is full (the
-    /// broker then stops reading, and Redis buffers). Returns the workers reached.
-    pub async fn dispatch(&self, key: &str, payload: &[u8], received: Instant) -> usize {
+    /// encodes it only if there is one, and not at all when it is a duplicate (an id
+    /// already relayed, or the recovered message again). Waits only when a worker's
+    /// inbox is full (the broker then stops reading, and Redis buffers). Returns the
+    /// workers reached.
+    pub async fn dispatch(
+        &self,
+        key: &str,
+        payload: &[u8],
+        id: Option<StreamId>,
+        received: Instant,
+    ) -> usize {
+        let (key, workers) = {
+            let mut shard = self.shard(key);
+            let Some(state) = shard.get_mut(key) else {
+                return 0;
+            };
+            if let Some(id) = id {
+                if state.last_id.is_some_and(|last| id <= last) {
+                    return 0;
+                }
+                state.last_id = Some(id);
+            }
+            let print = fingerprint(payload);
+            if std::mem::take(&mut state.recovered) && state.last == Some(print) {
+                return 0;
+            }
+            state.last = Some(print);
+            let workers = state.workers;
+            // unwrap: the key was just found.
+            (shard.get_key_value(key).unwrap().0.clone(), workers)
+        };
+        let publication = Publication::new(key, payload, id, received);
+        self.hand_over(publication, workers).await
+    }
+
+    /// Hands a control message of the envelope to every worker with a socket on `key`.
+    pub async fn dispatch_control(&self, key: &str, text: &str) -> usize {
         let (key, workers) = {
             let shard = self.shard(key);
             match shard.get_key_value(key) {
-                Some((key, &workers)) => (key.clone(), workers),
+                Some((key, state)) => (key.clone(), state.workers),
                 None => return 0,
             }
         };
-        let publication = Arc::new(Publication::new(key, payload, received));
+        let publication = Publication::control(key, text, Instant::now());
+        self.hand_over(publication, workers).await
+    }
+
+    async fn hand_over(&self, publication: Publication, workers: u64) -> usize {
+        let publication = Arc::new(publication);
         let mut waiting = Vec::new();
         {
             // unwrap: see `attach_worker`.
@@ -245,19 +389,44 @@ mod tests {
         let (w1, mut rx1) = reg.attach_worker();
         reg.add(&key("k1"), w0);
         reg.add(&key("k2"), w1);
-        assert_eq!(reg.dispatch("k1", b"m", Instant::now()).await, 1);
-        assert_eq!(reg.dispatch("nobody", b"m", Instant::now()).await, 0);
+        assert_eq!(reg.dispatch("k1", b"m", None, Instant::now()).await, 1);
+        assert_eq!(reg.dispatch("nobody", b"m", None, Instant::now()).await, 0);
         let p = rx0.try_recv().unwrap();
         assert_eq!((&*p.key, p.payload()), ("k1", &b"m"[..]));
         assert_eq!(&p.frame[..], [0x81, 1, b'm']);
         assert!(rx1.try_recv().is_err());
     }
 
+    #[tokio::test]
+    async fn ids_already_relayed_and_the_recovered_message_are_not_relayed_twice() {
+        let reg = Registry::new(None, Arc::default());
+        let (w0, mut rx) = reg.attach_worker();
+        reg.add(&key("k"), w0);
+        let id = |ms| Some(StreamId { ms, seq: 0 });
+        let now = Instant::now();
+        assert_eq!(reg.dispatch("k", b"a", id(2), now).await, 1);
+        assert_eq!(reg.dispatch("k", b"a", id(2), now).await, 0, "same id");
+        assert_eq!(reg.dispatch("k", b"z", id(1), now).await, 0, "older id");
+        assert_eq!(reg.dispatch("k", b"plain", None, now).await, 1);
+        assert_eq!(reg.cursors(), [(key("k"), id(2))]);
+        // After a lost link: the stored message equal to the last relayed is not new;
+        // another one is, and its copy coming next on the link is dropped once.
+        assert_eq!(reg.dispatch_recovered("k", b"plain").await, 0);
+        assert_eq!(reg.dispatch_recovered("k", b"new").await, 1);
+        assert_eq!(reg.dispatch("k", b"new", None, now).await, 0);
+        assert_eq!(reg.dispatch("k", b"new", None, now).await, 1);
+        let mut got = Vec::new();
+        while let Ok(p) = rx.try_recv() {
+            got.push(p.payload().to_vec());
+        }
+        assert_eq!(got, [&b"a"[..], b"plain", b"new", b"new"]);
+    }
+
     #[test]
     fn payloads_are_typed_by_utf8_validity() {
-        let text = Publication::new(key("k"), b"hi", Instant::now());
+        let text = Publication::new(key("k"), b"hi", None, Instant::now());
         assert_eq!(text.frame[0], 0x81);
-        let binary = Publication::new(key("k"), &[0xFF, 0], Instant::now());
+        let binary = Publication::new(key("k"), &[0xFF, 0], None, Instant::now());
         assert_eq!(binary.frame[0], 0x82);
         assert_eq!(binary.payload(), [0xFF, 0]);
     }

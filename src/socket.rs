@@ -14,9 +14,13 @@ use std::io::{self, IoSlice};
 use std::rc::Rc;
 use std::task::Waker;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
+use crate::history::StreamId;
 use crate::outbox::{self, Frame, Full, Outbox, MAX_IOVECS};
+use crate::registry::{fingerprint, Publication};
 use crate::wheel::Tick;
 use crate::ws::Stream;
 
@@ -32,6 +36,8 @@ mod flag {
     pub const CLOSING: u8 = 8;
     /// The client asked for `echo`: its own messages come back to it.
     pub const ECHO: u8 = 16;
+    /// The client speaks the envelope subprotocol (ids, control messages).
+    pub const ENVELOPE: u8 = 32;
 }
 
 /// Why the worker woke the task.
@@ -51,19 +57,19 @@ pub mod signal {
 /// Tick value meaning "never".
 pub const NEVER: Tick = Tick::MAX;
 
-/// A message's length and a 64-bit hash of it.
-fn fingerprint(payload: &[u8]) -> (usize, u64) {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    payload.hash(&mut hasher);
-    (payload.len(), hasher.finish())
+/// A live frame held during setup, with what decides whether it is a duplicate of
+/// what setup read.
+struct Held {
+    frame: Frame,
+    key: Arc<str>,
+    id: Option<StreamId>,
 }
 
 pub struct Socket {
     pub stream: Stream,
     out: RefCell<Outbox>,
     /// Live frames that arrived during setup, before the stored messages, and their bytes.
-    held: RefCell<Vec<Frame>>,
+    held: RefCell<Vec<Held>>,
     held_bytes: Cell<usize>,
     flags: Cell<u8>,
     signals: Cell<u8>,
@@ -79,24 +85,32 @@ pub struct Socket {
     /// `echo` off, the same message coming back from the broker is not sent to it
     /// (ws4redis behaviour). A fingerprint, so that no payload is kept per socket.
     last_published: Cell<Option<(usize, u64)>>,
+    /// Per key, the newest id that setup handed this socket (stored or replayed
+    /// messages): a live publication with an id up to it is a duplicate. An entry goes
+    /// once a newer id arrives; empty (no allocation) for most sockets.
+    floors: RefCell<Vec<(Arc<str>, StreamId)>>,
     /// This socket's index in its worker's list.
     pub index: Cell<usize>,
 }
 
 impl Socket {
-    pub fn new(stream: Stream, echo: bool, now: Tick) -> Self {
+    pub fn new(stream: Stream, echo: bool, envelope: bool, now: Tick) -> Self {
+        let flags = flag::HELD
+            | if echo { flag::ECHO } else { 0 }
+            | if envelope { flag::ENVELOPE } else { 0 };
         Socket {
             stream,
             out: RefCell::default(),
             held: RefCell::default(),
             held_bytes: Cell::new(0),
-            flags: Cell::new(flag::HELD | if echo { flag::ECHO } else { 0 }),
+            flags: Cell::new(flags),
             signals: Cell::new(0),
             waker: RefCell::default(),
             due: Cell::new(NEVER),
             last_write: Cell::new(now),
             blocked_since: Cell::new(NEVER),
             last_published: Cell::new(None),
+            floors: RefCell::default(),
             index: Cell::new(usize::MAX),
         }
     }
@@ -154,13 +168,18 @@ impl Socket {
         !self.out.borrow().is_empty()
     }
 
-    /// Queues a publication (its `frame`, carrying `payload`) for this socket: the
+    /// Whether this socket receives the envelope rather than raw payloads.
+    pub fn wants_envelope(&self) -> bool {
+        self.has(flag::ENVELOPE)
+    }
+
+    /// Queues `publication` (as `frame`, raw or in the envelope) for this socket: the
     /// worker's fan-out. Returns whether it was queued; `dirty` collects the sockets to
     /// flush at the end of the batch.
     pub fn deliver(
         self: &Rc<Self>,
         frame: &Frame,
-        payload: &[u8],
+        publication: &Publication,
         limit: usize,
         now: Tick,
         dirty: &mut Vec<Rc<Socket>>,
@@ -168,15 +187,24 @@ impl Socket {
         if self.has(flag::CLOSING) {
             return false;
         }
-        if self.is_own_echo(payload) {
+        if !publication.is_control() && self.is_own_echo(publication.payload()) {
             return false;
+        }
+        if let Some(id) = publication.id {
+            if self.below_floor(&publication.key, id) {
+                return false;
+            }
         }
         if self.has(flag::HELD) {
             if !outbox::fits(self.queued(), frame.len(), limit) {
                 self.overflow();
                 return false;
             }
-            self.held.borrow_mut().push(frame.clone());
+            self.held.borrow_mut().push(Held {
+                frame: frame.clone(),
+                key: publication.key.clone(),
+                id: publication.id,
+            });
             self.held_bytes.set(self.held_bytes.get() + frame.len());
             return true;
         }
@@ -226,13 +254,42 @@ impl Socket {
         self.flush(now);
     }
 
+    /// Whether `id` on `key` was already handed out by setup; forgets the floor once a
+    /// newer id passes it.
+    fn below_floor(&self, key: &Arc<str>, id: StreamId) -> bool {
+        let mut floors = self.floors.borrow_mut();
+        let Some(i) = floors.iter().position(|(k, _)| k == key) else {
+            return false;
+        };
+        if id <= floors[i].1 {
+            return true;
+        }
+        floors.swap_remove(i);
+        if floors.is_empty() {
+            *floors = Vec::new();
+        }
+        false
+    }
+
     /// Ends setup: `stored` go out first (as many as fit under `limit` on their own),
-    /// then the live frames held meanwhile. Returns how many stored messages did not fit.
-    pub fn release(&self, stored: Vec<Bytes>, limit: usize, now: Tick) -> usize {
+    /// then the live frames held meanwhile, except those with an id up to the key's
+    /// floor (setup already handed them out). Returns how many stored messages did not
+    /// fit.
+    pub fn release(
+        &self,
+        stored: Vec<Bytes>,
+        floors: Vec<(Arc<str>, StreamId)>,
+        limit: usize,
+        now: Tick,
+    ) -> usize {
+        *self.floors.borrow_mut() = floors;
         let mut out = self.out.borrow_mut();
         let skipped = out.push_front(stored, limit);
-        for frame in self.held.take() {
-            out.push_owned(frame);
+        for held in self.held.take() {
+            if held.id.is_some_and(|id| self.below_floor(&held.key, id)) {
+                continue;
+            }
+            out.push_owned(held.frame);
         }
         self.held_bytes.set(0);
         drop(out);

@@ -225,16 +225,28 @@ impl Worker {
         let (mut frames, mut bytes) = (0u64, 0u64);
         {
             let listeners = self.listeners.borrow();
+            let retention = self.relay.broker.retention();
             for publication in batch {
                 let Some(sockets) = listeners.get(&publication.key) else {
                     continue;
                 };
-                let frame = Rc::new(publication.frame.clone());
-                let payload = publication.payload();
+                // Each form wrapped once per worker, when a socket needs it.
+                let plain = (!publication.is_control()).then(|| Rc::new(publication.frame.clone()));
+                let mut wrapped: Option<Rc<Bytes>> = None;
+                let payload = publication.payload().len() as u64;
                 for socket in sockets {
-                    if socket.deliver(&frame, payload, limit, now, &mut dirty) {
+                    let frame = if socket.wants_envelope() {
+                        wrapped
+                            .get_or_insert_with(|| Rc::new(publication.envelope(retention).clone()))
+                    } else {
+                        match &plain {
+                            Some(frame) => frame,
+                            None => continue,
+                        }
+                    };
+                    if socket.deliver(frame, publication, limit, now, &mut dirty) {
                         frames += 1;
-                        bytes += payload.len() as u64;
+                        bytes += payload;
                     }
                 }
             }

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 pub use self::memory::MemoryBroker;
 pub use self::redis::RedisBroker;
+use crate::history::{CatchUp, Retention, StreamId};
 use crate::registry::Registry;
 
 /// How often an oversized publication on one key is reported in the log.
@@ -44,20 +45,19 @@ pub enum Broker {
 
 impl Broker {
     /// Publishes `payload` on every key, and stores it as the key's last message for
-    /// `expire` seconds when `expire > 0`. On Redis the whole batch is one MULTI/EXEC
-    /// round trip, so a reader never sees a stored value older than a publication.
+    /// `expire` seconds when `expire > 0`; on a facility with history it is also
+    /// appended to the key's history and gets an id. On Redis the whole batch is one
+    /// MULTI/EXEC round trip, so a reader never sees a stored value older than a
+    /// publication. Returns each key's id (`None`: no history).
     pub async fn publish(
         &self,
         keys: &[Arc<str>],
         payload: &Bytes,
         expire: u64,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<Vec<Option<StreamId>>, BrokerError> {
         match self {
             Broker::Redis(b) => b.publish(keys, payload, expire).await,
-            Broker::Memory(b) => {
-                b.publish(keys, payload, expire).await;
-                Ok(())
-            }
+            Broker::Memory(b) => Ok(b.publish(keys, payload, expire).await),
         }
     }
 
@@ -66,6 +66,27 @@ impl Broker {
         match self {
             Broker::Redis(b) => b.fetch(keys).await,
             Broker::Memory(b) => Ok(b.fetch(keys)),
+        }
+    }
+
+    /// What each key gives a starting socket: its stored message, or, with an id to
+    /// resume from (`after`, in the order of `keys`), what its history holds after it.
+    pub async fn catch_up(
+        &self,
+        keys: &[Arc<str>],
+        after: &[Option<StreamId>],
+    ) -> Result<Vec<CatchUp>, BrokerError> {
+        match self {
+            Broker::Redis(b) => b.catch_up(keys, after).await,
+            Broker::Memory(b) => Ok(b.catch_up(keys, after)),
+        }
+    }
+
+    /// Which keys keep history.
+    pub fn retention(&self) -> &Retention {
+        match self {
+            Broker::Redis(b) => b.retention(),
+            Broker::Memory(b) => b.retention(),
         }
     }
 
@@ -113,10 +134,10 @@ impl Inlet {
         &self.registry
     }
 
-    /// Relays one publication to the sockets of `key`, on every worker. A publication
-    /// over `max_publication_size` is dropped here, counted, and reported once per key
-    /// per minute.
-    pub async fn deliver(&self, key: &str, payload: &[u8]) {
+    /// Relays one publication (with its id, on a key with history) to the sockets of
+    /// `key`, on every worker. A publication over `max_publication_size` is dropped
+    /// here, counted, and reported once per key per minute.
+    pub async fn deliver(&self, key: &str, payload: &[u8], id: Option<StreamId>) {
         let received = Instant::now();
         let metrics = &self.registry.metrics;
         metrics.broker_messages.inc();
@@ -131,7 +152,7 @@ impl Inlet {
             self.warn_oversize(key, payload.len());
             return;
         }
-        self.registry.dispatch(key, payload, received).await;
+        self.registry.dispatch(key, payload, id, received).await;
     }
 
     fn warn_oversize(&self, key: &str, len: usize) {

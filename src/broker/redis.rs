@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{BrokerError, Inlet};
 use crate::channel::KeySpace;
-use crate::publisher::publish_pipeline;
+use crate::history::{self, envelope, CatchUp, Retention, StreamId};
+use crate::publisher::{publish_targets, Target};
 use crate::registry::{Change, Registry};
 
 /// The first pause after a failed connect; doubled up to `redis.reconnect_max`.
@@ -75,6 +76,7 @@ impl Link {
 pub struct RedisBroker {
     commands: ConnectionManager,
     link: Arc<Link>,
+    retention: Retention,
 }
 
 /// How the pub/sub link is kept (from `redis.*` settings).
@@ -94,6 +96,7 @@ impl RedisBroker {
     /// yet, so the gateway starts even when Redis is down.
     pub fn new(
         settings: LinkSettings,
+        retention: Retention,
         inlet: Arc<Inlet>,
         changes: mpsc::UnboundedReceiver<Change>,
         shutdown: CancellationToken,
@@ -116,8 +119,20 @@ impl RedisBroker {
             reconnect_max: settings.reconnect_max,
             probe_interval: settings.probe_interval,
             shutdown,
+            retention: retention.clone(),
+            pending_id: None,
+            was_up: false,
         };
-        Ok((RedisBroker { commands, link }, subscriber))
+        let broker = RedisBroker {
+            commands,
+            link,
+            retention,
+        };
+        Ok((broker, subscriber))
+    }
+
+    pub fn retention(&self) -> &Retention {
+        &self.retention
     }
 
     pub async fn publish(
@@ -125,10 +140,32 @@ impl RedisBroker {
         keys: &[Arc<str>],
         payload: &Bytes,
         expire: u64,
-    ) -> Result<(), BrokerError> {
-        let pipe = publish_pipeline(keys.iter().map(|k| &**k), payload, expire);
+    ) -> Result<Vec<Option<StreamId>>, BrokerError> {
+        let targets: Vec<Target> = keys
+            .iter()
+            .map(|key| Target {
+                key,
+                history: self.retention.target(key),
+            })
+            .collect();
         let mut conn = self.commands.clone();
-        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+        publish_targets(&mut conn, &targets, payload, expire)
+            .await
+            .map_err(unavailable)
+    }
+
+    pub async fn catch_up(
+        &self,
+        keys: &[Arc<str>],
+        after: &[Option<StreamId>],
+    ) -> Result<Vec<CatchUp>, BrokerError> {
+        let mut conn = self.commands.clone();
+        match catch_up(&mut conn, &self.retention, keys, after).await {
+            // The first command after Redis came back fails on the old connection, and
+            // the manager reconnects: a read is safe to repeat once.
+            Err(_) => catch_up(&mut conn, &self.retention, keys, after).await,
+            done => done,
+        }
     }
 
     pub async fn fetch(&self, keys: &[Arc<str>]) -> Result<Vec<Option<Bytes>>, BrokerError> {
@@ -147,6 +184,147 @@ impl RedisBroker {
     pub fn health(&self) -> Result<(), String> {
         self.link.get()
     }
+}
+
+/// Reads one key's stored message and history, in one step. KEYS: the stream, the
+/// key. ARGV: the id to read after (empty: only the newest entry), the most entries to
+/// return. Answers `{stored, 0}` when the stream does not exist, else `{stored, 1,
+/// max-deleted-entry-id, last-generated-id, first entry's id, entries}`.
+const READ_HISTORY: &str = r"
+local stored = redis.call('GET', KEYS[2])
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {stored, 0}
+end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local deleted, generated, first = '0-0', '0-0', ''
+for i = 1, #info, 2 do
+  local field, value = info[i], info[i + 1]
+  if field == 'max-deleted-entry-id' then
+    deleted = value
+  elseif field == 'last-generated-id' then
+    generated = value
+  elseif field == 'first-entry' and value then
+    first = value[1]
+  end
+end
+local entries
+if ARGV[1] == '' then
+  entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+else
+  entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+end
+return {stored, 1, deleted, generated, first, entries}
+";
+
+/// What each key gives (see [`crate::broker::Broker::catch_up`]), in one round trip:
+/// `GET` for a key without history, [`READ_HISTORY`] for one with.
+pub async fn catch_up(
+    conn: &mut impl redis::aio::ConnectionLike,
+    retention: &Retention,
+    keys: &[Arc<str>],
+    after: &[Option<StreamId>],
+) -> Result<Vec<CatchUp>, BrokerError> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let after = |i: usize| after.get(i).copied().flatten();
+    let mut pipe = redis::pipe();
+    for (i, key) in keys.iter().enumerate() {
+        match retention.of(key) {
+            Some(bounds) => {
+                let from = after(i).map_or_else(String::new, |id| id.to_string());
+                pipe.cmd("EVAL")
+                    .arg(READ_HISTORY)
+                    .arg(2)
+                    .arg(retention.keys().history(key))
+                    .arg(&**key)
+                    .arg(from)
+                    .arg(bounds.len);
+            }
+            None => {
+                pipe.get(&**key);
+            }
+        }
+    }
+    let replies: Vec<redis::Value> = pipe.query_async(conn).await.map_err(unavailable)?;
+    if replies.len() != keys.len() {
+        return Err(bad_reply("one reply per key"));
+    }
+    keys.iter()
+        .zip(replies)
+        .enumerate()
+        .map(|(i, (key, reply))| match retention.of(key) {
+            Some(_) => history_reply(reply, after(i)),
+            None => Ok(CatchUp::Stored {
+                stored: bytes(reply).map(|v| (v, None)),
+                newest: None,
+            }),
+        })
+        .collect()
+}
+
+fn bad_reply(what: &str) -> BrokerError {
+    BrokerError::Unavailable(format!("unexpected reply from redis: expected {what}"))
+}
+
+fn bytes(value: redis::Value) -> Option<Bytes> {
+    match value {
+        redis::Value::BulkString(v) => Some(Bytes::from(v)),
+        _ => None,
+    }
+}
+
+fn id(value: &redis::Value) -> Option<StreamId> {
+    match value {
+        redis::Value::BulkString(v) => std::str::from_utf8(v).ok()?.parse().ok(),
+        redis::Value::SimpleString(v) => v.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Decodes [`READ_HISTORY`]'s answer.
+fn history_reply(reply: redis::Value, after: Option<StreamId>) -> Result<CatchUp, BrokerError> {
+    let redis::Value::Array(mut parts) = reply else {
+        return Err(bad_reply("an array from the history script"));
+    };
+    if parts.len() < 2 {
+        return Err(bad_reply(
+            "the stored message and whether the stream exists",
+        ));
+    }
+    let stored = bytes(std::mem::take(&mut parts[0]));
+    if parts.len() < 6 {
+        return Ok(history::decide(after, stored, None));
+    }
+    let info = history::Stream {
+        max_deleted: id(&parts[2]).unwrap_or_default(),
+        last_generated: id(&parts[3]).unwrap_or_default(),
+        first: id(&parts[4]),
+    };
+    let redis::Value::Array(raw) = std::mem::take(&mut parts[5]) else {
+        return Err(bad_reply("stream entries"));
+    };
+    let mut entries = Vec::with_capacity(raw.len());
+    for entry in raw {
+        let redis::Value::Array(mut entry) = entry else {
+            return Err(bad_reply("a stream entry"));
+        };
+        let (Some(entry_id), Some(redis::Value::Array(fields))) = (
+            entry.first().and_then(id),
+            entry.get_mut(1).map(std::mem::take),
+        ) else {
+            return Err(bad_reply("a stream entry's id and fields"));
+        };
+        // The entry's one field, `d`, holds the payload.
+        let payload = fields
+            .into_iter()
+            .nth(1)
+            .and_then(bytes)
+            .unwrap_or_default();
+        entries.push((entry_id, payload));
+    }
+    // XREVRANGE gives the newest first; a read without `after` has one entry only.
+    Ok(history::decide(after, stored, Some((info, entries))))
 }
 
 /// A multiplexed command connection that connects on first use (so nothing fails while
@@ -180,6 +358,13 @@ pub struct Subscriber {
     /// Barriers that arrived while the link was down or failing; answered once a later
     /// connect has subscribed every live key.
     waiting: Vec<oneshot::Sender<bool>>,
+    /// Which keys keep history (their id channels are subscribed with them).
+    retention: Retention,
+    /// The id just announced for the next publication on a key (see
+    /// [`Subscriber::relay`]).
+    pending_id: Option<(String, StreamId)>,
+    /// Whether a link was up before: a reconnect then recovers what was missed.
+    was_up: bool,
 }
 
 impl Subscriber {
@@ -255,15 +440,17 @@ impl Subscriber {
                 self.waiting.push(done);
             }
         }
-        let mut keys: Vec<Arc<str>> = self.registry.keys();
-        keys.push(Arc::from(self.probe_channel.as_str()));
-        in_chunks(&mut sink, true, &keys)
+        let keys: Vec<Arc<str>> = self.registry.keys();
+        let mut channels = self.channels(&keys);
+        channels.push(Arc::from(self.probe_channel.as_str()));
+        in_chunks(&mut sink, true, &channels)
             .await
             .map_err(Failure::Connect)?;
-        info!(
-            "redis: pub/sub connected, {} keys subscribed",
-            keys.len() - 1
-        );
+        info!("redis: pub/sub connected, {} keys subscribed", keys.len());
+        self.pending_id = None;
+        if std::mem::replace(&mut self.was_up, true) {
+            self.recover().await;
+        }
         self.link.set(Ok(()));
         self.registry.metrics.redis_connected.set(1);
         for done in self.waiting.drain(..) {
@@ -291,10 +478,7 @@ impl Subscriber {
                         return Err(Failure::Lost("connection closed".into()));
                     };
                     probe_sent = None;
-                    let channel = message.get_channel_name();
-                    if channel != self.probe_channel {
-                        self.inlet.deliver(channel, message.get_payload_bytes()).await;
-                    }
+                    self.relay(message.get_channel_name(), message.get_payload_bytes()).await;
                 }
                 _ = probe.tick() => match probe_sent {
                     Some(sent) if sent.elapsed() >= self.probe_interval => {
@@ -309,6 +493,111 @@ impl Subscriber {
                 },
             }
         }
+    }
+
+    /// Relays one message of the link. A publication on a key with history comes right
+    /// behind its id, announced on the key's id channel by the same server-side script
+    /// (nothing else can come between the two on this connection); a publication
+    /// without an announced id (a plain `PUBLISH`) is relayed without one.
+    async fn relay(&mut self, channel: &str, payload: &[u8]) {
+        if channel == self.probe_channel {
+            return;
+        }
+        if let Some(key) = self.retention.keys().key_of_id_channel(channel) {
+            let id = std::str::from_utf8(payload)
+                .ok()
+                .and_then(|p| p.parse().ok());
+            self.pending_id = id.map(|id| (key, id));
+            return;
+        }
+        let id = match self.pending_id.take() {
+            Some((key, id)) if key == channel => Some(id),
+            _ => None,
+        };
+        self.inlet.deliver(channel, payload, id).await;
+    }
+
+    /// The channels that carry `keys`: each key, and before it its id channel when it
+    /// keeps history.
+    fn channels(&self, keys: &[Arc<str>]) -> Vec<Arc<str>> {
+        let mut channels = Vec::with_capacity(keys.len());
+        for key in keys {
+            if self.retention.of(key).is_some() {
+                channels.push(Arc::from(self.retention.keys().id_channel(key)));
+            }
+            channels.push(key.clone());
+        }
+        channels
+    }
+
+    /// After a lost link came back: what every live key missed, before anything live.
+    /// A key with history gets the entries after the last id relayed on it (or a
+    /// `reset` and its stored message when they are not all there); a key without
+    /// history gets its stored message when it is not the last one relayed, and its
+    /// envelope sockets a `gap`. Live publications that the read already brought are
+    /// dropped as duplicates by the registry. A failed read leaves the keys as they are
+    /// (the link is then likely failing again, and the next connect retries).
+    async fn recover(&mut self) {
+        let cursors = self.registry.cursors();
+        if cursors.is_empty() {
+            return;
+        }
+        let keys: Vec<Arc<str>> = cursors.iter().map(|(k, _)| k.clone()).collect();
+        let after: Vec<Option<StreamId>> = cursors
+            .iter()
+            .map(|(k, c)| self.retention.of(k).map(|_| c.unwrap_or(StreamId::ZERO)))
+            .collect();
+        // On a connection of its own, just made: the command connection may still be
+        // the one that failed with the link, waiting to time out.
+        let read = match timeout(OP_TIMEOUT, self.client.get_multiplexed_async_connection()).await {
+            Ok(Ok(mut conn)) => catch_up(&mut conn, &self.retention, &keys, &after).await,
+            Ok(Err(e)) => Err(unavailable(e)),
+            Err(_) => Err(BrokerError::Unavailable("connect timed out".into())),
+        };
+        let caught_up = match read {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("redis: recovery read failed ({e}); missed messages are not replayed");
+                return;
+            }
+        };
+        let metrics = self.registry.metrics.clone();
+        let mut replayed = 0u64;
+        for (key, caught) in keys.iter().zip(caught_up) {
+            let label = self.retention.label(key);
+            match caught {
+                CatchUp::Resumed(entries) => {
+                    replayed += entries.len() as u64;
+                    for (id, payload) in entries {
+                        self.inlet.deliver(key, &payload, Some(id)).await;
+                    }
+                }
+                CatchUp::Reset { reason, stored, .. } => {
+                    metrics.recovery.with_label_values(&["reset"]).inc();
+                    let text = envelope::reset(&label, reason);
+                    self.registry.dispatch_control(key, &text).await;
+                    if let Some((payload, id)) = stored {
+                        self.inlet.deliver(key, &payload, id).await;
+                    }
+                }
+                CatchUp::Stored { stored, .. } => {
+                    metrics.recovery.with_label_values(&["gap"]).inc();
+                    let text = envelope::gap(&label, "the link to redis was lost");
+                    self.registry.dispatch_control(key, &text).await;
+                    if let Some((payload, _)) = stored {
+                        self.registry.dispatch_recovered(key, &payload).await;
+                    }
+                }
+            }
+        }
+        metrics
+            .recovery
+            .with_label_values(&["replayed"])
+            .inc_by(replayed);
+        info!(
+            "redis: recovered {} keys after reconnecting, {replayed} missed messages replayed",
+            keys.len()
+        );
     }
 
     /// Applies `first` and every change already queued behind it, as one SUBSCRIBE and
@@ -337,8 +626,12 @@ impl Subscriber {
                 .map(|(k, _)| k.clone())
                 .collect()
         };
-        let applied = match in_chunks(sink, true, &wanted_as(true)).await {
-            Ok(()) => in_chunks(sink, false, &wanted_as(false)).await,
+        let (on, off) = (
+            self.channels(&wanted_as(true)),
+            self.channels(&wanted_as(false)),
+        );
+        let applied = match in_chunks(sink, true, &on).await {
+            Ok(()) => in_chunks(sink, false, &off).await,
             failed => failed,
         };
         match applied {

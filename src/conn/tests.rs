@@ -40,7 +40,7 @@ fn relay(settings: &[(&str, &str)], changes: Option<mpsc::UnboundedSender<Change
     ));
     Arc::new(Relay {
         config: SocketConfig::new(&config),
-        broker: Arc::new(Broker::Memory(MemoryBroker::new(inlet))),
+        broker: Arc::new(Broker::Memory(MemoryBroker::new(inlet, Default::default()))),
         registry,
         metrics,
         shutdown: CancellationToken::new(),
@@ -117,6 +117,8 @@ fn open(worker: &Rc<Worker>, subscribe: &[&str], publish: &[&str], leftover: &[u
         subscribe: keys(subscribe),
         publish: keys(publish),
         echo: false,
+        envelope: false,
+        resume: vec![None; subscribe.len()],
         listening: AudienceKinds {
             broadcast: true,
             ..AudienceKinds::default()
@@ -451,6 +453,8 @@ async fn the_socket_task_stays_small() {
             subscribe: Arc::from([]),
             publish: Arc::from([]),
             echo: false,
+            envelope: false,
+            resume: Vec::new(),
             listening: AudienceKinds::default(),
             holds: Holds::default(),
         };

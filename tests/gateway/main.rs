@@ -20,6 +20,7 @@ mod demo;
 mod django_db;
 mod django_site;
 mod harness;
+mod history;
 mod http_api;
 mod identity;
 mod limits;
