@@ -83,7 +83,8 @@ pub struct Config {
     pub publish_token: Option<Secret>,
     pub shutdown_timeout: f64,
     pub drain_window: f64,
-    /// Serve the demo page at `/`; default: only with the embedded broker.
+    /// Serve the demo page at `/` and its publish route `POST /demo/publish`; default:
+    /// only with the embedded broker.
     pub demo: Option<bool>,
     pub redis: RedisConfig,
     pub session: SessionConfig,

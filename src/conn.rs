@@ -432,9 +432,14 @@ impl Conn {
             .collect();
         let mut floors = Vec::new();
         for (key, caught) in &caught {
-            if let Some(newest) = caught.newest() {
-                relay.registry.seen(key, newest);
-            }
+            let stored = match caught {
+                CatchUp::Stored {
+                    stored: Some((payload, _)),
+                    ..
+                } => Some(&payload[..]),
+                _ => None,
+            };
+            relay.registry.seen(key, caught.newest(), stored);
             if let Some(id) = caught.last_id() {
                 floors.push((key.clone(), id));
             }

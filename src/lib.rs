@@ -4,7 +4,9 @@
 //! # Layout
 //!
 //! - [`config`]: settings (defaults < TOML file < `WSRELAY__*` environment).
-//! - [`channel`]: facilities, audiences, query flags and the Redis keys they make.
+//! - [`channel`]: facilities, audiences, query flags and the Redis keys they make;
+//!   [`facility`]: the `[[facility]]` rules (history, slow consumers).
+//! - [`history`]: message ids, per-key history, resume, and the `wsrelay.v1` envelope.
 //! - [`identity`]: who a socket belongs to (session key, user, groups), before the upgrade:
 //!   an identity record, Django's own sessions and database (`identity::django`: its
 //!   signing, session formats, and the read-only database on a thread of its own), an
@@ -18,7 +20,8 @@
 //!   WebSocket leaves it.
 //! - [`handshake`]: the WebSocket handshake, decided on the request head.
 //! - [`http`]: the HTTP routes (`/health`, `/ready`, `/metrics`, `POST /api/publish`);
-//!   [`assets`]: the browser helper (`/wsrelay.js`) and the demo page.
+//!   [`assets`]: the browser helper (`/wsrelay.js`), the demo page and its publish
+//!   route (`POST /demo/publish`).
 //! - [`ws`]: RFC 6455 framing and the socket's stream.
 //! - [`conn`]: one task per socket: its loop, its timers, its close; the close codes.
 //! - [`socket`]: what a socket's task and its worker share; [`outbox`]: its queue of
@@ -38,11 +41,16 @@
 //!
 //! ```text
 //! Redis ──(one pub/sub connection)──► broker::redis::Subscriber ──► broker::Inlet
+//!   keys, and the id channels of keys      pairs each history id with its payload;
+//!   with history                           after a lost link, replays what every
+//!                                          live key missed (history::CatchUp)
 //!                                          (max_publication_size, heartbeat filter)
-//!                                                       │ key, payload
+//!                                                       │ key, payload, id
 //!                                                       ▼
-//!                              Registry::dispatch: encoded once as a frame (Bytes),
-//!                              handed to each worker with a socket on the key
+//!                              Registry::dispatch: ids already relayed dropped;
+//!                              encoded once as a frame (Bytes), the envelope on
+//!                              first need, handed to each worker with a socket on
+//!                              the key
 //!                                                       │ one inbox per worker thread
 //!                                                       ▼
 //!                              Worker: key → its sockets; the frame wrapped once in

@@ -244,11 +244,17 @@ impl Registry {
         cursors
     }
 
-    /// A starting socket read `key`'s history, whose newest id was `newest`.
-    pub fn seen(&self, key: &str, newest: StreamId) {
+    /// A starting socket read `key`: its history's newest id was `newest`, and it got
+    /// `stored` as the key's stored message. Before anything is relayed on the key,
+    /// they are where a recovery starts from: entries after `newest`, and a stored
+    /// message other than `stored`.
+    pub fn seen(&self, key: &str, newest: Option<StreamId>, stored: Option<&[u8]>) {
         if let Some(state) = self.shard(key).get_mut(key) {
             if state.last_id.is_none() && state.first_seen.is_none() {
-                state.first_seen = Some(newest);
+                state.first_seen = newest;
+            }
+            if state.last.is_none() {
+                state.last = stored.map(fingerprint);
             }
         }
     }

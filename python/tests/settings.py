@@ -22,6 +22,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 
 WSRELAY_REDIS_URL = os.environ.get("WSRELAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 WSRELAY_PREFIX = os.environ.get("WSRELAY_TEST_PREFIX") or None
+# The gateway under test has the same rule (tests/gateway/python.rs).
+WSRELAY_FACILITIES = [{"pattern": "pyfeed/*", "history": 10, "history_ttl": 600}]
 GATEWAY = os.environ.get("WSRELAY_TEST_GATEWAY", "")
 WSRELAY_GATEWAY_URL = f"http://{GATEWAY}" if GATEWAY else None
 ALLOWED_HOSTS = ["www.example.com", "testserver"]

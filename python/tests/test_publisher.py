@@ -234,3 +234,26 @@ def test_apublish_message(sockets: Sockets, prefix: str) -> None:
     keys = asyncio.run(view())
     assert keys == [f"{prefix}broadcast:{fac}", f"{prefix}group:staff:{fac}"]
     assert ws.recv(timeout=10) == "async hello"
+
+
+def test_a_facility_with_history_gets_ids_and_resumes(
+    sockets: Sockets, r: redis.Redis, prefix: str
+) -> None:
+    """``WSRELAY_FACILITIES`` as the gateway's ``[[facility]]``: publications are
+    appended to the key's stream with ids, and a socket that resumes from the first
+    id gets what came after it."""
+    name = f"pyfeed/{uuid.uuid4().hex[:8]}"
+    publisher = RedisPublisher(facility=name, broadcast=True)
+    publisher.publish_message("first", expire=0)
+    (first,) = publisher.last_ids
+    publisher.publish_message("second", expire=0)
+    (second,) = publisher.last_ids
+    assert first is not None and second is not None and first != second
+    stream = r.xrange(f"{prefix}wsrelay:history:broadcast:{name}")
+    assert [(i.decode(), f[b"d"]) for i, f in stream] == [(first, b"first"), (second, b"second")]
+    ws = sockets.connect(f"/ws/{name}?subscribe-broadcast&last-id=broadcast:{first}")
+    assert ws.recv() == "second"
+    # A facility without history: no id.
+    plain = RedisPublisher(facility=facility(), broadcast=True)
+    plain.publish_message("x", expire=0)
+    assert plain.last_ids == [None]

@@ -19,7 +19,12 @@ async fn pytest_suite() {
     let python = crate::django_site::python();
     let redis = RedisServer::start().await;
     let url = redis.url();
-    let mut gw = Gateway::start(&[("redis__url", &url), ("redis__prefix", PREFIX)]);
+    // The same history rule as the site's WSRELAY_FACILITIES (python/tests/settings.py).
+    let facilities = "[[facility]]\npattern = \"pyfeed/*\"\nhistory = 10\nhistory_ttl = 600\n";
+    let mut gw = Gateway::start_with_file(
+        facilities,
+        &[("redis__url", &url), ("redis__prefix", PREFIX)],
+    );
     gw.wait_health(200).await;
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

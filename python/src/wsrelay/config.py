@@ -8,7 +8,13 @@ wsrelay setting        ws4redis fallback                           default
 ``WSRELAY_PREFIX``     ``WS4REDIS_PREFIX``                          none
 ``WSRELAY_EXPIRE``     ``WS4REDIS_EXPIRE``                          3600
 ``WSRELAY_HEARTBEAT``  ``WS4REDIS_HEARTBEAT``                       none
+``WSRELAY_FACILITIES`` none                                        none
 =====================  ==========================================  ==========
+
+``WSRELAY_FACILITIES`` repeats the gateway's ``[[facility]]`` rules that keep
+history, as a list of dicts (``[{"pattern": "orders/*", "history": 100,
+"history_ttl": 3600}]``), so that publications on those facilities get message
+ids, as the gateway's own do.
 
 Outside Django every setting has its default; pass ``connection=``,
 ``prefix=`` and ``expire=`` to the publisher instead.
@@ -21,7 +27,14 @@ from typing import Any
 
 import redis
 
-__all__ = ["setting", "redis_prefix", "expire", "heartbeat", "get_connection"]
+__all__ = [
+    "setting",
+    "redis_prefix",
+    "expire",
+    "heartbeat",
+    "facilities",
+    "get_connection",
+]
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_EXPIRE = 3600
@@ -52,6 +65,11 @@ def redis_prefix() -> str | None:
 def expire() -> int:
     """``WSRELAY_EXPIRE``, else ``WS4REDIS_EXPIRE``, else 3600 seconds (0: not stored)."""
     return int(setting("WSRELAY_EXPIRE", "WS4REDIS_EXPIRE", default=DEFAULT_EXPIRE))
+
+
+def facilities() -> list[dict[str, Any]]:
+    """``WSRELAY_FACILITIES``: the gateway's ``[[facility]]`` rules, first match wins."""
+    return list(setting("WSRELAY_FACILITIES", default=None) or [])
 
 
 def heartbeat() -> str | None:

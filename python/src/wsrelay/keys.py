@@ -110,5 +110,13 @@ class KeySpace:
         validate_name("session key", session_key)
         return f"{self.prefix}wsrelay:identity:{session_key}"
 
+    def history(self, key: str) -> str:
+        """The stream that keeps ``key``'s history (a facility with history)."""
+        return f"{self.prefix}wsrelay:history:{key[len(self.prefix):]}"
+
+    def id_channel(self, key: str) -> str:
+        """Where a publication's id is announced, just before it goes out on ``key``."""
+        return f"{self.prefix}wsrelay:id:{key[len(self.prefix):]}"
+
     def __repr__(self) -> str:
         return f"KeySpace({self.prefix[:-1]!r})" if self.prefix else "KeySpace(None)"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
@@ -136,6 +137,57 @@ def _expand(kind: str, names: Names, request: HttpRequest | None, own: Any) -> l
     return result
 
 
+# Appends a publication to a key's history and publishes it, in one step, exactly as
+# the gateway does (its src/publisher.rs holds the same script): XADD, trim with XDEL
+# (so that the stream remembers the newest id it lost), EXPIRE, SET when expire > 0,
+# the id announced on the key's id channel, then PUBLISH of the payload on the key.
+# KEYS: the key, its stream. ARGV: payload, expire, history, history_ttl, id channel.
+_PUBLISH_WITH_HISTORY = """
+local id = redis.call('XADD', KEYS[2], '*', 'd', ARGV[1])
+local gone = {}
+local excess = math.min(redis.call('XLEN', KEYS[2]) - tonumber(ARGV[3]), 1000)
+if excess > 0 then
+  for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', excess)) do
+    gone[#gone + 1] = e[1]
+  end
+end
+local now = redis.call('TIME')
+local oldest = (tonumber(now[1]) - tonumber(ARGV[4])) * 1000
+if oldest > 0 then
+  local before = string.format('(%d-0', oldest)
+  for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', before, 'COUNT', 1000)) do
+    gone[#gone + 1] = e[1]
+  end
+end
+if #gone > 0 then
+  redis.call('XDEL', KEYS[2], unpack(gone))
+end
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
+redis.call('PUBLISH', ARGV[5], id)
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return id
+"""
+
+
+def _glob_match(pattern: str, text: str) -> bool:
+    """``*`` matches any run of characters; everything else matches itself."""
+    regex = ".*".join(re.escape(part) for part in pattern.split("*"))
+    return re.fullmatch(regex, text, re.S) is not None
+
+
+def _history(facility: str, rules: list[dict[str, Any]]) -> tuple[int, int] | None:
+    """``(history, history_ttl)`` of the first rule matching ``facility``, if it keeps
+    history."""
+    for rule in rules:
+        if _glob_match(str(rule["pattern"]), facility):
+            length = int(rule.get("history", 0))
+            return (length, int(rule.get("history_ttl", 3600))) if length > 0 else None
+    return None
+
+
 class RedisPublisher:
     """Publishes to the keys named at construction.
 
@@ -181,6 +233,10 @@ class RedisPublisher:
             publishers.append(self._keys.session(s, facility))
         #: The Redis keys this publisher publishes to.
         self.keys: list[str] = list(dict.fromkeys(publishers))
+        self._history = _history(facility, config.facilities()) if facility else None
+        #: The message id of each key from the last ``publish_message`` (``None``
+        #: where the facility keeps no history: see ``WSRELAY_FACILITIES``).
+        self.last_ids: list[str | None] = []
 
     @property
     def connection(self) -> redis.Redis:
@@ -203,10 +259,28 @@ class RedisPublisher:
             return []
         pipe = self._connection.pipeline(transaction=True)
         for key in self.keys:
+            if self._history is not None:
+                length, ttl = self._history
+                pipe.eval(
+                    _PUBLISH_WITH_HISTORY,
+                    2,
+                    key,
+                    self._keys.history(key),
+                    payload,
+                    expire,
+                    length,
+                    ttl,
+                    self._keys.id_channel(key),
+                )
+                continue
             if expire > 0:
                 pipe.set(key, payload, ex=expire)
             pipe.publish(key, payload)
-        pipe.execute()
+        replies = pipe.execute()
+        if self._history is not None:
+            self.last_ids = [r.decode() if isinstance(r, bytes) else str(r) for r in replies]
+        else:
+            self.last_ids = [None] * len(self.keys)
         return list(self.keys)
 
     async def apublish_message(
