@@ -38,7 +38,10 @@ async fn pytest_suite() {
             "-q",
             "-p",
             "no:cacheprovider",
+            "--basetemp",
         ])
+        // pytest's own temporary files stay in the test's directory, not in /tmp.
+        .arg(out.join("basetemp"))
         .current_dir(root)
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("WSRELAY_TEST_REDIS_URL", &url)
