@@ -29,6 +29,29 @@
  *   heartbeat_msg    default null (no heartbeats).
  *   Two additions: heartbeat_interval (ms, default 5000) and queue_limit (default 100).
  *
+ * Resume (an addition; pages that do not set `resume` get exactly the behaviour above):
+ *   resume: true     the socket offers the gateway's envelope (subprotocol `wsrelay.v1`),
+ *                    which gives every publication on a facility with history
+ *                    (`[[facility]] history`) an id. The helper remembers the newest id per
+ *                    key (`broadcast`, `user`, `session`, `group:<name>`) and reconnects
+ *                    with `last-id=<key>:<id>,...` added to the URL, so the gateway first
+ *                    replays what the page missed, in order, once. receive_message still
+ *                    gets the plain payload: a string, or a Blob for a binary one (as for
+ *                    a binary frame without the envelope). Ids the page kept from an
+ *                    earlier visit may be given in `uri` as a `last-id=` parameter.
+ *   on_resumed(key, count)  optional: `count` missed messages of `key` were replayed
+ *                    (they went to receive_message just before).
+ *   on_reset(key, reason)   optional: what `key` missed cannot be replayed (reason
+ *                    "history too short", "history expired", "history lost", "unknown id";
+ *                    or "resume failed" when the helper gave up offering its ids after 8
+ *                    attempts in a row that never opened, as a gateway refuses a key the
+ *                    socket no longer listens to, e.g. `user` after a logout). The key's
+ *                    stored message, if any, follows through receive_message.
+ *   on_gap(key, reason)     optional: messages of `key`, a key without history, may have
+ *                    been missed (reason "the link to redis was lost"); its stored message
+ *                    follows.
+ *   A gateway that does not choose the envelope is spoken to as without `resume`.
+ *
  * The returned object (with or without `new`):
  *   send_message(msg)  sends now when connected (returns true); otherwise queues the
  *                      message for the next connection (returns false). Throws an Error
@@ -37,6 +60,8 @@
  *                      3 closed, which includes waiting to reconnect).
  *   is_connecting(), is_connected(), is_closing(), is_closed(): the same, as booleans.
  *   close()            closes for good: no reconnection, queued messages are dropped.
+ *   get_last_ids()     with `resume`, the newest id per key ({broadcast: '1700000000000-0'}),
+ *                      to keep for a later visit; {} without it.
  *
  * How it behaves, where ws4redis.js did less:
  *   Reconnection     after every close that close() did not ask for. The wait before
@@ -74,6 +99,9 @@ var WS4Redis = (function () {
     var QUEUE_LIMIT = 100;
     var OPEN = 1;
     var CLOSED = 3;
+    var SUBPROTOCOL = 'wsrelay.v1';
+    // Attempts in a row that offered ids and never opened before the helper forgets them.
+    var RESUME_ATTEMPTS = 8;
 
     function isFunction(f) {
         return typeof f === 'function';
@@ -100,6 +128,65 @@ var WS4Redis = (function () {
         return uri;
     }
 
+    // Splits `url` into the URL without its `last-id` parameters and the ids they give
+    // ({label: id}); ids that do not read as <label>:<id> are left out.
+    function takeLastIds(url) {
+        var ids = {};
+        var q = url.indexOf('?');
+        if (q < 0) {
+            return { url: url, ids: ids };
+        }
+        var kept = [];
+        url.slice(q + 1).split('&').forEach(function (param) {
+            var eq = param.indexOf('=');
+            var name = eq < 0 ? param : param.slice(0, eq);
+            if (name.toLowerCase() !== 'last-id') {
+                kept.push(param);
+                return;
+            }
+            var value;
+            try {
+                value = decodeURIComponent(param.slice(eq + 1));
+            } catch (e) {
+                return;
+            }
+            value.split(',').forEach(function (item) {
+                var colon = item.lastIndexOf(':');
+                if (eq >= 0 && colon > 0 && colon < item.length - 1) {
+                    ids[item.slice(0, colon)] = item.slice(colon + 1);
+                }
+            });
+        });
+        var base = url.slice(0, q);
+        return { url: kept.length > 0 ? base + '?' + kept.join('&') : base, ids: ids };
+    }
+
+    // `url` with `last-id=<label>:<id>,...` for the ids in `ids`, if any.
+    function withLastIds(url, ids) {
+        var items = Object.keys(ids).map(function (label) {
+            return label + ':' + ids[label];
+        });
+        if (items.length === 0) {
+            return url;
+        }
+        var param = 'last-id=' + encodeURIComponent(items.join(','));
+        var q = url.indexOf('?');
+        if (q < 0) {
+            return url + '?' + param;
+        }
+        return url + (q === url.length - 1 || url.slice(-1) === '&' ? '' : '&') + param;
+    }
+
+    // The payload of a `data_base64` envelope: a Blob, as a binary frame gives.
+    function binaryPayload(base64) {
+        var raw = atob(base64);
+        var bytes = new Uint8Array(raw.length);
+        for (var i = 0; i < raw.length; i++) {
+            bytes[i] = raw.charCodeAt(i);
+        }
+        return typeof Blob === 'function' ? new Blob([bytes]) : bytes.buffer;
+    }
+
     // A close event for a connection the helper dropped itself.
     function localCloseEvent(reason) {
         var init = { code: 1006, reason: reason, wasClean: false };
@@ -121,6 +208,14 @@ var WS4Redis = (function () {
         void $; // ws4redis.js wanted jQuery here; nothing is needed.
 
         var url = socketUrl(options.uri);
+        var resume = options.resume === true;
+        var lastIds = {};           // with `resume`: the newest id per key label
+        var failedResumes = 0;      // attempts in a row that offered ids and never opened
+        if (resume) {
+            var given = takeLastIds(url);
+            url = given.url;
+            lastIds = given.ids;
+        }
         var heartbeatMsg = options.heartbeat_msg || null;
         var heartbeatInterval = options.heartbeat_interval > 0
             ? options.heartbeat_interval : HEARTBEAT_INTERVAL_MS;
@@ -138,12 +233,16 @@ var WS4Redis = (function () {
         // A page callback that throws must not stop the helper (no reconnect would be
         // scheduled): its error is rethrown on its own, where the page's console and
         // error handlers still see it.
-        function call(callback, arg) {
+        function call(callback, arg, second) {
             if (!isFunction(callback)) {
                 return;
             }
             try {
-                callback(arg);
+                if (arguments.length > 2) {
+                    callback(arg, second);
+                } else {
+                    callback(arg);
+                }
             } catch (e) {
                 setTimeout(function () { throw e; }, 0);
             }
@@ -160,15 +259,20 @@ var WS4Redis = (function () {
             }
             var sock;
             try {
-                sock = new WebSocket(url);
+                sock = resume
+                    ? new WebSocket(withLastIds(url, lastIds), [SUBPROTOCOL])
+                    : new WebSocket(url);
             } catch (e) {
                 scheduleReconnect();
                 setTimeout(function () { throw e; }, 0);
                 return;
             }
             ws = sock;
+            var offeredIds = resume && Object.keys(lastIds).length > 0;
+            var opened = false;
             sock.onopen = function () {
                 if (sock === ws) {
+                    opened = true;
                     onOpen();
                 }
             };
@@ -179,6 +283,9 @@ var WS4Redis = (function () {
             };
             sock.onclose = function (evt) {
                 if (sock === ws) {
+                    if (offeredIds && !opened) {
+                        resumeFailed();
+                    }
                     onClose(evt);
                 }
             };
@@ -187,6 +294,7 @@ var WS4Redis = (function () {
         }
 
         function onOpen() {
+            failedResumes = 0;
             openedAt = Date.now();
             missedHeartbeats = 0;
             if (heartbeatMsg !== null) {
@@ -203,7 +311,75 @@ var WS4Redis = (function () {
             if (heartbeatMsg !== null && evt.data === heartbeatMsg) {
                 return;
             }
+            if (resume && typeof evt.data === 'string' && ws.protocol === SUBPROTOCOL) {
+                onEnvelope(evt.data);
+                return;
+            }
             call(options.receive_message, evt.data);
+        }
+
+        // One JSON text of the envelope: a message (its payload goes to receive_message,
+        // its id is remembered) or a control message for the page's callbacks.
+        function onEnvelope(text) {
+            var m = null;
+            try {
+                m = JSON.parse(text);
+            } catch (e) {
+                // Not the envelope: passed on as it came.
+            }
+            if (m === null || typeof m !== 'object' || typeof m.type !== 'string') {
+                call(options.receive_message, text);
+                return;
+            }
+            switch (m.type) {
+            case 'message':
+                if (typeof m.key === 'string' && typeof m.id === 'string') {
+                    lastIds[m.key] = m.id;
+                }
+                var payload;
+                if (typeof m.data === 'string') {
+                    payload = m.data;
+                } else if (typeof m.data_base64 === 'string') {
+                    payload = binaryPayload(m.data_base64);
+                } else {
+                    return;
+                }
+                if (heartbeatMsg !== null && payload === heartbeatMsg) {
+                    return;
+                }
+                call(options.receive_message, payload);
+                return;
+            case 'resumed':
+                call(options.on_resumed, m.key, m.count);
+                return;
+            case 'reset':
+                // The key's id stays: until a newer one arrives, a reconnect is told again
+                // that what was missed is not known.
+                call(options.on_reset, m.key, m.reason);
+                return;
+            case 'gap':
+                call(options.on_gap, m.key, m.reason);
+                return;
+            default:
+                // A control message of a later version: nothing for this helper.
+                return;
+            }
+        }
+
+        // An attempt that offered ids never opened: the gateway may be away, or refuse
+        // them (HTTP 400, which a browser does not show). After RESUME_ATTEMPTS in a row
+        // the ids are forgotten, and the page told, rather than retrying forever.
+        function resumeFailed() {
+            failedResumes += 1;
+            if (failedResumes < RESUME_ATTEMPTS) {
+                return;
+            }
+            failedResumes = 0;
+            var labels = Object.keys(lastIds);
+            lastIds = {};
+            labels.forEach(function (label) {
+                call(options.on_reset, label, 'resume failed');
+            });
         }
 
         function onClose(evt) {
@@ -297,6 +473,13 @@ var WS4Redis = (function () {
                 return false;
             },
             get_state: state,
+            get_last_ids: function () {
+                var copy = {};
+                Object.keys(lastIds).forEach(function (label) {
+                    copy[label] = lastIds[label];
+                });
+                return copy;
+            },
             is_connecting: function () {
                 return state() === 0;
             },

@@ -5,7 +5,9 @@
 //
 // It starts everything itself and stops only what it started: a redis-server on a free
 // port, the gateway (WSRELAY_BIN) on a fixed free port so it can restart it there, and a
-// second gateway with default settings (embedded broker, demo page on). The test pages
+// second gateway with default settings (embedded broker, demo page on). Scenario k has
+// its own redis-server (append-only file in a temporary directory, so it survives a
+// SIGKILL) and two gateways with a history facility (`--config`). The test pages
 // of this folder are written into a tab that shows a file of the gateway (see openPage),
 // so the gateway's Origin check passes without any setting; /wsrelay.js, /wsrelay.mjs,
 // the demo page and the sockets come from the real gateway.
@@ -194,34 +196,50 @@ function parseReply(buf, pos = 0) {
   }
 }
 
+/** A command as RESP; arguments are strings (or numbers) or Buffers (binary payloads). */
 function encodeCommand(args) {
-  const parts = [`*${args.length}\r\n`];
+  const parts = [Buffer.from(`*${args.length}\r\n`)];
   for (const arg of args) {
-    const s = String(arg);
-    parts.push(`$${Buffer.byteLength(s)}\r\n${s}\r\n`);
+    const bytes = Buffer.isBuffer(arg) ? arg : Buffer.from(String(arg));
+    parts.push(Buffer.from(`$${bytes.length}\r\n`), bytes, Buffer.from('\r\n'));
   }
-  return parts.join('');
+  return Buffer.concat(parts);
 }
 
 class Redis {
-  constructor(port, child) {
+  constructor(port, args) {
     this.port = port;
-    this.child = child;
+    this.args = args;
+    this.child = null;
   }
 
-  static async start() {
+  /** A server on a free port; `extra` arguments win over the defaults (no persistence). */
+  static async start(extra = []) {
     const port = await freePort();
-    const child = start(
-      'redis-server',
-      ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'],
-      { stdio: 'ignore' },
-    );
-    const redis = new Redis(port, child);
+    const redis = new Redis(port, [
+      '--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', ...extra,
+    ]);
+    await redis.restart();
+    return redis;
+  }
+
+  /** Starts the server (again, on the same port) and waits until it answers PING. */
+  async restart() {
+    assert(this.child === null, 'redis-server is already running');
+    const child = start('redis-server', this.args, { stdio: 'ignore' });
+    this.child = child;
     await until('redis-server to answer PING', async () => {
       checkStarted(child, 'redis-server (apt-get install redis-server)');
-      return (await redis.command('PING')) === 'PONG';
+      return (await this.command('PING')) === 'PONG';
     });
-    return redis;
+  }
+
+  /** SIGKILL, as a crash: no shutdown save, clients see their connections reset. */
+  async kill() {
+    const child = this.child;
+    this.child = null;
+    child.kill('SIGKILL');
+    await waitExit(child);
   }
 
   get url() {
@@ -298,8 +316,13 @@ class Redis {
   }
 
   async stop() {
-    this.child.kill('SIGTERM');
-    await waitExit(this.child);
+    const child = this.child;
+    if (child === null) {
+      return;
+    }
+    this.child = null;
+    child.kill('SIGTERM');
+    await waitExit(child);
   }
 }
 
@@ -307,16 +330,18 @@ class Redis {
 // The gateway binary, on a port of its own that survives restarts.
 
 class Gateway {
-  constructor(name, port, settings) {
+  constructor(name, port, settings, args) {
     this.name = name;
     this.port = port;
     this.settings = settings;
+    this.args = args;
     this.child = null;
     this.lines = [];
   }
 
-  static async create(name, settings) {
-    return new Gateway(name, await freePort(), settings);
+  /** `settings` as WSRELAY__* variables; `args` for the binary (`--config PATH`). */
+  static async create(name, settings, args = []) {
+    return new Gateway(name, await freePort(), settings, args);
   }
 
   get origin() {
@@ -340,7 +365,7 @@ class Gateway {
     };
     const deadline = Date.now() + WAIT;
     for (;;) {
-      const child = start(BIN, [], { env, stdio: ['ignore', 'ignore', 'pipe'] });
+      const child = start(BIN, this.args, { env, stdio: ['ignore', 'ignore', 'pipe'] });
       let rest = '';
       child.stderr.setEncoding('utf8');
       child.stderr.on('data', (text) => {
@@ -396,6 +421,15 @@ class Gateway {
     return r.json();
   }
 
+  /** Waits until /health answers `status` (200: Redis linked, 503: not). */
+  async waitHealth(status) {
+    await until(`${this.name}'s /health to answer ${status}`, async () => {
+      const r = await fetch(`${this.origin}/health`);
+      await r.text();
+      return r.status === status;
+    });
+  }
+
   async waitSockets(count) {
     await until(`${this.name} to hold ${count} socket(s)`, async () => {
       const h = await this.health();
@@ -415,6 +449,61 @@ class Gateway {
 
   tail(n = 25) {
     return this.lines.slice(-n);
+  }
+}
+
+/**
+ * Publishes numbered messages ("1", "2", ...) on `facility`'s broadcast through
+ * `POST /api/publish`, one after the other, until stopped. `ok` holds the numbers the API
+ * accepted (200); `failed` the others (a 503 while Redis is away, a connection error),
+ * which a page may or may not receive: a publication can reach Redis and still lose
+ * its answer when Redis dies.
+ */
+class Publisher {
+  constructor(gw, facility, pauseMs) {
+    this.gw = gw;
+    this.facility = facility;
+    this.pauseMs = pauseMs;
+    this.ok = [];
+    this.failed = [];
+    this.next = 1;
+    this.running = false;
+    this.loop = null;
+  }
+
+  start() {
+    this.running = true;
+    this.loop = (async () => {
+      while (this.running) {
+        const n = this.next++;
+        let status = 0;
+        try {
+          const r = await fetch(`${this.gw.origin}/api/publish`, {
+            method: 'POST',
+            headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' },
+            body: JSON.stringify({ facility: this.facility, audiences: { broadcast: true }, message: String(n) }),
+            signal: AbortSignal.timeout(WAIT),
+          });
+          await r.text();
+          status = r.status;
+        } catch {
+          status = 0;
+        }
+        (status === 200 ? this.ok : this.failed).push(n);
+        await sleep(status === 200 ? this.pauseMs : this.pauseMs * 2);
+      }
+    })();
+  }
+
+  /** Waits until `count` more publications than now were accepted. */
+  async more(count, what) {
+    const target = this.ok.length + count;
+    await until(`${count} more accepted publications (${what})`, () => this.ok.length >= target, WAIT * 2);
+  }
+
+  async stop() {
+    this.running = false;
+    await this.loop;
   }
 }
 
@@ -461,10 +550,10 @@ async function openPage(context, gw, page) {
   return p;
 }
 
-/** Waits until `fn(arg)` is truthy in the page. */
-async function pageUntil(page, what, fn, arg) {
+/** Waits until `fn(arg)` is truthy in the page (at most `ms`). */
+async function pageUntil(page, what, fn, arg, ms = WAIT) {
   try {
-    await page.waitForFunction(fn, arg, { timeout: WAIT, polling: 50 });
+    await page.waitForFunction(fn, arg, { timeout: ms, polling: 50 });
   } catch (e) {
     const state = await page
       .evaluate(() => (window.rec ? { events: rec.events, messages: rec.messages.slice(-10) } : null))
@@ -473,8 +562,8 @@ async function pageUntil(page, what, fn, arg) {
   }
 }
 
-const connectedTimes = (page, n) =>
-  pageUntil(page, `connection #${n}`, (k) => rec.count('connected') >= k, n);
+const connectedTimes = (page, n, ms = WAIT) =>
+  pageUntil(page, `connection #${n}`, (k) => rec.count('connected') >= k, n, ms);
 
 const received = (page, msg) =>
   pageUntil(page, `message ${JSON.stringify(msg)}`, (m) => rec.messages.includes(m), msg);
@@ -758,6 +847,143 @@ const scenarios = [
       );
       const sent = await page.evaluate(() => __tSockets.length);
       assert(sent >= 2, `expected a new socket, the helper opened ${sent}`);
+    },
+  },
+  {
+    id: 'k',
+    name: 'a page with resume: true loses nothing across a gateway restart and a Redis restart',
+    async run({ browser }, ctx) {
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'wsrelay-resume-'));
+      const config = path.join(dir, 'wsrelay.toml');
+      // history: more than the gateway's downtime plus the helper's backoff can miss at
+      // the publisher's pace (about 10 a second).
+      fs.writeFileSync(config, '[[facility]]\npattern = "feed/*"\nhistory = 1000\nhistory_ttl = 600\n');
+      let redis = null;
+      let publisher = null;
+      const gateways = [];
+      try {
+        // Redis keeps the streams across a SIGKILL: append-only file, fsync'ed always.
+        redis = await Redis.start(['--appendonly', 'yes', '--appendfsync', 'always', '--dir', dir]);
+        const settings = {
+          WSRELAY__REDIS__URL: redis.url,
+          WSRELAY__REDIS__RECONNECT_MAX: '0.5',
+          WSRELAY__HEARTBEAT: HEARTBEAT,
+          WSRELAY__HEARTBEAT_INTERVAL: '0.5',
+          WSRELAY__PUBLISH_TOKEN: TOKEN,
+          WSRELAY__POLICY__COMPAT: 'true',
+        };
+        // The page's gateway is restarted; the other one publishes meanwhile, so some
+        // messages are published while the page is away and only a resume brings them.
+        const front = await Gateway.create('resume gateway', settings, ['--config', config]);
+        const back = await Gateway.create('publishing gateway', settings, ['--config', config]);
+        gateways.push(front, back);
+        await Promise.all([front.start(), back.start()]);
+
+        const page = await openPage(await newContext(browser, front, ctx), front, 'recorder');
+        await page.evaluate(
+          (h) => rec.start('/ws/feed/browser?subscribe-broadcast', { resume: true, heartbeat_msg: h, heartbeat_interval: 1000 }),
+          HEARTBEAT,
+        );
+        await connectedTimes(page, 1);
+        const protocol = await page.evaluate(() => __tSockets[0].protocol);
+        assert(protocol === 'wsrelay.v1', `the gateway should choose the envelope, chose ${JSON.stringify(protocol)}`);
+        await redis.waitSubscribed('broadcast:feed/browser');
+        publisher = new Publisher(back, 'feed/browser', 100);
+        publisher.start();
+        const receivedUpTo = (n, ms = WAIT) =>
+          pageUntil(page, `message ${n}`, (m) => rec.messages.includes(m), String(n), ms);
+        await publisher.more(5, 'before the restarts');
+        await receivedUpTo(publisher.ok.at(-1));
+
+        // 1. The page's gateway restarts; messages go on being published meanwhile.
+        await front.stop();
+        await pageUntil(page, 'the disconnection', () => rec.count('disconnected') >= 1);
+        await publisher.more(5, 'while the page is disconnected');
+        const missed = publisher.ok.at(-1);
+        await front.start();
+        // The helper's backoff may wait up to 16 s after a few refused attempts.
+        await connectedTimes(page, 2, WAIT * 2);
+        await pageUntil(page, 'the resume', () => rec.events.some((e) => e.startsWith('resumed:')));
+        await receivedUpTo(missed);
+        const urls = await page.evaluate(() => __tSockets.map((s) => s.url));
+        assert(
+          /[?&]last-id=broadcast%3A\d+-\d+$/.test(urls[urls.length - 1]) && urls[urls.length - 1].includes('?subscribe-broadcast&'),
+          `the reconnection should offer the last id in the query: ${JSON.stringify(urls)}`,
+        );
+
+        // 2. Redis dies (SIGKILL) and comes back with its append-only file.
+        await publisher.more(5, 'after the gateway restart');
+        const failedBefore = publisher.failed.length;
+        await redis.kill();
+        await front.waitHealth(503);
+        await until('a publication refused while Redis is away', () => publisher.failed.length > failedBefore);
+        await redis.restart();
+        await Promise.all([front.waitHealth(200), back.waitHealth(200)]);
+        await publisher.more(5, 'after the Redis restart');
+        await publisher.stop();
+        const last = publisher.ok.at(-1);
+        await receivedUpTo(last, WAIT * 2);
+        // A marker published last: whatever was still on its way arrives before it.
+        await back.apiPublish({ facility: 'feed/browser', audiences: { broadcast: true }, message: 'end' });
+        await pageUntil(page, 'the marker', () => rec.messages.includes('end'));
+
+        const seen = await page.evaluate((h) => ({
+          events: rec.events,
+          messages: rec.messages,
+          ids: rec.ws.get_last_ids(),
+          heartbeats: __tFrames.filter((f) => f === h).length,
+        }), HEARTBEAT);
+        const numbers = seen.messages.slice(0, seen.messages.indexOf('end')).map(Number);
+        const ok = new Set(publisher.ok);
+        const failed = new Set(publisher.failed);
+        ctx.notes.push(
+          `published ${publisher.ok.length} (refused ${publisher.failed.length}), received ${numbers.length}; ` +
+            `events: ${JSON.stringify(seen.events)}`,
+        );
+        const disorder = numbers.findIndex((n, i) => i > 0 && n <= numbers[i - 1]);
+        assert(
+          disorder < 0,
+          `duplicate or out of order at ${disorder}: ${JSON.stringify(numbers.slice(Math.max(0, disorder - 3), disorder + 3))}`,
+        );
+        const lost = publisher.ok.filter((n) => !numbers.includes(n));
+        assert(lost.length === 0, `lost ${lost.length} accepted message(s): ${JSON.stringify(lost.slice(0, 20))}`);
+        const unknown = numbers.filter((n) => !ok.has(n) && !failed.has(n));
+        assert(unknown.length === 0, `received what was never published: ${JSON.stringify(unknown.slice(0, 20))}`);
+        const notices = seen.events.filter((e) => e.startsWith('reset:') || e.startsWith('gap:'));
+        assert(notices.length === 0, `nothing was lost, yet the page was told: ${JSON.stringify(notices)}`);
+        const resumed = seen.events.filter((e) => e.startsWith('resumed:broadcast:')).map((e) => Number(e.split(':')[2]));
+        assert(resumed.some((n) => n >= 5), `the resume should have replayed the missed messages: ${JSON.stringify(seen.events)}`);
+        assert(/^\d+-\d+$/.test(seen.ids.broadcast || ''), `get_last_ids(): ${JSON.stringify(seen.ids)}`);
+        assert(seen.heartbeats > 0 && !seen.messages.includes(HEARTBEAT), 'heartbeats must reach the socket, not the page');
+
+        // A binary payload (plain PUBLISH, no id) reaches the page as a Blob, as without
+        // the envelope, and leaves the remembered id alone.
+        await redis.command('PUBLISH', 'broadcast:feed/browser', Buffer.from([0xff, 0x00, 0x41]));
+        await pageUntil(page, 'the binary message', () => rec.messages.some((m) => m instanceof Blob));
+        const binary = await page.evaluate(async () => {
+          const blob = rec.messages.find((m) => m instanceof Blob);
+          return { bytes: Array.from(new Uint8Array(await blob.arrayBuffer())), ids: rec.ws.get_last_ids() };
+        });
+        assert(JSON.stringify(binary.bytes) === '[255,0,65]', `binary payload: ${JSON.stringify(binary.bytes)}`);
+        assert(binary.ids.broadcast === seen.ids.broadcast, `a message without id changed the ids: ${JSON.stringify(binary.ids)}`);
+      } catch (e) {
+        for (const gw of gateways) {
+          ctx.notes.push(`--- ${gw.name} log (last lines) ---`, ...gw.tail());
+        }
+        if (publisher) {
+          ctx.notes.push(`accepted: ${JSON.stringify(publisher.ok)}`, `refused: ${JSON.stringify(publisher.failed)}`);
+        }
+        throw e;
+      } finally {
+        if (publisher) {
+          await publisher.stop();
+        }
+        await Promise.all(gateways.map((gw) => gw.stop()));
+        if (redis) {
+          await redis.stop();
+        }
+        fs.rmSync(dir, { recursive: true, force: true });
+      }
     },
   },
 ];
