@@ -29,7 +29,7 @@ fn fan_out(c: &mut Criterion) {
         group.bench_function(format!("{n} sockets"), |b| {
             b.iter(|| {
                 for o in &mut outboxes {
-                    o.push(&frame, 1 << 20).unwrap();
+                    o.push(&frame, 0, 1 << 20).unwrap();
                     let mut slices = [std::io::IoSlice::new(&[]); 4];
                     let n = o.slices(&mut slices);
                     let len: usize = slices[..n].iter().map(|s| s.len()).sum();

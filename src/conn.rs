@@ -12,7 +12,7 @@
 //! | 1007 | a text message or close reason that is not UTF-8 | after fixing the client |
 //! | 1009 | a message over `max_message_size`, refused from its frame header | after fixing the client |
 //! | 1013 | a client publication failed because the broker is unavailable | yes, with backoff |
-//! | 4000 | slow consumer: more than `queue_bytes` waiting, or no byte written for `ping_timeout` | yes |
+//! | 4000 | slow consumer: more than `queue_bytes` waiting (a facility with `slow_consumer = "conflate"` drops older messages instead), or no byte written for `ping_timeout` (conflating or not) | yes |
 //!
 //! After the close frame the gateway shuts its side down and waits, at most
 //! `close_timeout`, for the client to close; a client that does not read or does not
@@ -44,6 +44,7 @@ use log::{debug, info};
 
 use crate::broker::BrokerError;
 use crate::channel::AudienceKinds;
+use crate::facility::SlowConsumer;
 use crate::history::{envelope, CatchUp, StreamId};
 use crate::outbox;
 use crate::policy::{IpSlot, SocketPermit};
@@ -82,6 +83,8 @@ pub struct SocketParams {
     /// Keys that messages from this socket are published to.
     pub publish: Arc<[Arc<str>]>,
     pub echo: bool,
+    /// What the socket gets when it falls behind (its facility's `slow_consumer`).
+    pub slow_consumer: SlowConsumer,
     /// The client speaks the envelope subprotocol ([`crate::history::SUBPROTOCOL`]).
     pub envelope: bool,
     /// Per key of `subscribe`, the id the client resumes from (`last-id`).
@@ -167,7 +170,15 @@ pub fn serve(
     leftover: BytesMut,
 ) -> impl Future<Output = ()> {
     let now = worker.clock.now();
-    let socket = Rc::new(Socket::new(stream, params.echo, params.envelope, now));
+    let conflated = (params.slow_consumer == SlowConsumer::Conflate)
+        .then(|| worker.relay.metrics.conflated.clone());
+    let socket = Rc::new(Socket::new(
+        stream,
+        params.echo,
+        params.envelope,
+        conflated,
+        now,
+    ));
     let mut conn = Conn::new(worker, socket, params, now);
     conn.count(1);
     conn.log_open();
@@ -431,7 +442,7 @@ impl Conn {
             .zip(caught.unwrap_or_default())
             .collect();
         let mut floors = Vec::new();
-        for (key, caught) in &caught {
+        for (i, (key, caught)) in caught.iter().enumerate() {
             let stored = match caught {
                 CatchUp::Stored {
                     stored: Some((payload, _)),
@@ -441,7 +452,7 @@ impl Conn {
             };
             relay.registry.seen(key, caught.newest(), stored);
             if let Some(id) = caught.last_id() {
-                floors.push((key.clone(), id));
+                floors.push((outbox::key_index(i), id));
             }
         }
         let mut frames = CatchUpFrames::new(&relay, self.params.envelope, false);

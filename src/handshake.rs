@@ -22,6 +22,7 @@ use crate::channel::{
     validate_name, Audience, AudienceKinds, Flags, KeySpace, NameError, NameKind,
 };
 use crate::conn::{Holds, SocketParams};
+use crate::facility::Facilities;
 use crate::history::{self, StreamId, SUBPROTOCOL};
 use crate::identity::{Handshake, Identity, IdentityError, IdentityResolver};
 use crate::metrics::Metrics;
@@ -174,6 +175,7 @@ pub struct Handshaker {
     /// The access policy in force (`policy`, plus the demo's rule when it is on).
     pub policy: PolicyConfig,
     pub keys: KeySpace,
+    pub facilities: Arc<Facilities>,
     pub resolver: Box<dyn IdentityResolver>,
     /// The authorization callback (`policy.callback.url`), asked after the static
     /// policy passed.
@@ -381,6 +383,7 @@ impl Handshaker {
         let params = SocketParams {
             id: uuid::Uuid::new_v4(),
             peer: client,
+            slow_consumer: self.facilities.of(&facility).slow_consumer,
             facility: facility.into(),
             listening: AudienceKinds::of(&listening),
             user: identity.user.map(Into::into),

@@ -291,6 +291,7 @@ impl Parts {
             websocket_url: config.websocket_url.clone(),
             policy: config.effective_policy(),
             keys: keys.clone(),
+            facilities,
             resolver,
             authorizer,
             per_ip: Arc::default(),

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub bytes_out: IntCounter,
     /// Sockets closed as slow consumers (close code 4000).
     pub slow_consumer_closes: IntCounter,
+    /// Frames dropped from the queues of conflating sockets that fell behind.
+    pub conflated: IntCounter,
     /// Redis pub/sub links lost (each is followed by a reconnect).
     pub redis_reconnects: IntCounter,
     /// 1 while the Redis pub/sub link is up.
@@ -132,6 +134,10 @@ impl Metrics {
             slow_consumer_closes: counter(
                 "wsrelay_slow_consumer_closes_total",
                 "Sockets closed as slow consumers",
+            ),
+            conflated: counter(
+                "wsrelay_conflated_total",
+                "Frames dropped by conflation from the queues of sockets that fell behind",
             ),
             redis_reconnects: counter(
                 "wsrelay_redis_reconnects_total",

@@ -8,18 +8,26 @@
 //! when the kernel buffer had no room ([`Socket::wants_write`]), answers the client and
 //! keeps the timers. An idle socket owns no buffer: its queue and its read state are
 //! empty and allocate nothing.
+//!
+//! A socket that falls behind (more than `queue_bytes` waiting) is closed as a slow
+//! consumer (4000), unless its facility conflates (`slow_consumer = "conflate"`): then
+//! it keeps only the newest frame per key ([`Outbox::push_conflating`]), also for the
+//! frames held during setup, and control frames make room by dropping publications.
+//! Conflation is for slow readers, not dead ones: a conflating client that reads
+//! nothing at all is still closed when no byte could be written for `ping_timeout`
+//! (the stuck-write guard, [`crate::conn`]), and one whose control frames alone fill
+//! the queue is still a slow consumer.
 
 use std::cell::{Cell, RefCell};
 use std::io::{self, IoSlice};
 use std::rc::Rc;
 use std::task::Waker;
 
-use std::sync::Arc;
-
 use bytes::Bytes;
+use prometheus::IntCounter;
 
 use crate::history::StreamId;
-use crate::outbox::{self, Frame, Full, Outbox, MAX_IOVECS};
+use crate::outbox::{self, Frame, Full, KeyIndex, Outbox, CONTROL, MAX_IOVECS};
 use crate::registry::{fingerprint, Publication};
 use crate::wheel::Tick;
 use crate::ws::Stream;
@@ -44,7 +52,8 @@ mod flag {
 pub mod signal {
     /// A deadline the task asked for has come.
     pub const TIMER: u8 = 1;
-    /// A frame did not fit under `queue_bytes`: the socket is a slow consumer.
+    /// A frame did not fit under `queue_bytes`: the socket is a slow consumer (on a
+    /// conflating socket, only when its control frames alone fill the queue).
     pub const OVERFLOW: u8 = 2;
     /// A write failed: the peer is gone.
     pub const BROKEN: u8 = 4;
@@ -61,16 +70,20 @@ pub const NEVER: Tick = Tick::MAX;
 /// what setup read.
 struct Held {
     frame: Frame,
-    key: Arc<str>,
+    key: KeyIndex,
     id: Option<StreamId>,
 }
 
 pub struct Socket {
     pub stream: Stream,
     out: RefCell<Outbox>,
-    /// Live frames that arrived during setup, before the stored messages, and their bytes.
+    /// Live frames that arrived during setup, before the stored messages, and their
+    /// bytes.
     held: RefCell<Vec<Held>>,
     held_bytes: Cell<usize>,
+    /// On a conflating socket, `wsrelay_conflated_total`, counting the frames dropped to
+    /// make room for control frames (the worker counts the fan-out's, once per batch).
+    conflated: Option<IntCounter>,
     flags: Cell<u8>,
     signals: Cell<u8>,
     waker: RefCell<Option<Waker>>,
@@ -85,16 +98,25 @@ pub struct Socket {
     /// `echo` off, the same message coming back from the broker is not sent to it
     /// (ws4redis behaviour). A fingerprint, so that no payload is kept per socket.
     last_published: Cell<Option<(usize, u64)>>,
-    /// Per key, the newest id that setup handed this socket (stored or replayed
-    /// messages): a live publication with an id up to it is a duplicate. An entry goes
-    /// once a newer id arrives; empty (no allocation) for most sockets.
-    floors: RefCell<Vec<(Arc<str>, StreamId)>>,
+    /// Per subscribe key, the newest id that setup handed this socket (stored or
+    /// replayed messages): a live publication with an id up to it is a duplicate. An
+    /// entry goes once a newer id arrives; empty (no allocation) for most sockets.
+    floors: RefCell<Vec<(KeyIndex, StreamId)>>,
     /// This socket's index in its worker's list.
     pub index: Cell<usize>,
 }
 
 impl Socket {
-    pub fn new(stream: Stream, echo: bool, envelope: bool, now: Tick) -> Self {
+    /// `envelope`: the client speaks the envelope subprotocol. `conflated`: the
+    /// counter of frames dropped by conflation, for a socket that conflates instead of
+    /// closing when it falls behind.
+    pub fn new(
+        stream: Stream,
+        echo: bool,
+        envelope: bool,
+        conflated: Option<IntCounter>,
+        now: Tick,
+    ) -> Self {
         let flags = flag::HELD
             | if echo { flag::ECHO } else { 0 }
             | if envelope { flag::ENVELOPE } else { 0 };
@@ -103,6 +125,7 @@ impl Socket {
             out: RefCell::default(),
             held: RefCell::default(),
             held_bytes: Cell::new(0),
+            conflated,
             flags: Cell::new(flags),
             signals: Cell::new(0),
             waker: RefCell::default(),
@@ -173,56 +196,114 @@ impl Socket {
         self.has(flag::ENVELOPE)
     }
 
-    /// Queues `publication` (as `frame`, raw or in the envelope) for this socket: the
-    /// worker's fan-out. Returns whether it was queued; `dirty` collects the sockets to
-    /// flush at the end of the batch.
+    /// Queues `publication` (as `frame`, raw or in the envelope, on the socket's
+    /// subscribe key number `key`) for this socket: the worker's fan-out. Returns
+    /// `None` if it was not queued, or how many older frames conflation dropped to make
+    /// room for it; `dirty` collects the sockets to flush at the end of the batch.
     pub fn deliver(
         self: &Rc<Self>,
         frame: &Frame,
+        key: KeyIndex,
         publication: &Publication,
         limit: usize,
         now: Tick,
         dirty: &mut Vec<Rc<Socket>>,
-    ) -> bool {
+    ) -> Option<usize> {
         if self.has(flag::CLOSING) {
-            return false;
+            return None;
         }
-        if !publication.is_control() && self.is_own_echo(publication.payload()) {
-            return false;
-        }
+        // The envelope's control messages are never conflated away.
+        let key = if publication.is_control() {
+            CONTROL
+        } else if self.is_own_echo(publication.payload()) {
+            return None;
+        } else {
+            key
+        };
         if let Some(id) = publication.id {
-            if self.below_floor(&publication.key, id) {
-                return false;
+            if self.below_floor(key, id) {
+                return None;
             }
         }
         if self.has(flag::HELD) {
-            if !outbox::fits(self.queued(), frame.len(), limit) {
-                self.overflow();
-                return false;
-            }
-            self.held.borrow_mut().push(Held {
-                frame: frame.clone(),
-                key: publication.key.clone(),
-                id: publication.id,
-            });
-            self.held_bytes.set(self.held_bytes.get() + frame.len());
-            return true;
+            return self.hold(frame, key, publication.id, limit);
         }
-        let mut pushed = self.out.borrow_mut().push(frame, limit);
+        let mut pushed = self.out.borrow_mut().push(frame, key, limit);
         if pushed == Err(Full) && !self.has(flag::WANT_WRITE) {
             // Give a socket that keeps up the chance to take the frame now.
             self.flush(now);
-            pushed = self.out.borrow_mut().push(frame, limit);
+            pushed = self.out.borrow_mut().push(frame, key, limit);
         }
+        let mut dropped = 0;
         if pushed.is_err() {
-            self.overflow();
-            return false;
+            if self.conflated.is_none() {
+                self.overflow();
+                return None;
+            }
+            dropped = self.out.borrow_mut().push_conflating(frame, key, limit);
         }
         if !self.has(flag::WANT_WRITE | flag::DIRTY) {
             self.set(flag::DIRTY, true);
             dirty.push(self.clone());
         }
-        true
+        Some(dropped)
+    }
+
+    /// Keeps a live frame that arrived during setup, under the same bound as the
+    /// queue: what is queued and held together may not pass `limit`. A conflating
+    /// socket makes room by dropping the held frames of the same key, then the oldest
+    /// held publications.
+    fn hold(
+        &self,
+        frame: &Frame,
+        key: KeyIndex,
+        id: Option<StreamId>,
+        limit: usize,
+    ) -> Option<usize> {
+        let mut dropped = 0;
+        if !outbox::fits(self.queued(), frame.len(), limit) {
+            if self.conflated.is_none() {
+                self.overflow();
+                return None;
+            }
+            let mut held = self.held.borrow_mut();
+            let before = held.len();
+            held.retain(|h| h.key != key || key == CONTROL);
+            let mut bytes: usize = held.iter().map(|h| h.frame.len()).sum();
+            let queued = self.out.borrow().unwritten();
+            while !outbox::fits(queued + bytes, frame.len(), limit) {
+                let Some(i) = held.iter().position(|h| h.key != CONTROL) else {
+                    break;
+                };
+                bytes -= held.remove(i).frame.len();
+            }
+            dropped = before - held.len();
+            self.held_bytes.set(bytes);
+        }
+        self.held.borrow_mut().push(Held {
+            frame: frame.clone(),
+            key,
+            id,
+        });
+        self.held_bytes.set(self.held_bytes.get() + frame.len());
+        Some(dropped)
+    }
+
+    /// Whether `id` on subscribe key `key` was already handed out by setup; forgets
+    /// the floor once a newer id passes it.
+    fn below_floor(&self, key: KeyIndex, id: StreamId) -> bool {
+        let mut floors = self.floors.borrow_mut();
+        let Some(i) = floors.iter().position(|(k, _)| *k == key) else {
+            return false;
+        };
+        if id <= floors[i].1 {
+            return true;
+        }
+        floors.swap_remove(i);
+        if floors.is_empty() {
+            *floors = Vec::new();
+        }
+        false
     }
 
     /// Called by the worker for each socket it collected in a batch.
@@ -238,9 +319,18 @@ impl Socket {
 
     /// Queues a control frame (pong, heartbeat) and writes what it can. Control frames
     /// count against `queue_bytes` like publications: a client that pings and never
-    /// reads is a slow consumer.
+    /// reads is a slow consumer. On a conflating socket, unstarted publications are
+    /// dropped to make room for it first.
     pub fn send_control(&self, frame: Bytes, limit: usize, now: Tick) {
-        let pushed = self.out.borrow_mut().push_control(frame, limit);
+        let mut out = self.out.borrow_mut();
+        if let Some(conflated) = &self.conflated {
+            let dropped = out.make_room(None, frame.len(), limit);
+            if dropped > 0 {
+                conflated.inc_by(dropped as u64);
+            }
+        }
+        let pushed = out.push_control(frame, limit);
+        drop(out);
         match pushed {
             Ok(()) => self.flush(now),
             Err(Full) => self.overflow(),
@@ -254,31 +344,14 @@ impl Socket {
         self.flush(now);
     }
 
-    /// Whether `id` on `key` was already handed out by setup; forgets the floor once a
-    /// newer id passes it.
-    fn below_floor(&self, key: &Arc<str>, id: StreamId) -> bool {
-        let mut floors = self.floors.borrow_mut();
-        let Some(i) = floors.iter().position(|(k, _)| k == key) else {
-            return false;
-        };
-        if id <= floors[i].1 {
-            return true;
-        }
-        floors.swap_remove(i);
-        if floors.is_empty() {
-            *floors = Vec::new();
-        }
-        false
-    }
-
     /// Ends setup: `stored` go out first (as many as fit under `limit` on their own),
-    /// then the live frames held meanwhile, except those with an id up to the key's
+    /// then the live frames held meanwhile, except those with an id up to their key's
     /// floor (setup already handed them out). Returns how many stored messages did not
     /// fit.
     pub fn release(
         &self,
         stored: Vec<Bytes>,
-        floors: Vec<(Arc<str>, StreamId)>,
+        floors: Vec<(KeyIndex, StreamId)>,
         limit: usize,
         now: Tick,
     ) -> usize {
@@ -286,10 +359,10 @@ impl Socket {
         let mut out = self.out.borrow_mut();
         let skipped = out.push_front(stored, limit);
         for held in self.held.take() {
-            if held.id.is_some_and(|id| self.below_floor(&held.key, id)) {
+            if held.id.is_some_and(|id| self.below_floor(held.key, id)) {
                 continue;
             }
-            out.push_owned(held.frame);
+            out.push_counted(held.frame, held.key);
         }
         self.held_bytes.set(0);
         drop(out);
@@ -375,5 +448,185 @@ impl Socket {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    use std::task::Waker;
+    use std::time::Duration;
+
+    use std::sync::Arc;
+
+    use tokio::time::Instant;
+
+    use super::*;
+
+    const LIMIT: usize = 1000;
+    /// Every test frame is this long, so the peer can cut what it read into frames.
+    const LEN: usize = 100;
+
+    /// A test frame: its key's letter, its number, padding.
+    fn frame(key: u8, n: usize) -> Frame {
+        let mut bytes = format!("{}{n:05}", key as char).into_bytes();
+        bytes.resize(LEN, b'.');
+        Rc::new(Bytes::from(bytes))
+    }
+
+    fn open(conflate: bool) -> (Rc<Socket>, UnixStream, IntCounter) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        let ours = tokio::net::UnixStream::from_std(ours).unwrap();
+        let counter = IntCounter::new("conflated", "test").unwrap();
+        let conflated = conflate.then(|| counter.clone());
+        let socket = Rc::new(Socket::new(Stream::Unix(ours), false, false, conflated, 0));
+        (socket, theirs, counter)
+    }
+
+    /// Delivers `frame` on `key` and flushes as the worker would at the end of a batch.
+    fn deliver(socket: &Rc<Socket>, frame: &Frame, key: KeyIndex) -> Option<usize> {
+        let mut dirty = Vec::new();
+        let publication = Publication::new(Arc::from("k"), &frame[..], None, Instant::now());
+        let delivered = socket.deliver(frame, key, &publication, LIMIT, 0, &mut dirty);
+        for socket in dirty {
+            socket.flush_dirty(0);
+        }
+        delivered
+    }
+
+    /// Fills the kernel buffer with frames of key `f` until writes wait for room.
+    fn fill_kernel_buffer(socket: &Rc<Socket>) {
+        let filler = frame(b'f', 0);
+        for _ in 0..100_000 {
+            if socket.wants_write() {
+                return;
+            }
+            assert_eq!(deliver(socket, &filler, 0), Some(0));
+        }
+        panic!("the kernel buffer never filled up");
+    }
+
+    /// Reads everything the socket writes, letting it write as the peer makes room
+    /// (bounded); returns the frames, fillers left out, and the pongs.
+    async fn read_all(socket: &Socket, mut peer: &UnixStream) -> (Vec<String>, usize) {
+        let mut raw = Vec::new();
+        let mut buf = vec![0; 64 * 1024];
+        for _ in 0..10_000 {
+            match peer.read(&mut buf) {
+                Ok(n) if n > 0 => raw.extend_from_slice(&buf[..n]),
+                _ if socket.has_unwritten() => {
+                    if socket.wants_write() {
+                        let ready = std::future::poll_fn(|cx| socket.stream.poll_write_ready(cx));
+                        tokio::time::timeout(Duration::from_secs(5), ready)
+                            .await
+                            .expect("room to write")
+                            .unwrap();
+                    }
+                    socket.writable(0);
+                }
+                _ => break,
+            }
+        }
+        assert!(!socket.has_unwritten());
+        let (mut frames, mut pongs, mut at) = (Vec::new(), 0, 0);
+        while at < raw.len() {
+            if raw[at..].starts_with(&[0x8A, 0]) {
+                pongs += 1;
+                at += 2;
+                continue;
+            }
+            let frame = String::from_utf8_lossy(&raw[at..at + 6]).into_owned();
+            if !frame.starts_with('f') {
+                frames.push(frame);
+            }
+            at += LEN;
+        }
+        (frames, pongs)
+    }
+
+    /// The last frame of each of keys `a` and `b`, and whether each key's frames came
+    /// in order.
+    fn last_per_key(frames: &[String]) -> (String, String) {
+        for key in ["a", "b"] {
+            let numbers: Vec<&String> = frames.iter().filter(|f| f.starts_with(key)).collect();
+            assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{numbers:?}");
+        }
+        let last = |key| frames.iter().rfind(|f| f.starts_with(key)).unwrap().clone();
+        (last("a"), last("b"))
+    }
+
+    fn signals(socket: &Socket) -> u8 {
+        socket.take_signals(Waker::noop())
+    }
+
+    #[tokio::test]
+    async fn a_conflating_socket_that_falls_behind_keeps_the_newest_frame_per_key() {
+        let (socket, peer, conflated) = open(true);
+        socket.release(Vec::new(), Vec::new(), LIMIT, 0);
+        fill_kernel_buffer(&socket);
+        signals(&socket);
+        let mut dropped = 0;
+        for n in 0..200 {
+            let (key, letter) = if n % 3 == 0 { (1, b'b') } else { (0, b'a') };
+            dropped += deliver(&socket, &frame(letter, n), key).expect("queued");
+            assert!(socket.queued() <= LIMIT, "{} bytes queued", socket.queued());
+        }
+        assert!(dropped > 150, "{dropped} dropped");
+        assert_eq!(signals(&socket) & signal::OVERFLOW, 0);
+        let mut n = 200;
+        while socket.queued() < LIMIT {
+            assert_eq!(deliver(&socket, &frame(b'a', n), 0), Some(0));
+            n += 1;
+        }
+        // A pong makes room too (publications go for it), and is never dropped.
+        socket.send_control(Bytes::from_static(&[0x8A, 0]), LIMIT, 0);
+        assert_eq!(signals(&socket) & signal::OVERFLOW, 0);
+        assert!(conflated.get() > 0, "publications made room for the pong");
+        let (frames, pongs) = read_all(&socket, &peer).await;
+        assert_eq!(pongs, 1);
+        assert_eq!(
+            last_per_key(&frames),
+            (format!("a{:05}", n - 1), "b00198".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn frames_held_during_setup_are_conflated_too() {
+        let (socket, peer, _) = open(true);
+        for n in 0..50 {
+            let (key, letter) = if n % 2 == 0 { (0, b'a') } else { (1, b'b') };
+            assert!(deliver(&socket, &frame(letter, n), key).is_some());
+            assert!(socket.queued() <= LIMIT);
+        }
+        assert_eq!(signals(&socket) & signal::OVERFLOW, 0);
+        // Stored messages first (bounded on their own), then the newest held frames.
+        let stored = vec![Bytes::from(frame(b's', 0).to_vec())];
+        assert_eq!(socket.release(stored, Vec::new(), LIMIT, 0), 0);
+        let (frames, _) = read_all(&socket, &peer).await;
+        assert_eq!(frames.first().map(String::as_str), Some("s00000"));
+        assert_eq!(last_per_key(&frames), ("a00048".into(), "b00049".into()));
+        assert!(frames.len() <= 1 + LIMIT / LEN, "{frames:?}");
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_does_not_conflate_is_a_slow_consumer() {
+        let (socket, _peer, _) = open(false);
+        for n in 0..LIMIT / LEN {
+            assert_eq!(deliver(&socket, &frame(b'a', n), 0), Some(0));
+        }
+        assert_eq!(deliver(&socket, &frame(b'a', 99), 0), None);
+        assert_ne!(signals(&socket) & signal::OVERFLOW, 0);
+        let (socket, _peer, _) = open(false);
+        socket.release(Vec::new(), Vec::new(), LIMIT, 0);
+        fill_kernel_buffer(&socket);
+        let mut taken = 0;
+        while deliver(&socket, &frame(b'a', taken), 0) == Some(0) {
+            taken += 1;
+            assert!(taken <= LIMIT / LEN, "{taken} frames queued");
+        }
+        assert_ne!(signals(&socket) & signal::OVERFLOW, 0);
     }
 }

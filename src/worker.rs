@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::outbox::{key_index, KeyIndex};
 use crate::registry::{Publication, Registry};
 use crate::socket::{signal, Socket, NEVER};
 use crate::wheel::{Clock, Tick, Wheel, TICK};
@@ -97,12 +98,16 @@ pub struct Relay {
     pub tracker: TaskTracker,
 }
 
+/// A socket on a key, and the key's place in the socket's subscribe keys (what a
+/// conflating socket's queue tells keys apart by).
+type Listener = (Rc<Socket>, KeyIndex);
+
 pub struct Worker {
     pub id: usize,
     pub relay: Arc<Relay>,
     pub clock: Clock,
     /// Key → this worker's sockets on it.
-    listeners: RefCell<HashMap<Arc<str>, Vec<Rc<Socket>>>>,
+    listeners: RefCell<HashMap<Arc<str>, Vec<Listener>>>,
     /// Every socket of this worker, for the drain.
     sockets: RefCell<slab::Slab<Weak<Socket>>>,
     wheel: RefCell<Wheel<Weak<Socket>>>,
@@ -147,12 +152,12 @@ impl Worker {
         let index = self.sockets.borrow_mut().insert(Rc::downgrade(socket));
         socket.index.set(index);
         let mut listeners = self.listeners.borrow_mut();
-        for key in keys {
+        for (i, key) in keys.iter().enumerate() {
             let sockets = listeners.entry(key.clone()).or_default();
             if sockets.is_empty() {
                 self.relay.registry.add(key, self.id);
             }
-            sockets.push(socket.clone());
+            sockets.push((socket.clone(), key_index(i)));
         }
     }
 
@@ -164,7 +169,7 @@ impl Worker {
             let Some(sockets) = listeners.get_mut(key) else {
                 continue;
             };
-            if let Some(i) = sockets.iter().position(|s| Rc::ptr_eq(s, socket)) {
+            if let Some(i) = sockets.iter().position(|(s, _)| Rc::ptr_eq(s, socket)) {
                 sockets.swap_remove(i);
             }
             if sockets.is_empty() {
@@ -222,7 +227,7 @@ impl Worker {
         let now = self.clock.now();
         let limit = self.relay.config.queue_bytes;
         let mut dirty = self.dirty.take();
-        let (mut frames, mut bytes) = (0u64, 0u64);
+        let (mut frames, mut bytes, mut conflated) = (0u64, 0u64, 0u64);
         {
             let listeners = self.listeners.borrow();
             let retention = self.relay.broker.retention();
@@ -234,7 +239,7 @@ impl Worker {
                 let plain = (!publication.is_control()).then(|| Rc::new(publication.frame.clone()));
                 let mut wrapped: Option<Rc<Bytes>> = None;
                 let payload = publication.payload().len() as u64;
-                for socket in sockets {
+                for (socket, key) in sockets {
                     let frame = if socket.wants_envelope() {
                         wrapped
                             .get_or_insert_with(|| Rc::new(publication.envelope(retention).clone()))
@@ -244,9 +249,12 @@ impl Worker {
                             None => continue,
                         }
                     };
-                    if socket.deliver(frame, publication, limit, now, &mut dirty) {
+                    if let Some(dropped) =
+                        socket.deliver(frame, *key, publication, limit, now, &mut dirty)
+                    {
                         frames += 1;
                         bytes += payload;
+                        conflated += dropped as u64;
                     }
                 }
             }
@@ -255,6 +263,9 @@ impl Worker {
         let metrics = &self.relay.metrics;
         metrics.frames_delivered.inc_by(frames);
         metrics.bytes_out.inc_by(bytes);
+        if conflated > 0 {
+            metrics.conflated.inc_by(conflated);
+        }
         for socket in dirty.drain(..) {
             socket.flush_dirty(now);
         }

@@ -106,6 +106,17 @@ struct Opened {
 
 /// Opens a socket on `worker` listening to `subscribe` and publishing to `publish`.
 fn open(worker: &Rc<Worker>, subscribe: &[&str], publish: &[&str], leftover: &[u8]) -> Opened {
+    open_as(worker, subscribe, publish, leftover, SlowConsumer::Close)
+}
+
+/// [`open`], on a facility whose slow consumers get `slow_consumer`.
+fn open_as(
+    worker: &Rc<Worker>,
+    subscribe: &[&str],
+    publish: &[&str],
+    leftover: &[u8],
+    slow_consumer: SlowConsumer,
+) -> Opened {
     let (ours, theirs) = UnixStream::pair().unwrap();
     let limit = SocketLimit::new(10);
     let keys = |names: &[&str]| names.iter().map(|k| Arc::from(*k)).collect();
@@ -117,6 +128,7 @@ fn open(worker: &Rc<Worker>, subscribe: &[&str], publish: &[&str], leftover: &[u
         subscribe: keys(subscribe),
         publish: keys(publish),
         echo: false,
+        slow_consumer,
         envelope: false,
         resume: vec![None; subscribe.len()],
         listening: AudienceKinds {
@@ -383,6 +395,60 @@ async fn a_write_stuck_past_the_ping_timeout_is_a_slow_consumer() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_conflating_socket_falls_behind_without_a_close_but_a_stuck_write_still_closes() {
+    local(async {
+        let settings = [
+            ("ping_interval", "0"),
+            ("ping_timeout", "3"),
+            ("queue_bytes", "131072"),
+        ];
+        let relay = relay(&settings, None);
+        let worker = Worker::start(relay.clone());
+        let mut s = open_as(&worker, &["k"], &[], b"", SlowConsumer::Conflate);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let key: Arc<str> = Arc::from("k");
+        let big = Bytes::from(vec![b'x'; 60_000]);
+        // Far more than the kernel buffers and the queue hold; the peer never reads.
+        for _ in 0..40 {
+            relay
+                .broker
+                .publish(std::slice::from_ref(&key), &big, 0)
+                .await
+                .unwrap();
+            tokio::task::yield_now().await;
+        }
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!s.task.is_finished(), "a conflating socket stays open");
+        assert!(relay.metrics.conflated.get() > 0);
+        assert_eq!(relay.metrics.slow_consumer_closes.get(), 0);
+        // Nothing at all could be written for `ping_timeout`: a dead reader is closed.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(relay.metrics.slow_consumer_closes.get(), 1);
+        let (code, reason) = loop {
+            match s.peer.frame().await {
+                Some((frame::OP_CLOSE, p)) => {
+                    break (
+                        u16::from_be_bytes([p[0], p[1]]),
+                        String::from_utf8(p[2..].to_vec()).unwrap(),
+                    )
+                }
+                Some(_) => continue,
+                None => break (0, "reset".into()),
+            }
+        };
+        assert!(
+            (code, reason.as_str()) == (4000, "slow consumer: nothing could be written")
+                || code == 0,
+            "{code} {reason}"
+        );
+        s.task.await.unwrap();
+        assert!(start.elapsed() >= Duration::from_secs(3));
+    })
+    .await
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_drain_closes_each_socket_within_the_window() {
     local(async {
         let relay = relay(&[("ping_interval", "0"), ("drain_window", "3")], None);
@@ -453,6 +519,7 @@ async fn the_socket_task_stays_small() {
             subscribe: Arc::from([]),
             publish: Arc::from([]),
             echo: false,
+            slow_consumer: SlowConsumer::Close,
             envelope: false,
             resume: Vec::new(),
             listening: AudienceKinds::default(),

@@ -237,7 +237,17 @@ impl Gateway {
 
     /// The binary, with settings and other environment variables.
     pub fn start_process(settings: &[(&str, &str)], env: &[(&str, &str)]) -> Gateway {
-        Self::launch(settings, env)
+        Self::launch(settings, env, None)
+    }
+
+    /// The binary with a TOML configuration file (`--config`; settings still win): for
+    /// tests that measure the gateway's own process (its memory, its descriptors).
+    pub fn start_process_with_file(toml: &str, settings: &[(&str, &str)]) -> Gateway {
+        let dir = TempDir::new("config");
+        let path = dir.join("wsrelay.toml");
+        std::fs::write(&path, toml).unwrap();
+        // The file is read before the gateway says it listens; `dir` may go then.
+        Self::launch(settings, &[], Some(&path))
     }
 
     fn in_process(settings: &[(&str, &str)], file: Option<&std::path::Path>) -> Gateway {
@@ -276,8 +286,15 @@ impl Gateway {
         }
     }
 
-    fn launch(settings: &[(&str, &str)], env: &[(&str, &str)]) -> Gateway {
+    fn launch(
+        settings: &[(&str, &str)],
+        env: &[(&str, &str)],
+        file: Option<&std::path::Path>,
+    ) -> Gateway {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsrelay"));
+        if let Some(file) = file {
+            cmd.arg("--config").arg(file);
+        }
         cmd.env_clear()
             .env("RUST_LOG", "info")
             .env("WSRELAY__LISTEN", "127.0.0.1:0")

@@ -14,6 +14,7 @@
 mod access;
 mod authorize;
 mod browser;
+mod conflation;
 mod conformance;
 mod databases;
 mod demo;
