@@ -138,6 +138,21 @@ impl RedisServer {
         }
     }
 
+    /// Stops the server (SIGSTOP): its sockets stay open and nothing answers, like a
+    /// server stalled by a long fork or a frozen VM, until [`RedisServer::resume`].
+    pub fn pause(&self) {
+        if let Some(child) = &self.child {
+            signal(child, "STOP");
+        }
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        if let Some(child) = &self.child {
+            signal(child, "CONT");
+        }
+    }
+
     async fn try_connect(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
         redis::Client::open(self.url())?
             .get_multiplexed_async_connection()
@@ -673,6 +688,8 @@ pub struct FreezingProxy {
     pub port: u16,
     accepted: Arc<std::sync::atomic::AtomicU64>,
     frozen_before: Arc<std::sync::atomic::AtomicU64>,
+    /// While set, new connections are closed as soon as they are accepted.
+    refusing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FreezingProxy {
@@ -682,9 +699,13 @@ impl FreezingProxy {
         let port = listener.local_addr().unwrap().port();
         let accepted = Arc::new(AtomicU64::new(0));
         let frozen_before = Arc::new(AtomicU64::new(0));
-        let (count, frozen) = (accepted.clone(), frozen_before.clone());
+        let refusing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (count, frozen, refuse) = (accepted.clone(), frozen_before.clone(), refusing.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if refuse.load(Ordering::SeqCst) {
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(target).await else {
                     continue;
                 };
@@ -699,7 +720,14 @@ impl FreezingProxy {
             port,
             accepted,
             frozen_before,
+            refusing,
         }
+    }
+
+    /// While `on`, closes new connections at once (as a peer that cannot reach the
+    /// server would); connections already carried are left as they are.
+    pub fn refuse_new(&self, on: bool) {
+        self.refusing.store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Freezes every connection accepted so far.

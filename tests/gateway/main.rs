@@ -28,6 +28,7 @@ mod limits;
 mod nginx;
 mod on_redis;
 mod operations;
+mod outage;
 mod python;
 mod wire;
 
