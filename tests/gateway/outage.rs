@@ -567,11 +567,20 @@ async fn plain_sockets_get_the_newest_stored_message_after_a_redis_kill() {
     let gw = Gateway::start_with_file(FACILITIES, &[("redis__url", &via_proxy)]);
     gw.wait_health(200).await;
     let url = gw.ws_url("/ws/chat?subscribe-broadcast");
+    // A stored message first: a socket that has it has finished its setup (a message
+    // published before that could arrive twice, live and as the stored one).
+    let _: () =
+        redis::AsyncCommands::set_ex(&mut redis.conn().await, "broadcast:chat", "init", 3600)
+            .await
+            .unwrap();
     let mut plain = Vec::new();
     for _ in 0..5 {
-        plain.push(Client::connect(&url).await);
+        let mut c = Client::connect(&url).await;
+        assert_eq!(c.recv_text().await, "init");
+        plain.push(c);
     }
     let (mut wrapped, _) = Client::try_connect(&url, &[ENVELOPE]).await.unwrap();
+    assert_eq!(envelope(&mut wrapped).await["data"], "init");
     redis.publish("broadcast:chat", b"before", 3600).await;
     for c in &mut plain {
         assert_eq!(c.recv_text().await, "before");
