@@ -96,10 +96,9 @@ impl Publication {
 /// A message's length and a 64-bit hash of it: enough to tell two messages apart
 /// without keeping either.
 pub fn fingerprint(payload: &[u8]) -> (usize, u64) {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    payload.hash(&mut hasher);
-    (payload.len(), hasher.finish())
+    // XXH3: several times faster than the standard SipHash on payloads, and taken once
+    // per publication (and per socket that published, for its echo).
+    (payload.len(), xxhash_rust::xxh3::xxh3_64(payload))
 }
 
 /// What the registry keeps per live key.
