@@ -45,11 +45,14 @@
  *                    "history too short", "history expired", "history lost", "unknown id";
  *                    or "resume failed" when the helper gave up offering its ids after 8
  *                    attempts in a row that never opened, as a gateway refuses a key the
- *                    socket no longer listens to, e.g. `user` after a logout). The key's
+ *                    socket no longer listens to). The key's
  *                    stored message, if any, follows through receive_message.
  *   on_gap(key, reason)     optional: messages of `key`, a key without history, may have
  *                    been missed (reason "the link to redis was lost"); its stored message
  *                    follows.
+ *   on_subscribed(keys)     optional: the socket's subscriptions are live (after each
+ *                    connect, before its stored or replayed messages): from here on
+ *                    nothing published on `keys` is missed.
  *   A gateway that does not choose the envelope is spoken to as without `resume`.
  *
  * The returned object (with or without `new`):
@@ -359,6 +362,9 @@ var WS4Redis = (function () {
                 return;
             case 'gap':
                 call(options.on_gap, m.key, m.reason);
+                return;
+            case 'subscribed':
+                call(options.on_subscribed, m.keys);
                 return;
             default:
                 // A control message of a later version: nothing for this helper.

@@ -455,13 +455,15 @@ impl Conn {
                 floors.push((outbox::key_index(i), id));
             }
         }
+        // Setup gave up (Redis did not confirm in time): no `subscribed` then.
+        let confirmed = caught.len() == self.params.subscribe.len();
         let mut frames = CatchUpFrames::new(&relay, self.params.envelope, false);
-        frames.add(&caught);
+        frames.add(&caught, confirmed);
         if frames.fitting() < frames.len() && frames.replayed > 0 {
             // A replay that does not fit under queue_bytes is not cut short silently:
             // each resumed key gets a reset and its newest message instead.
             frames = CatchUpFrames::new(&relay, self.params.envelope, true);
-            frames.add(&caught);
+            frames.add(&caught, confirmed);
         }
         let metrics = &relay.metrics;
         let resume = &metrics.resume;
@@ -843,7 +845,14 @@ impl<'r> CatchUpFrames<'r> {
         outbox::fitting(&self.frames, self.relay.config.queue_bytes)
     }
 
-    fn add(&mut self, caught: &[(Arc<str>, CatchUp)]) {
+    /// The frames of every key's catch-up; first, when the subscriptions were
+    /// `confirmed`, the envelope's `subscribed` (it always fits: the first frame does).
+    fn add(&mut self, caught: &[(Arc<str>, CatchUp)], confirmed: bool) {
+        if confirmed && self.envelope {
+            let retention = self.relay.broker.retention();
+            let labels: Vec<String> = caught.iter().map(|(k, _)| retention.label(k)).collect();
+            self.control(envelope::subscribed(&labels));
+        }
         for (key, caught) in caught {
             let label = match self.envelope {
                 true => self.relay.broker.retention().label(key),

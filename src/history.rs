@@ -283,6 +283,12 @@ pub mod envelope {
         serde_json::Value::Object(m).to_string()
     }
 
+    /// The socket's subscriptions are live: what follows is the catch-up of each key
+    /// (stored or replayed messages), then live messages, with nothing missed between.
+    pub fn subscribed(labels: &[String]) -> String {
+        json!({"type": "subscribed", "keys": labels}).to_string()
+    }
+
     /// `count` missed messages were replayed on `label`, ahead of live ones.
     pub fn resumed(label: &str, count: usize) -> String {
         json!({"type": "resumed", "key": label, "count": count}).to_string()

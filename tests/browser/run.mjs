@@ -953,6 +953,8 @@ const scenarios = [
         assert(notices.length === 0, `nothing was lost, yet the page was told: ${JSON.stringify(notices)}`);
         const resumed = seen.events.filter((e) => e.startsWith('resumed:broadcast:')).map((e) => Number(e.split(':')[2]));
         assert(resumed.some((n) => n >= 5), `the resume should have replayed the missed messages: ${JSON.stringify(seen.events)}`);
+        const subscribed = seen.events.filter((e) => e === 'subscribed:broadcast').length;
+        assert(subscribed >= 2, `every connect should say when it is live: ${JSON.stringify(seen.events)}`);
         assert(/^\d+-\d+$/.test(seen.ids.broadcast || ''), `get_last_ids(): ${JSON.stringify(seen.ids)}`);
         assert(seen.heartbeats > 0 && !seen.messages.includes(HEARTBEAT), 'heartbeats must reach the socket, not the page');
 

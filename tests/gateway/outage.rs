@@ -153,9 +153,14 @@ async fn socket(
         seen.lock().unwrap().ended = Some(format!("never connected: {last_error}"));
         return;
     };
-    up.fetch_add(1, Ordering::SeqCst);
     loop {
         match client.ws.next().await {
+            // Live from here on: its subscription is confirmed.
+            Some(Ok(Message::Text(t)))
+                if t.starts_with(r#"{"keys":["broadcast"],"type":"subscribed"}"#) =>
+            {
+                up.fetch_add(1, Ordering::SeqCst);
+            }
             Some(Ok(Message::Text(t))) => record(&seen, &t),
             Some(Ok(Message::Close(frame))) => {
                 seen.lock().unwrap().ended = Some(format!("closed by the gateway: {frame:?}"));
@@ -580,6 +585,7 @@ async fn plain_sockets_get_the_newest_stored_message_after_a_redis_kill() {
         plain.push(c);
     }
     let (mut wrapped, _) = Client::try_connect(&url, &[ENVELOPE]).await.unwrap();
+    assert_eq!(envelope(&mut wrapped).await["type"], "subscribed");
     assert_eq!(envelope(&mut wrapped).await["data"], "init");
     redis.publish("broadcast:chat", b"before", 3600).await;
     for c in &mut plain {
