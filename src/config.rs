@@ -467,8 +467,12 @@ impl Config {
             }
         }
         let policy = &self.policy;
-        if policy.max_subscriptions == 0 {
-            return bad("policy.max_subscriptions", "must be at least 1");
+        // A socket's queue tells its keys apart by a 16-bit index (crate::outbox).
+        if !(1..=crate::outbox::MAX_KEYED).contains(&policy.max_subscriptions) {
+            return bad(
+                "policy.max_subscriptions",
+                &format!("must be between 1 and {}", crate::outbox::MAX_KEYED),
+            );
         }
         for rule in &policy.rules {
             if rule.facility.is_empty() {

@@ -45,7 +45,7 @@ use log::{debug, info};
 use crate::broker::BrokerError;
 use crate::channel::AudienceKinds;
 use crate::facility::SlowConsumer;
-use crate::history::{envelope, CatchUp, StreamId};
+use crate::history::{self, envelope, CatchUp, StreamId};
 use crate::outbox;
 use crate::policy::{IpSlot, SocketPermit};
 use crate::socket::{signal, Socket, NEVER};
@@ -450,7 +450,13 @@ impl Conn {
                 } => Some(&payload[..]),
                 _ => None,
             };
-            relay.registry.seen(key, caught.newest(), stored);
+            // A history key whose stream does not exist yet starts from its beginning.
+            let newest = relay
+                .broker
+                .retention()
+                .of(key)
+                .map(|_| caught.newest().unwrap_or(StreamId::ZERO));
+            relay.registry.seen(key, newest, stored);
             if let Some(id) = caught.last_id() {
                 floors.push((outbox::key_index(i), id));
             }
@@ -465,6 +471,7 @@ impl Conn {
             frames = CatchUpFrames::new(&relay, self.params.envelope, true);
             frames.add(&caught, confirmed);
         }
+        let trimmed = frames.trim_to_fit();
         let metrics = &relay.metrics;
         let resume = &metrics.resume;
         resume
@@ -479,9 +486,10 @@ impl Conn {
         metrics
             .bytes_out
             .inc_by(frames.sizes[..sent].iter().sum::<usize>() as u64);
-        let skipped = self
-            .socket
-            .release(frames.frames, floors, config.queue_bytes, now);
+        let skipped = trimmed
+            + self
+                .socket
+                .release(frames.frames, floors, config.queue_bytes, now);
         if skipped > 0 {
             debug!(
                 "conn {}: {skipped} stored messages skipped: over queue_bytes together",
@@ -806,7 +814,8 @@ fn setup(worker: &Worker, params: &SocketParams) -> Setup {
         if !relay.registry.barrier().await {
             return None;
         }
-        relay.broker.catch_up(&keys, &resume).await.ok()
+        let budget = relay.config.queue_bytes;
+        relay.broker.catch_up(&keys, &resume, budget).await.ok()
     })
 }
 
@@ -819,6 +828,8 @@ struct CatchUpFrames<'r> {
     frames: Vec<Bytes>,
     /// Each frame's payload bytes (0 for control messages), for the metrics.
     sizes: Vec<usize>,
+    /// Whether each frame is a control message of the envelope.
+    controls: Vec<bool>,
     replayed: usize,
     resets: usize,
 }
@@ -831,6 +842,7 @@ impl<'r> CatchUpFrames<'r> {
             no_replay,
             frames: Vec::new(),
             sizes: Vec::new(),
+            controls: Vec::new(),
             replayed: 0,
             resets: 0,
         }
@@ -843,6 +855,23 @@ impl<'r> CatchUpFrames<'r> {
     /// How many frames, in order, fit under `queue_bytes` on their own.
     fn fitting(&self) -> usize {
         outbox::fitting(&self.frames, self.relay.config.queue_bytes)
+    }
+
+    /// Drops messages, last first, until every frame fits: the control messages (what
+    /// tells the client that something is missing) always go out. Returns how many
+    /// messages were dropped.
+    fn trim_to_fit(&mut self) -> usize {
+        let mut dropped = 0;
+        while self.fitting() < self.frames.len() {
+            let Some(i) = self.controls.iter().rposition(|&control| !control) else {
+                break;
+            };
+            self.frames.remove(i);
+            self.sizes.remove(i);
+            self.controls.remove(i);
+            dropped += 1;
+        }
+        dropped
     }
 
     /// The frames of every key's catch-up; first, when the subscriptions were
@@ -864,14 +893,14 @@ impl<'r> CatchUpFrames<'r> {
                         self.message(&label, payload, *id, true);
                     }
                 }
-                CatchUp::Resumed(entries) if self.no_replay && !entries.is_empty() => {
+                CatchUp::Resumed { entries, .. } if self.no_replay && !entries.is_empty() => {
                     self.resets += 1;
-                    self.control(envelope::reset(&label, "too much to replay (queue_bytes)"));
+                    self.control(envelope::reset(&label, history::TOO_MUCH));
                     // unwrap: not empty.
                     let (id, payload) = entries.last().unwrap();
                     self.message(&label, payload, Some(*id), true);
                 }
-                CatchUp::Resumed(entries) => {
+                CatchUp::Resumed { entries, .. } => {
                     for (id, payload) in entries {
                         self.message(&label, payload, Some(*id), false);
                     }
@@ -905,6 +934,7 @@ impl<'r> CatchUpFrames<'r> {
             false => frame::encode_message(payload),
         });
         self.sizes.push(payload.len());
+        self.controls.push(false);
     }
 
     /// A control message: envelope sockets only.
@@ -912,6 +942,7 @@ impl<'r> CatchUpFrames<'r> {
         if self.envelope {
             self.frames.push(encode(frame::OP_TEXT, text.as_bytes()));
             self.sizes.push(0);
+            self.controls.push(true);
         }
     }
 }

@@ -77,8 +77,12 @@ pub enum CatchUp {
         stored: Option<(Bytes, Option<StreamId>)>,
         newest: Option<StreamId>,
     },
-    /// Every entry after the id, oldest first (possibly none).
-    Resumed(Vec<(StreamId, Bytes)>),
+    /// Every entry after the id, oldest first (possibly none), and the stream's
+    /// newest id.
+    Resumed {
+        entries: Vec<(StreamId, Bytes)>,
+        newest: StreamId,
+    },
     /// The entries after the id are not all there; the stored message follows.
     Reset {
         reason: &'static str,
@@ -92,7 +96,7 @@ impl CatchUp {
     /// id up to it are duplicates for the socket that got it.
     pub fn last_id(&self) -> Option<StreamId> {
         match self {
-            CatchUp::Resumed(entries) => entries.last().map(|(id, _)| *id),
+            CatchUp::Resumed { entries, .. } => entries.last().map(|(id, _)| *id),
             CatchUp::Stored {
                 stored: Some((_, id)),
                 ..
@@ -109,18 +113,24 @@ impl CatchUp {
     pub fn newest(&self) -> Option<StreamId> {
         match self {
             CatchUp::Stored { newest, .. } | CatchUp::Reset { newest, .. } => *newest,
-            CatchUp::Resumed(_) => self.last_id(),
+            CatchUp::Resumed { newest, .. } => Some(*newest),
         }
     }
 }
 
+/// Why a replay that is complete is not sent: it is larger than a socket may have
+/// waiting (`queue_bytes`), or the stream holds more than `history` entries after the id.
+pub const TOO_MUCH: &str = "too much to replay (queue_bytes)";
+
 /// Decides what one key gives: `after` is the id to resume from, `stored` the key's
 /// stored last message, and `stream` what the history holds, if it exists: its
-/// description and the entries after `after` (without `after`: its newest entry).
+/// description and the entries after `after`, or, without `after`, when they are not
+/// all there, or when they are `too_much` to send, its newest entry.
 pub fn decide(
     after: Option<StreamId>,
     stored: Option<Bytes>,
     stream: Option<(Stream, Vec<(StreamId, Bytes)>)>,
+    too_much: bool,
 ) -> CatchUp {
     // The stored message has an id when it is the stream's newest entry.
     let with_id = |stored: Option<Bytes>, entries: &[(StreamId, Bytes)]| {
@@ -134,7 +144,7 @@ pub fn decide(
             let entries = stream.as_ref().map_or(&[][..], |(_, e)| &e[..]);
             CatchUp::Stored {
                 stored: with_id(stored, entries),
-                newest: entries.last().map(|(id, _)| *id),
+                newest: stream.as_ref().map(|(info, _)| info.last_generated),
             }
         }
         (Some(_), None) => CatchUp::Reset {
@@ -142,17 +152,19 @@ pub fn decide(
             stored: with_id(stored, &[]),
             newest: None,
         },
-        (Some(after), Some((info, entries))) => match info.gap_after(after) {
-            Some(reason) => CatchUp::Reset {
-                reason,
-                stored: with_id(stored, &entries),
-                newest: entries
-                    .last()
-                    .map(|(id, _)| *id)
-                    .or(Some(info.last_generated)),
-            },
-            None => CatchUp::Resumed(entries),
-        },
+        (Some(after), Some((info, entries))) => {
+            match info.gap_after(after).or(too_much.then_some(TOO_MUCH)) {
+                Some(reason) => CatchUp::Reset {
+                    reason,
+                    stored: with_id(stored, &entries),
+                    newest: Some(info.last_generated),
+                },
+                None => CatchUp::Resumed {
+                    entries,
+                    newest: info.last_generated,
+                },
+            }
+        }
     }
 }
 
@@ -171,7 +183,9 @@ impl Stream {
     /// Why the entries after `after` cannot all be read, if they cannot: an entry after
     /// it was trimmed, or `after` is not from this stream (it predates the stream's
     /// first entry while nothing was ever trimmed, so the stream was recreated, or it
-    /// is newer than anything the stream made).
+    /// is newer than anything the stream made). `0-0` means "from the start": complete
+    /// when nothing was ever trimmed. (The history script decides the same in Lua, so
+    /// that no entries are sent only to be thrown away.)
     pub fn gap_after(&self, after: StreamId) -> Option<&'static str> {
         if after < self.max_deleted {
             return Some("history too short");
@@ -180,7 +194,11 @@ impl Stream {
             return Some("unknown id");
         }
         match self.first {
-            Some(first) if self.max_deleted == StreamId::ZERO && after < first => {
+            Some(first)
+                if self.max_deleted == StreamId::ZERO
+                    && after != StreamId::ZERO
+                    && after < first =>
+            {
                 Some("history lost")
             }
             _ => None,
@@ -350,6 +368,8 @@ mod tests {
         };
         assert_eq!(recreated.gap_after(id("20-0")), Some("history lost"));
         assert_eq!(recreated.gap_after(id("30-0")), None);
+        assert_eq!(recreated.gap_after(StreamId::ZERO), None, "from the start");
+        assert_eq!(trimmed.gap_after(StreamId::ZERO), Some("history too short"));
     }
 
     #[test]

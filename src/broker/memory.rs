@@ -67,23 +67,33 @@ impl Ring {
         id
     }
 
-    /// The description and the entries after `after` (or the newest, without it).
-    fn read(&self, after: Option<StreamId>) -> (history::Stream, Vec<(StreamId, Bytes)>) {
+    /// What [`history::decide`] needs: the description, and the entries after `after`,
+    /// unless they are not all there or their payloads pass `budget` bytes (then the
+    /// newest entry, and whether it was the budget).
+    fn read(
+        &self,
+        after: Option<StreamId>,
+        budget: usize,
+    ) -> (history::Stream, Vec<(StreamId, Bytes)>, bool) {
         let info = history::Stream {
             max_deleted: self.max_deleted,
             first: self.entries.front().map(|(id, _)| *id),
             last_generated: self.last_generated,
         };
-        let entries = match after {
-            Some(after) => self
-                .entries
-                .iter()
-                .filter(|(id, _)| *id > after)
-                .cloned()
-                .collect(),
-            None => self.entries.back().cloned().into_iter().collect(),
+        let newest = || self.entries.back().cloned().into_iter().collect();
+        let Some(after) = after.filter(|&a| info.gap_after(a).is_none()) else {
+            return (info, newest(), false);
         };
-        (info, entries)
+        let entries: Vec<(StreamId, Bytes)> = self
+            .entries
+            .iter()
+            .filter(|(id, _)| *id > after)
+            .cloned()
+            .collect();
+        if entries.iter().map(|(_, p)| p.len()).sum::<usize>() > budget {
+            return (info, newest(), true);
+        }
+        (info, entries, false)
     }
 }
 
@@ -118,6 +128,9 @@ pub struct MemoryBroker {
     inlet: Arc<Inlet>,
     retention: Retention,
     store: Mutex<Store>,
+    /// Held from a publication's append to its hand-over, so that publications reach
+    /// the registry in the order of their ids (it drops an id older than the last).
+    order: tokio::sync::Mutex<()>,
 }
 
 impl MemoryBroker {
@@ -126,6 +139,7 @@ impl MemoryBroker {
             inlet,
             retention,
             store: Mutex::default(),
+            order: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -139,6 +153,7 @@ impl MemoryBroker {
         payload: &Bytes,
         expire: u64,
     ) -> Vec<Option<StreamId>> {
+        let _in_order = self.order.lock().await;
         let ids: Vec<Option<StreamId>> = {
             let mut store = self.lock();
             let now = Instant::now();
@@ -177,7 +192,12 @@ impl MemoryBroker {
         keys.iter().map(|k| store.value(k, now)).collect()
     }
 
-    pub fn catch_up(&self, keys: &[Arc<str>], after: &[Option<StreamId>]) -> Vec<CatchUp> {
+    pub fn catch_up(
+        &self,
+        keys: &[Arc<str>],
+        after: &[Option<StreamId>],
+        budget: usize,
+    ) -> Vec<CatchUp> {
         let now = Instant::now();
         let store = self.lock();
         keys.iter()
@@ -191,8 +211,12 @@ impl MemoryBroker {
                         newest: None,
                     };
                 }
-                let stream = store.ring(key, now).map(|ring| ring.read(after));
-                history::decide(after, stored, stream)
+                match store.ring(key, now).map(|ring| ring.read(after, budget)) {
+                    Some((info, entries, too_much)) => {
+                        history::decide(after, stored, Some((info, entries)), too_much)
+                    }
+                    None => history::decide(after, stored, None, false),
+                }
             })
             .collect()
     }
@@ -207,6 +231,56 @@ impl MemoryBroker {
 mod tests {
     use super::*;
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_publications_reach_the_registry_in_id_order() {
+        use crate::facility::{Facilities, FacilityRule};
+        let registry = Arc::new(crate::registry::Registry::new(None, Arc::default()));
+        let (worker, mut inbox) = registry.attach_worker();
+        let key: Arc<str> = Arc::from("broadcast:feed/x");
+        registry.add(&key, worker);
+        let rules = vec![FacilityRule {
+            pattern: "feed/*".into(),
+            history: 10,
+            history_ttl: 60,
+            slow_consumer: Default::default(),
+        }];
+        let retention = Retention::new(Arc::new(Facilities::new(rules)), Default::default());
+        let inlet = Arc::new(Inlet::new(registry.clone(), None, 1 << 20));
+        let broker = Arc::new(MemoryBroker::new(inlet, retention));
+        let (tasks, each) = (4, 500);
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            while got < tasks * each {
+                if inbox.recv().await.is_none() {
+                    break;
+                }
+                got += 1;
+            }
+            got
+        });
+        let publishers: Vec<_> = (0..tasks)
+            .map(|t| {
+                let (broker, key) = (broker.clone(), key.clone());
+                tokio::spawn(async move {
+                    for i in 0..each {
+                        let payload = Bytes::from(format!("{t}-{i}"));
+                        broker
+                            .publish(std::slice::from_ref(&key), &payload, 0)
+                            .await;
+                    }
+                })
+            })
+            .collect();
+        for p in publishers {
+            p.await.unwrap();
+        }
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+            .await
+            .expect("every publication relayed")
+            .unwrap();
+        assert_eq!(got, tasks * each, "none dropped as out of order");
+    }
+
     #[test]
     fn a_ring_keeps_its_bounds_and_remembers_what_it_trimmed() {
         let mut ring = Ring::new();
@@ -215,15 +289,20 @@ mod tests {
         let b = ring.append(Bytes::from_static(b"b"), bounds);
         let c = ring.append(Bytes::from_static(b"c"), bounds);
         assert!(a < b && b < c);
-        let (info, entries) = ring.read(Some(a));
+        let (info, entries, too_much) = ring.read(Some(a), usize::MAX);
         assert_eq!(info.max_deleted, a);
         assert_eq!(info.gap_after(a), None);
+        assert!(!too_much);
         assert_eq!(
             entries.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
             [b, c]
         );
-        let (info, newest) = ring.read(None);
-        assert_eq!(newest, [(c, Bytes::from_static(b"c"))]);
+        let newest = vec![(c, Bytes::from_static(b"c"))];
+        assert_eq!(ring.read(None, usize::MAX).1, newest);
+        // Not all there, or over the budget: only the newest entry.
+        let (info, entries, _) = ring.read(Some(StreamId::ZERO), usize::MAX);
         assert_eq!(info.gap_after(StreamId::ZERO), Some("history too short"));
+        assert_eq!(entries, newest);
+        assert_eq!(ring.read(Some(a), 1), (info, newest, true));
     }
 }

@@ -70,15 +70,17 @@ impl Broker {
     }
 
     /// What each key gives a starting socket: its stored message, or, with an id to
-    /// resume from (`after`, in the order of `keys`), what its history holds after it.
+    /// resume from (`after`, in the order of `keys`), what its history holds after it:
+    /// at most `budget` payload bytes per key, else a reset (see [`CatchUp`]).
     pub async fn catch_up(
         &self,
         keys: &[Arc<str>],
         after: &[Option<StreamId>],
+        budget: usize,
     ) -> Result<Vec<CatchUp>, BrokerError> {
         match self {
-            Broker::Redis(b) => b.catch_up(keys, after).await,
-            Broker::Memory(b) => Ok(b.catch_up(keys, after)),
+            Broker::Redis(b) => b.catch_up(keys, after, budget).await,
+            Broker::Memory(b) => Ok(b.catch_up(keys, after, budget)),
         }
     }
 

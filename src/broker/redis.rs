@@ -33,6 +33,8 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Channels per SUBSCRIBE/UNSUBSCRIBE command when many change at once.
 const CHUNK: usize = 1024;
+/// Keys read in one round trip by a recovery (each one a history script or a GET).
+const RECOVERY_CHUNK: usize = 256;
 
 /// Why a connect did not complete within [`OP_TIMEOUT`]. For a TLS URL (`rediss://`),
 /// a plain TCP connect tells a server that does not answer at all from one that does
@@ -158,12 +160,13 @@ impl RedisBroker {
         &self,
         keys: &[Arc<str>],
         after: &[Option<StreamId>],
+        budget: usize,
     ) -> Result<Vec<CatchUp>, BrokerError> {
         let mut conn = self.commands.clone();
-        match catch_up(&mut conn, &self.retention, keys, after).await {
+        match catch_up(&mut conn, &self.retention, keys, after, budget).await {
             // The first command after Redis came back fails on the old connection, and
             // the manager reconnects: a read is safe to repeat once.
-            Err(_) => catch_up(&mut conn, &self.retention, keys, after).await,
+            Err(_) => catch_up(&mut conn, &self.retention, keys, after, budget).await,
             done => done,
         }
     }
@@ -188,8 +191,13 @@ impl RedisBroker {
 
 /// Reads one key's stored message and history, in one step. KEYS: the stream, the
 /// key. ARGV: the id to read after (empty: only the newest entry), the most entries to
-/// return. Answers `{stored, 0}` when the stream does not exist, else `{stored, 1,
-/// max-deleted-entry-id, last-generated-id, first entry's id, entries}`.
+/// read (`history` + 1: more means the stream holds more than a replay may send), and
+/// the most payload bytes to send. Answers `{stored, 0}` when the stream does not
+/// exist, else `{stored, 1, max-deleted-entry-id, last-generated-id, first entry's id,
+/// entries, too_much}`: the entries after the id, or only the newest one when they
+/// are not all there ([`history::Stream::gap_after`], decided here the same way, so
+/// that nothing is sent only to be thrown away) or when they are too much (`too_much`
+/// is then 1).
 const READ_HISTORY: &str = r"
 local stored = redis.call('GET', KEYS[2])
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -207,13 +215,29 @@ for i = 1, #info, 2 do
     first = value[1]
   end
 end
-local entries
-if ARGV[1] == '' then
-  entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-else
-  entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+local function before(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
 end
-return {stored, 1, deleted, generated, first, entries}
+local newest = function()
+  return redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+end
+local after = ARGV[1]
+if after == '' or before(after, deleted) or before(generated, after)
+    or (deleted == '0-0' and after ~= '0-0' and first ~= '' and before(after, first)) then
+  return {stored, 1, deleted, generated, first, newest(), 0}
+end
+local entries = redis.call('XRANGE', KEYS[1], '(' .. after, '+', 'COUNT', ARGV[2])
+local bytes = 0
+for _, e in ipairs(entries) do
+  bytes = bytes + string.len(e[2][2])
+end
+if #entries >= tonumber(ARGV[2]) or bytes > tonumber(ARGV[3]) then
+  return {stored, 1, deleted, generated, first, newest(), 1}
+end
+return {stored, 1, deleted, generated, first, entries, 0}
 ";
 
 /// What each key gives (see [`crate::broker::Broker::catch_up`]), in one round trip:
@@ -223,6 +247,7 @@ pub async fn catch_up(
     retention: &Retention,
     keys: &[Arc<str>],
     after: &[Option<StreamId>],
+    budget: usize,
 ) -> Result<Vec<CatchUp>, BrokerError> {
     if keys.is_empty() {
         return Ok(Vec::new());
@@ -239,7 +264,8 @@ pub async fn catch_up(
                     .arg(retention.keys().history(key))
                     .arg(&**key)
                     .arg(from)
-                    .arg(bounds.len);
+                    .arg(bounds.len + 1)
+                    .arg(budget);
             }
             None => {
                 pipe.get(&**key);
@@ -293,8 +319,8 @@ fn history_reply(reply: redis::Value, after: Option<StreamId>) -> Result<CatchUp
         ));
     }
     let stored = bytes(std::mem::take(&mut parts[0]));
-    if parts.len() < 6 {
-        return Ok(history::decide(after, stored, None));
+    if parts.len() < 7 {
+        return Ok(history::decide(after, stored, None, false));
     }
     let info = history::Stream {
         max_deleted: id(&parts[2]).unwrap_or_default(),
@@ -323,8 +349,13 @@ fn history_reply(reply: redis::Value, after: Option<StreamId>) -> Result<CatchUp
             .unwrap_or_default();
         entries.push((entry_id, payload));
     }
-    // XREVRANGE gives the newest first; a read without `after` has one entry only.
-    Ok(history::decide(after, stored, Some((info, entries))))
+    let too_much = matches!(parts[6], redis::Value::Int(1));
+    Ok(history::decide(
+        after,
+        stored,
+        Some((info, entries)),
+        too_much,
+    ))
 }
 
 /// A multiplexed command connection that connects on first use (so nothing fails while
@@ -449,7 +480,7 @@ impl Subscriber {
         info!("redis: pub/sub connected, {} keys subscribed", keys.len());
         self.pending_id = None;
         if std::mem::replace(&mut self.was_up, true) {
-            self.recover().await;
+            self.recover().await.map_err(Failure::Lost)?;
         }
         self.link.set(Ok(()));
         self.registry.metrics.redis_connected.set(1);
@@ -535,59 +566,36 @@ impl Subscriber {
     /// `reset` and its stored message when they are not all there); a key without
     /// history gets its stored message when it is not the last one relayed, and its
     /// envelope sockets a `gap`. Live publications that the read already brought are
-    /// dropped as duplicates by the registry. A failed read leaves the keys as they are
-    /// (the link is then likely failing again, and the next connect retries).
-    async fn recover(&mut self) {
+    /// dropped as duplicates by the registry. A read that fails is an error: the link
+    /// is replaced and the recovery tried again, rather than skipped.
+    async fn recover(&mut self) -> Result<(), String> {
         let cursors = self.registry.cursors();
         if cursors.is_empty() {
-            return;
+            return Ok(());
         }
-        let keys: Vec<Arc<str>> = cursors.iter().map(|(k, _)| k.clone()).collect();
-        let after: Vec<Option<StreamId>> = cursors
-            .iter()
-            .map(|(k, c)| self.retention.of(k).map(|_| c.unwrap_or(StreamId::ZERO)))
-            .collect();
         // On a connection of its own, just made: the command connection may still be
         // the one that failed with the link, waiting to time out.
-        let read = match timeout(OP_TIMEOUT, self.client.get_multiplexed_async_connection()).await {
-            Ok(Ok(mut conn)) => catch_up(&mut conn, &self.retention, &keys, &after).await,
-            Ok(Err(e)) => Err(unavailable(e)),
-            Err(_) => Err(BrokerError::Unavailable("connect timed out".into())),
-        };
-        let caught_up = match read {
-            Ok(c) => c,
-            Err(e) => {
-                warn!("redis: recovery read failed ({e}); missed messages are not replayed");
-                return;
-            }
-        };
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(OP_TIMEOUT))
+            .set_response_timeout(Some(OP_TIMEOUT));
+        let mut conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| format!("recovery read: {e}"))?;
         let metrics = self.registry.metrics.clone();
         let mut replayed = 0u64;
-        for (key, caught) in keys.iter().zip(caught_up) {
-            let label = self.retention.label(key);
-            match caught {
-                CatchUp::Resumed(entries) => {
-                    replayed += entries.len() as u64;
-                    for (id, payload) in entries {
-                        self.inlet.deliver(key, &payload, Some(id)).await;
-                    }
-                }
-                CatchUp::Reset { reason, stored, .. } => {
-                    metrics.recovery.with_label_values(&["reset"]).inc();
-                    let text = envelope::reset(&label, reason);
-                    self.registry.dispatch_control(key, &text).await;
-                    if let Some((payload, id)) = stored {
-                        self.inlet.deliver(key, &payload, id).await;
-                    }
-                }
-                CatchUp::Stored { stored, .. } => {
-                    metrics.recovery.with_label_values(&["gap"]).inc();
-                    let text = envelope::gap(&label, "the link to redis was lost");
-                    self.registry.dispatch_control(key, &text).await;
-                    if let Some((payload, _)) = stored {
-                        self.registry.dispatch_recovered(key, &payload).await;
-                    }
-                }
+        for chunk in cursors.chunks(RECOVERY_CHUNK) {
+            let keys: Vec<Arc<str>> = chunk.iter().map(|(k, _)| k.clone()).collect();
+            let after: Vec<Option<StreamId>> = chunk
+                .iter()
+                .map(|(k, c)| self.retention.of(k).and(*c))
+                .collect();
+            let caught_up = catch_up(&mut conn, &self.retention, &keys, &after, usize::MAX)
+                .await
+                .map_err(|e| format!("recovery read: {e}"))?;
+            for (key, caught) in keys.iter().zip(caught_up) {
+                replayed += self.recover_key(key, caught).await;
             }
         }
         metrics
@@ -596,8 +604,68 @@ impl Subscriber {
             .inc_by(replayed);
         info!(
             "redis: recovered {} keys after reconnecting, {replayed} missed messages replayed",
-            keys.len()
+            cursors.len()
         );
+        Ok(())
+    }
+
+    /// Relays what one key missed (see [`Subscriber::recover`]); returns how many
+    /// entries were replayed.
+    async fn recover_key(&self, key: &Arc<str>, caught: CatchUp) -> u64 {
+        let metrics = &self.registry.metrics;
+        let label = self.retention.label(key);
+        let history = self.retention.of(key).is_some();
+        match caught {
+            CatchUp::Resumed { entries, .. } => {
+                let replayed = entries.len() as u64;
+                for (id, payload) in entries {
+                    self.inlet.deliver(key, &payload, Some(id)).await;
+                }
+                replayed
+            }
+            // A history key whose position is not known (no socket finished its setup,
+            // nothing was relayed) reads as a key without one: its stored message.
+            CatchUp::Reset { reason, stored, .. } => {
+                self.reset(key, &label, reason, stored).await;
+                0
+            }
+            CatchUp::Stored { stored, .. } if history => {
+                self.reset(key, &label, "position unknown", stored).await;
+                0
+            }
+            CatchUp::Stored { stored, .. } => {
+                metrics.recovery.with_label_values(&["gap"]).inc();
+                let text = envelope::gap(&label, "the link to redis was lost");
+                self.registry.dispatch_control(key, &text).await;
+                if let Some((payload, _)) = stored {
+                    self.registry.dispatch_recovered(key, &payload).await;
+                }
+                0
+            }
+        }
+    }
+
+    /// What a history key missed cannot be replayed: `reset`, then its stored message
+    /// if it is the stream's newest entry (an older stored message, from a publication
+    /// not kept, would arrive as if new).
+    async fn reset(
+        &self,
+        key: &Arc<str>,
+        label: &str,
+        reason: &str,
+        stored: Option<(Bytes, Option<StreamId>)>,
+    ) {
+        self.registry
+            .metrics
+            .recovery
+            .with_label_values(&["reset"])
+            .inc();
+        self.registry
+            .dispatch_control(key, &envelope::reset(label, reason))
+            .await;
+        if let Some((payload, Some(id))) = stored {
+            self.inlet.deliver(key, &payload, Some(id)).await;
+        }
     }
 
     /// Applies `first` and every change already queued behind it, as one SUBSCRIBE and

@@ -150,6 +150,10 @@ async fn resume_within_and_beyond_history(backend: Backend) {
     );
     let m = envelope(&mut stale).await;
     assert_eq!((&m["data"], &m["stored"]), (&json!("m11"), &json!(true)));
+    // An id newer than anything the stream made: a reset, not a failed read.
+    let path = "/ws/feed/r?subscribe-broadcast&last-id=broadcast:18446744073709551615-18446744073709551615";
+    let mut future = envelope_client(&gw, path).await;
+    assert_eq!(envelope(&mut future).await["reason"], "unknown id");
     let metrics = crate::harness::http(gw.addr, "GET", "/metrics", &[], "").await;
     assert!(metric(&metrics.body, "wsrelay_resume_total{outcome=\"reset\"}") >= 1.0);
     assert!(metric(&metrics.body, "wsrelay_resume_total{outcome=\"replayed\"}") >= 2.0);
@@ -185,7 +189,30 @@ async fn bad_resume_points_are_refused(backend: Backend) {
     assert_eq!(envelope(&mut c).await["data"], "still here");
 }
 
+/// A replay larger than `queue_bytes` is not sent (nor read whole): a reset, and the
+/// newest message.
+async fn too_much_to_replay_is_a_reset(backend: Backend) {
+    let (gw, _redis) = gateway(backend, &[("queue_bytes", "65536")]).await;
+    let big = "x".repeat(20_000);
+    let first = publish(&gw, "feed/big", &format!("0{big}")).await.unwrap();
+    for i in 1..=4 {
+        publish(&gw, "feed/big", &format!("{i}{big}"))
+            .await
+            .unwrap();
+    }
+    let path = format!("/ws/feed/big?subscribe-broadcast&last-id=broadcast:{first}");
+    let mut c = envelope_client(&gw, &path).await;
+    assert_eq!(
+        envelope(&mut c).await,
+        json!({"type": "reset", "key": "broadcast", "reason": "too much to replay (queue_bytes)"})
+    );
+    let m = envelope(&mut c).await;
+    assert_eq!(m["data"], format!("4{big}"));
+    assert_eq!(m["stored"], true);
+}
+
 on_both_brokers!(
+    too_much_to_replay_is_a_reset,
     ids_and_envelope,
     resume_within_and_beyond_history,
     bad_resume_points_are_refused
@@ -287,6 +314,42 @@ async fn a_frozen_link_loses_nothing_on_history_keys() {
         ),
         4.0
     );
+}
+
+/// The same on a key whose history did not exist when its sockets started: they still
+/// get every message published while the link was frozen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_link_loses_nothing_on_a_new_history_key() {
+    let redis = RedisServer::start().await;
+    let proxy = FreezingProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let via_proxy = format!("redis://127.0.0.1:{}/0", proxy.port);
+    let gw = Gateway::start_with_file(
+        FACILITIES,
+        &[("redis__url", &via_proxy), ("redis__probe_interval", "0.3")],
+    );
+    gw.wait_health(200).await;
+    let publisher = app_publisher(&redis).await;
+    let feed = || {
+        wsrelay::publisher::Recipients::new("feed/new")
+            .unwrap()
+            .broadcast()
+    };
+    let mut wrapped = envelope_client(&gw, "/ws/feed/new?subscribe-broadcast").await;
+    proxy.freeze();
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        let text = format!("during {i}");
+        publisher
+            .publish_message(&feed(), &text, Some(0))
+            .await
+            .unwrap();
+        sent.push(text);
+    }
+    gw.wait_health(503).await;
+    gw.wait_health(200).await;
+    for text in &sent {
+        assert_eq!(envelope(&mut wrapped).await["data"], json!(text));
+    }
 }
 
 /// Redis killed (SIGKILL) and restarted with its append-only file: what was published
