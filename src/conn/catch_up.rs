@@ -1,0 +1,182 @@
+//! What a socket gets when it starts: its subscriptions confirmed, then, per key, the
+//! stored message or what it missed since the id it resumes from (the broker's
+//! [`CatchUp`]), turned into frames that go out ahead of anything live.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::Setup;
+use crate::history::{self, envelope, CatchUp, StreamId};
+use crate::outbox;
+use crate::worker::{Relay, Worker};
+use crate::ws::frame::{self, encode};
+
+/// Registers the subscriptions' confirmation and then reads what each key gives a
+/// starting socket: its stored message, or what it missed since `last-id`.
+pub(super) fn setup(worker: &Worker, params: &super::SocketParams) -> Setup {
+    let relay = worker.relay.clone();
+    let keys = params.subscribe.clone();
+    let resume = params.resume.clone();
+    Box::pin(async move {
+        if keys.is_empty() {
+            return Some(Vec::new());
+        }
+        if !relay.registry.barrier().await {
+            return None;
+        }
+        let budget = relay.config.queue_bytes;
+        relay.broker.catch_up(&keys, &resume, budget).await.ok()
+    })
+}
+
+/// The frames a socket gets when its setup ends, key after key, and what they cost.
+pub(super) struct CatchUpFrames<'r> {
+    relay: &'r Relay,
+    envelope: bool,
+    /// Each resumed key gets a reset and its newest message instead of its replay.
+    no_replay: bool,
+    pub(super) frames: Vec<Bytes>,
+    /// Each frame's payload bytes (0 for control messages), for the metrics.
+    pub(super) sizes: Vec<usize>,
+    /// Whether each frame is a control message of the envelope.
+    controls: Vec<bool>,
+    pub(super) replayed: usize,
+    pub(super) resets: usize,
+    /// Messages dropped so that the rest fits under `queue_bytes`.
+    pub(super) trimmed: usize,
+}
+
+impl<'r> CatchUpFrames<'r> {
+    fn new(relay: &'r Relay, envelope: bool, no_replay: bool) -> Self {
+        CatchUpFrames {
+            relay,
+            envelope,
+            no_replay,
+            frames: Vec::new(),
+            sizes: Vec::new(),
+            controls: Vec::new(),
+            replayed: 0,
+            resets: 0,
+            trimmed: 0,
+        }
+    }
+
+    /// Everything a starting socket gets, under `queue_bytes`: a replay that does not
+    /// fit is not cut short silently (each resumed key gets a reset and its newest
+    /// message instead), and what still does not fit loses messages, never the control
+    /// messages that say what is missing.
+    pub(super) fn build(
+        relay: &'r Relay,
+        envelope: bool,
+        caught: &[(Arc<str>, CatchUp)],
+        confirmed: bool,
+    ) -> Self {
+        let mut frames = CatchUpFrames::new(relay, envelope, false);
+        frames.add(caught, confirmed);
+        if frames.fitting() < frames.len() && frames.replayed > 0 {
+            frames = CatchUpFrames::new(relay, envelope, true);
+            frames.add(caught, confirmed);
+        }
+        frames.trimmed = frames.trim_to_fit();
+        frames
+    }
+
+    fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// How many frames, in order, fit under `queue_bytes` on their own.
+    fn fitting(&self) -> usize {
+        outbox::fitting(&self.frames, self.relay.config.queue_bytes)
+    }
+
+    /// Drops messages, last first, until every frame fits: the control messages (what
+    /// tells the client that something is missing) always go out. Returns how many
+    /// messages were dropped.
+    fn trim_to_fit(&mut self) -> usize {
+        let mut dropped = 0;
+        while self.fitting() < self.frames.len() {
+            let Some(i) = self.controls.iter().rposition(|&control| !control) else {
+                break;
+            };
+            self.frames.remove(i);
+            self.sizes.remove(i);
+            self.controls.remove(i);
+            dropped += 1;
+        }
+        dropped
+    }
+
+    /// The frames of every key's catch-up; first, when the subscriptions were
+    /// `confirmed`, the envelope's `subscribed` (it always fits: the first frame does).
+    fn add(&mut self, caught: &[(Arc<str>, CatchUp)], confirmed: bool) {
+        if confirmed && self.envelope {
+            let retention = self.relay.broker.retention();
+            let labels: Vec<String> = caught.iter().map(|(k, _)| retention.label(k)).collect();
+            self.control(envelope::subscribed(&labels));
+        }
+        for (key, caught) in caught {
+            let label = match self.envelope {
+                true => self.relay.broker.retention().label(key),
+                false => String::new(),
+            };
+            match caught {
+                CatchUp::Stored { stored, .. } => {
+                    if let Some((payload, id)) = stored {
+                        self.message(&label, payload, *id, true);
+                    }
+                }
+                CatchUp::Resumed { entries, .. } if self.no_replay && !entries.is_empty() => {
+                    self.resets += 1;
+                    self.control(envelope::reset(&label, history::TOO_MUCH));
+                    // unwrap: not empty.
+                    let (id, payload) = entries.last().unwrap();
+                    self.message(&label, payload, Some(*id), true);
+                }
+                CatchUp::Resumed { entries, .. } => {
+                    for (id, payload) in entries {
+                        self.message(&label, payload, Some(*id), false);
+                    }
+                    self.replayed += entries.len();
+                    self.control(envelope::resumed(&label, entries.len()));
+                }
+                CatchUp::Reset { reason, stored, .. } => {
+                    self.resets += 1;
+                    self.control(envelope::reset(&label, reason));
+                    if let Some((payload, id)) = stored {
+                        self.message(&label, payload, *id, true);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A stored or replayed message; the heartbeat string and payloads over
+    /// `max_publication_size` are never relayed.
+    fn message(&mut self, label: &str, payload: &Bytes, id: Option<StreamId>, stored: bool) {
+        let config = &self.relay.config;
+        let heartbeat = config.heartbeat.as_ref().map(|h| &h.text[..]);
+        if Some(&payload[..]) == heartbeat || payload.len() > config.max_publication_size {
+            return;
+        }
+        self.frames.push(match self.envelope {
+            true => {
+                let text = envelope::message(label, id, payload, stored);
+                encode(frame::OP_TEXT, text.as_bytes())
+            }
+            false => frame::encode_message(payload),
+        });
+        self.sizes.push(payload.len());
+        self.controls.push(false);
+    }
+
+    /// A control message: envelope sockets only.
+    fn control(&mut self, text: String) {
+        if self.envelope {
+            self.frames.push(encode(frame::OP_TEXT, text.as_bytes()));
+            self.sizes.push(0);
+            self.controls.push(true);
+        }
+    }
+}
