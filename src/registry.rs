@@ -258,6 +258,16 @@ impl Registry {
         }
     }
 
+    /// `key`'s history was reset (recreated, trimmed past the last id relayed, or its
+    /// ids went back, as after a failover to a Redis whose clock is behind): ids are
+    /// compared from `newest` on, not with the ones relayed before.
+    pub fn restart_ids(&self, key: &str, newest: Option<StreamId>) {
+        if let Some(state) = self.shard(key).get_mut(key) {
+            state.last_id = None;
+            state.first_seen = newest;
+        }
+    }
+
     /// Relays `payload`, the stored message of `key` (a key without history) read
     /// after the link came back, unless it is the last publication relayed on the key:
     /// then nothing was missed. The same message arriving next on the link was
@@ -420,11 +430,19 @@ mod tests {
         assert_eq!(reg.dispatch_recovered("k", b"new").await, 1);
         assert_eq!(reg.dispatch("k", b"new", None, now).await, 0);
         assert_eq!(reg.dispatch("k", b"new", None, now).await, 1);
+        // A history reset (ids went back): ids count from the stream's newest on.
+        reg.restart_ids("k", id(1));
+        assert_eq!(reg.cursors(), [(key("k"), id(1))]);
+        assert_eq!(
+            reg.dispatch("k", b"after", id(1).map(|i| StreamId { seq: 1, ..i }), now)
+                .await,
+            1
+        );
         let mut got = Vec::new();
         while let Ok(p) = rx.try_recv() {
             got.push(p.payload().to_vec());
         }
-        assert_eq!(got, [&b"a"[..], b"plain", b"new", b"new"]);
+        assert_eq!(got, [&b"a"[..], b"plain", b"new", b"new", b"after"]);
     }
 
     #[test]

@@ -459,7 +459,12 @@ impl Subscriber {
             }
             // A history key whose position is not known (no socket finished its setup,
             // nothing was relayed) reads as a key without one: its stored message.
-            CatchUp::Reset { reason, stored, .. } => {
+            CatchUp::Reset {
+                reason,
+                stored,
+                newest,
+            } => {
+                self.registry.restart_ids(key, newest);
                 self.reset(key, &label, reason, stored).await;
                 0
             }
