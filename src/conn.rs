@@ -89,7 +89,8 @@ pub struct SocketParams {
     pub slow_consumer: SlowConsumer,
     /// The client speaks the envelope subprotocol ([`crate::history::SUBPROTOCOL`]).
     pub envelope: bool,
-    /// Per key of `subscribe`, the id the client resumes from (`last-id`).
+    /// Per key of `subscribe`, the id the client resumes from (`last-id`); empty when
+    /// it resumes nothing.
     pub resume: Vec<Option<StreamId>>,
     /// The audience kinds this socket listens to (metric labels).
     pub listening: AudienceKinds,

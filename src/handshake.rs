@@ -470,13 +470,15 @@ fn chosen_protocol(headers: &HeaderMap) -> Option<&str> {
     })
 }
 
-/// The ids to resume from, one per audience in `listening` (in its order), from the
+/// The ids to resume from, one per audience in `listening` (in its order; none at all
+/// without a `last-id` this socket can use), from the
 /// query's `last-id=<label>:<id>,…` (labels as the envelope names keys: `broadcast`,
 /// `user`, `session`, `group:<name>`). A label the socket does not listen to is
 /// skipped: the page may hold an id for a key its identity no longer gives (a user
 /// who logged out, a group left), and a browser cannot read why a handshake failed.
 fn resume_points(query: &str, listening: &[Audience]) -> Result<Vec<Option<StreamId>>, String> {
-    let mut points = vec![None; listening.len()];
+    // Empty (no allocation) for the sockets that resume nothing: most of them.
+    let mut points = Vec::new();
     let values = query
         .split('&')
         .filter_map(|p| p.split_once('='))
@@ -494,6 +496,9 @@ fn resume_points(query: &str, listening: &[Audience]) -> Result<Vec<Option<Strea
                 .iter()
                 .position(|a| history::label(a.kind(), a.group_name()) == label);
             if let Some(at) = at {
+                if points.is_empty() {
+                    points = vec![None; listening.len()];
+                }
                 points[at] = Some(id);
             }
         }
