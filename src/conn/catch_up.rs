@@ -25,8 +25,11 @@ pub(super) fn setup(worker: &Worker, params: &super::SocketParams) -> Setup {
         if !relay.registry.barrier().await {
             return None;
         }
+        // Boxed only now: the future waits on the barrier small (thousands of sockets
+        // may be waiting at once) and takes the read's space once it reads.
         let budget = relay.config.queue_bytes;
-        relay.broker.catch_up(&keys, &resume, budget).await.ok()
+        let read = Box::pin(relay.broker.catch_up(&keys, &resume, budget));
+        read.await.ok()
     })
 }
 
