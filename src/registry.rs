@@ -101,11 +101,29 @@ pub fn fingerprint(payload: &[u8]) -> (usize, u64) {
     (payload.len(), xxhash_rust::xxh3::xxh3_64(payload))
 }
 
-/// What the registry keeps per live key.
+/// What the registry keeps per live key: small, since an idle gateway may hold a key
+/// per socket; what relaying has to remember is allocated by the first publication.
 #[derive(Debug, Default)]
 struct KeyState {
     /// The workers (one bit each) with a socket on the key.
     workers: u64,
+    relayed: Option<Box<Relayed>>,
+}
+
+impl KeyState {
+    fn relayed(&mut self) -> &mut Relayed {
+        self.relayed.get_or_insert_with(Box::default)
+    }
+
+    /// A fingerprint of the last publication relayed, if any.
+    fn last(&self) -> Option<(usize, u64)> {
+        self.relayed.as_ref().and_then(|r| r.last)
+    }
+}
+
+/// What a key's relaying remembers, for duplicates and for recoveries.
+#[derive(Debug, Default)]
+struct Relayed {
     /// The id of the newest publication relayed; publications with an id up to it are
     /// duplicates (a recovery read and the live link can both bring one).
     last_id: Option<StreamId>,
@@ -234,11 +252,10 @@ impl Registry {
         for shard in self.shards.iter() {
             // unwrap: see `shard`.
             let shard = shard.lock().unwrap();
-            cursors.extend(
-                shard
-                    .iter()
-                    .map(|(k, s)| (k.clone(), s.last_id.or(s.first_seen))),
-            );
+            cursors.extend(shard.iter().map(|(k, s)| {
+                let cursor = s.relayed.as_ref().and_then(|r| r.last_id.or(r.first_seen));
+                (k.clone(), cursor)
+            }));
         }
         cursors
     }
@@ -248,12 +265,16 @@ impl Registry {
     /// they are where a recovery starts from: entries after `newest`, and a stored
     /// message other than `stored`.
     pub fn seen(&self, key: &str, newest: Option<StreamId>, stored: Option<&[u8]>) {
+        if newest.is_none() && stored.is_none() {
+            return;
+        }
         if let Some(state) = self.shard(key).get_mut(key) {
-            if state.last_id.is_none() && state.first_seen.is_none() {
-                state.first_seen = newest;
+            let relayed = state.relayed();
+            if relayed.last_id.is_none() && relayed.first_seen.is_none() {
+                relayed.first_seen = newest;
             }
-            if state.last.is_none() {
-                state.last = stored.map(fingerprint);
+            if relayed.last.is_none() {
+                relayed.last = stored.map(fingerprint);
             }
         }
     }
@@ -263,8 +284,9 @@ impl Registry {
     /// compared from `newest` on, not with the ones relayed before.
     pub fn restart_ids(&self, key: &str, newest: Option<StreamId>) {
         if let Some(state) = self.shard(key).get_mut(key) {
-            state.last_id = None;
-            state.first_seen = newest;
+            let relayed = state.relayed();
+            relayed.last_id = None;
+            relayed.first_seen = newest;
         }
     }
 
@@ -277,13 +299,13 @@ impl Registry {
         if self
             .shard(key)
             .get(key)
-            .is_none_or(|state| state.last == Some(print))
+            .is_none_or(|state| state.last() == Some(print))
         {
             return 0;
         }
         let reached = self.dispatch(key, payload, None, Instant::now()).await;
         if let Some(state) = self.shard(key).get_mut(key) {
-            state.recovered = true;
+            state.relayed().recovered = true;
         }
         reached
     }
@@ -305,18 +327,19 @@ impl Registry {
             let Some(state) = shard.get_mut(key) else {
                 return 0;
             };
+            let workers = state.workers;
+            let relayed = state.relayed();
             if let Some(id) = id {
-                if state.last_id.is_some_and(|last| id <= last) {
+                if relayed.last_id.is_some_and(|last| id <= last) {
                     return 0;
                 }
-                state.last_id = Some(id);
+                relayed.last_id = Some(id);
             }
             let print = fingerprint(payload);
-            if std::mem::take(&mut state.recovered) && state.last == Some(print) {
+            if std::mem::take(&mut relayed.recovered) && relayed.last == Some(print) {
                 return 0;
             }
-            state.last = Some(print);
-            let workers = state.workers;
+            relayed.last = Some(print);
             // unwrap: the key was just found.
             (shard.get_key_value(key).unwrap().0.clone(), workers)
         };
