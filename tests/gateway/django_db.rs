@@ -100,8 +100,12 @@ impl Reader {
             .await
             .unwrap();
         c.close().await;
+        // Only the facility at the end: a random session key may contain "dj12" too.
         list.into_iter()
-            .map(|k| k.replace(&facility, "F"))
+            .map(|k| match k.strip_suffix(&facility) {
+                Some(rest) => format!("{rest}F"),
+                None => k,
+            })
             .collect()
     }
 
