@@ -119,66 +119,36 @@ impl Recipients {
 /// publishes it. Returns the id.
 ///
 /// KEYS: the key, its stream. ARGV: payload, expire, history, history_ttl, id channel.
-const PUBLISH_WITH_HISTORY: &str = r"
-local id = redis.call('XADD', KEYS[2], '*', 'd', ARGV[1])
-local gone = {}
-local excess = math.min(redis.call('XLEN', KEYS[2]) - tonumber(ARGV[3]), 1000)
-if excess > 0 then
-  for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', excess)) do
-    gone[#gone + 1] = e[1]
-  end
-end
-local now = redis.call('TIME')
-local oldest = (tonumber(now[1]) - tonumber(ARGV[4])) * 1000
-if oldest > 0 then
-  local before = string.format('(%d-0', oldest)
-  for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', before, 'COUNT', 1000)) do
-    gone[#gone + 1] = e[1]
-  end
-end
-if #gone > 0 then
-  redis.call('XDEL', KEYS[2], unpack(gone))
-end
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-if tonumber(ARGV[2]) > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-end
-redis.call('PUBLISH', ARGV[5], id)
-redis.call('PUBLISH', KEYS[1], ARGV[1])
-return id
-";
+/// The Python package runs the same file's text (its tests check that it is the same).
+const PUBLISH_WITH_HISTORY: &str = include_str!("publish_with_history.lua");
 
-/// One key of a publication and, on a facility with history, where it is appended.
-#[derive(Debug, Clone)]
-pub struct Target<'a> {
-    pub key: &'a str,
-    pub history: Option<history::Target>,
-}
-
-/// Publishes on every target as one MULTI/EXEC transaction, so a reader never sees a
-/// stored value older than a publication: on a key without history, `SETEX` (when
-/// `expire > 0`) and `PUBLISH`, as ws4redis does; on a key with history, the script
-/// above. The transaction's answer lists the ids of the history keys, in order.
-pub fn publish_pipeline<'a>(
-    targets: impl IntoIterator<Item = Target<'a>>,
+/// Publishes `payload` on every key as one MULTI/EXEC transaction, so a reader never
+/// sees a stored value older than a publication: on a key without history, `SETEX`
+/// (when `expire > 0`) and `PUBLISH`, as ws4redis does; on a key whose facility keeps
+/// history (`retention`), the script above. Returns each key's id (`None`: no history).
+pub async fn publish_keys(
+    conn: &mut ConnectionManager,
+    retention: &Retention,
+    keys: &[&str],
     payload: &[u8],
     expire: u64,
-) -> redis::Pipeline {
+) -> redis::RedisResult<Vec<Option<StreamId>>> {
+    let targets: Vec<Option<history::Target>> = keys.iter().map(|k| retention.target(k)).collect();
     let mut pipe = redis::pipe();
     pipe.atomic();
-    for target in targets {
-        match target.history {
+    for (key, target) in keys.iter().zip(&targets) {
+        match target {
             None => {
                 if expire > 0 {
-                    pipe.set_ex(target.key, payload, expire).ignore();
+                    pipe.set_ex(key, payload, expire).ignore();
                 }
-                pipe.publish(target.key, payload).ignore();
+                pipe.publish(key, payload).ignore();
             }
             Some(h) => {
                 pipe.cmd("EVAL")
                     .arg(PUBLISH_WITH_HISTORY)
                     .arg(2)
-                    .arg(target.key)
+                    .arg(key)
                     .arg(&h.stream)
                     .arg(payload)
                     .arg(expire)
@@ -188,23 +158,13 @@ pub fn publish_pipeline<'a>(
             }
         }
     }
-    pipe
-}
-
-/// Runs [`publish_pipeline`] and gives each target its id (`None`: no history).
-pub async fn publish_targets(
-    conn: &mut ConnectionManager,
-    targets: &[Target<'_>],
-    payload: &[u8],
-    expire: u64,
-) -> redis::RedisResult<Vec<Option<StreamId>>> {
-    let pipe = publish_pipeline(targets.iter().cloned(), payload, expire);
+    // The transaction's answer lists the ids of the history keys, in order.
     let ids: Vec<String> = pipe.query_async(conn).await?;
     let mut ids = ids.into_iter();
     Ok(targets
         .iter()
         .map(|t| {
-            t.history.as_ref()?;
+            t.as_ref()?;
             ids.next().and_then(|id| id.parse().ok())
         })
         .collect())
@@ -255,16 +215,11 @@ impl RedisPublisher {
         expire: Option<u64>,
     ) -> Result<Vec<Option<StreamId>>, PublishError> {
         let keys = to.keys(self.retention.keys());
-        let targets: Vec<Target> = keys
-            .iter()
-            .map(|key| Target {
-                key,
-                history: self.retention.target(key),
-            })
-            .collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let expire = expire.unwrap_or(self.expire);
         let mut conn = self.conn.clone();
-        Ok(publish_targets(&mut conn, &targets, message.as_ref(), expire).await?)
+        let ids = publish_keys(&mut conn, &self.retention, &keys, message.as_ref(), expire);
+        Ok(ids.await?)
     }
 
     /// The stored message of one audience of `facility`, if it has not expired.

@@ -257,3 +257,14 @@ def test_a_facility_with_history_gets_ids_and_resumes(
     plain = RedisPublisher(facility=facility(), broadcast=True)
     plain.publish_message("x", expire=0)
     assert plain.last_ids == [None]
+
+
+def test_the_history_script_is_the_gateways() -> None:
+    """The gateway and this package append to histories with one script: a change to
+    the gateway's must reach the package."""
+    from pathlib import Path
+
+    from wsrelay import publisher
+
+    gateways = Path(__file__).resolve().parents[2] / "src" / "publish_with_history.lua"
+    assert publisher._PUBLISH_WITH_HISTORY == gateways.read_text()

@@ -25,7 +25,7 @@ use self::history_read::catch_up;
 use super::{BrokerError, Inlet};
 use crate::channel::KeySpace;
 use crate::history::{envelope, CatchUp, Retention, StreamId};
-use crate::publisher::{publish_targets, Target};
+use crate::publisher::publish_keys;
 use crate::registry::{Change, Registry};
 
 mod history_read;
@@ -146,15 +146,9 @@ impl RedisBroker {
         payload: &Bytes,
         expire: u64,
     ) -> Result<Vec<Option<StreamId>>, BrokerError> {
-        let targets: Vec<Target> = keys
-            .iter()
-            .map(|key| Target {
-                key,
-                history: self.retention.target(key),
-            })
-            .collect();
+        let keys: Vec<&str> = keys.iter().map(|k| &**k).collect();
         let mut conn = self.commands.clone();
-        publish_targets(&mut conn, &targets, payload, expire)
+        publish_keys(&mut conn, &self.retention, &keys, payload, expire)
             .await
             .map_err(unavailable)
     }

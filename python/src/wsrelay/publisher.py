@@ -138,11 +138,12 @@ def _expand(kind: str, names: Names, request: HttpRequest | None, own: Any) -> l
 
 
 # Appends a publication to a key's history and publishes it, in one step, exactly as
-# the gateway does (its src/publisher.rs holds the same script): XADD, trim with XDEL
+# the gateway does (the same text as its src/publish_with_history.lua; a test of the
+# package checks it): XADD, trim with XDEL
 # (so that the stream remembers the newest id it lost), EXPIRE, SET when expire > 0,
 # the id announced on the key's id channel, then PUBLISH of the payload on the key.
 # KEYS: the key, its stream. ARGV: payload, expire, history, history_ttl, id channel.
-_PUBLISH_WITH_HISTORY = """
+_PUBLISH_WITH_HISTORY = """\
 local id = redis.call('XADD', KEYS[2], '*', 'd', ARGV[1])
 local gone = {}
 local excess = math.min(redis.call('XLEN', KEYS[2]) - tonumber(ARGV[3]), 1000)
