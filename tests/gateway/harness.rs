@@ -20,6 +20,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// The longest any single expected event may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
+/// The header that asks for the envelope subprotocol (message ids, control messages).
+pub const ENVELOPE: (&str, &str) = ("Sec-WebSocket-Protocol", "wsrelay.v1");
 /// The publish token every test gateway is started with.
 pub const TOKEN: &str = "test-token-0123456789";
 
@@ -98,6 +100,23 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         self.url.clone()
+    }
+
+    /// A server with an append-only file fsynced on every write, in `dir`: what it
+    /// acknowledged survives a SIGKILL and [`RedisServer::restart`].
+    pub async fn start_durable(dir: &TempDir) -> RedisServer {
+        let port = free_port();
+        let args = vec![
+            "--port".to_string(),
+            port.to_string(),
+            "--appendonly".into(),
+            "yes".into(),
+            "--appendfsync".into(),
+            "always".into(),
+            "--dir".into(),
+            dir.to_string_lossy().into_owned(),
+        ];
+        Self::start_with(port, args, format!("redis://127.0.0.1:{port}/0")).await
     }
 
     /// Starts the server (again) on the same port and waits until it answers PING.
@@ -653,6 +672,11 @@ impl Client {
             Message::Text(t) => t.to_string(),
             other => panic!("expected a text frame, got {other:?}"),
         }
+    }
+
+    /// The next message of the envelope (a socket opened with [`ENVELOPE`]).
+    pub async fn recv_envelope(&mut self) -> serde_json::Value {
+        serde_json::from_str(&self.recv_text().await).unwrap()
     }
 
     pub async fn send_text(&mut self, text: &str) {

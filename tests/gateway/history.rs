@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use crate::harness::{free_port, metric, Client, FreezingProxy, Gateway, RedisServer, TempDir};
+use crate::harness::{metric, Client, FreezingProxy, Gateway, RedisServer, TempDir, ENVELOPE};
 use crate::{on_both_brokers, Backend};
 
 const FACILITIES: &str = r#"
@@ -13,8 +13,6 @@ pattern = "feed/*"
 history = 5
 history_ttl = 600
 "#;
-
-const ENVELOPE: (&str, &str) = ("Sec-WebSocket-Protocol", "wsrelay.v1");
 
 /// A gateway with the history rules above, on `backend`.
 async fn gateway(backend: Backend, settings: &[(&str, &str)]) -> (Gateway, Option<RedisServer>) {
@@ -46,10 +44,6 @@ async fn publish(gw: &Gateway, facility: &str, message: &str) -> Option<String> 
     body["ids"][0].as_str().map(String::from)
 }
 
-async fn envelope(client: &mut Client) -> Value {
-    serde_json::from_str(&client.recv_text().await).unwrap()
-}
-
 /// An envelope socket, once its subscriptions are live (`subscribed`, its first message).
 async fn envelope_client(gw: &Gateway, path: &str) -> Client {
     let (mut client, headers) = Client::try_connect(&gw.ws_url(path), &[ENVELOPE])
@@ -60,7 +54,7 @@ async fn envelope_client(gw: &Gateway, path: &str) -> Client {
         "wsrelay.v1",
         "the envelope subprotocol is chosen"
     );
-    let first = envelope(&mut client).await;
+    let first = client.recv_envelope().await;
     assert_eq!(first["type"], "subscribed", "{first}");
     client
 }
@@ -74,7 +68,7 @@ async fn ids_and_envelope(backend: Backend) {
     .await
     .unwrap();
     assert_eq!(
-        envelope(&mut first).await,
+        first.recv_envelope().await,
         json!({"type": "subscribed", "keys": ["broadcast", "session"]})
     );
     let mut wrapped = envelope_client(&gw, "/ws/feed/a?subscribe-broadcast").await;
@@ -89,7 +83,7 @@ async fn ids_and_envelope(backend: Backend) {
             *text,
             "plain clients get raw payloads"
         );
-        let m = envelope(&mut wrapped).await;
+        let m = wrapped.recv_envelope().await;
         assert_eq!(
             m,
             json!({"type": "message", "key": "broadcast", "id": id, "data": text})
@@ -101,12 +95,12 @@ async fn ids_and_envelope(backend: Backend) {
     assert_eq!(publish(&gw, "chat", "x").await, None);
     // The socket is live (`subscribed` came): the publication arrives live, once.
     assert_eq!(
-        envelope(&mut other).await,
+        other.recv_envelope().await,
         json!({"type": "message", "key": "broadcast", "data": "x"})
     );
     // A late joiner's stored message carries its id and says it is stored.
     let mut late = envelope_client(&gw, "/ws/feed/a?subscribe-broadcast").await;
-    let m = envelope(&mut late).await;
+    let m = late.recv_envelope().await;
     assert_eq!(
         (&m["id"], &m["stored"], &m["data"]),
         (&json!(ids[2]), &json!(true), &json!("three"))
@@ -117,27 +111,27 @@ async fn resume_within_and_beyond_history(backend: Backend) {
     let (gw, _redis) = gateway(backend, &[]).await;
     let mut first = envelope_client(&gw, "/ws/feed/r?subscribe-broadcast").await;
     let one = publish(&gw, "feed/r", "m1").await.unwrap();
-    assert_eq!(envelope(&mut first).await["id"], json!(one));
+    assert_eq!(first.recv_envelope().await["id"], json!(one));
     first.close().await;
     // Missed while away: m2, m3.
     publish(&gw, "feed/r", "m2").await.unwrap();
     let three = publish(&gw, "feed/r", "m3").await.unwrap();
     let path = format!("/ws/feed/r?subscribe-broadcast&last-id=broadcast:{one}");
     let mut back = envelope_client(&gw, &path).await;
-    assert_eq!(envelope(&mut back).await["data"], "m2");
-    let m = envelope(&mut back).await;
+    assert_eq!(back.recv_envelope().await["data"], "m2");
+    let m = back.recv_envelope().await;
     assert_eq!((&m["data"], &m["id"]), (&json!("m3"), &json!(three)));
     assert_eq!(
-        envelope(&mut back).await,
+        back.recv_envelope().await,
         json!({"type": "resumed", "key": "broadcast", "count": 2})
     );
     let four = publish(&gw, "feed/r", "m4").await.unwrap();
-    let m = envelope(&mut back).await;
+    let m = back.recv_envelope().await;
     assert_eq!((&m["data"], &m["id"]), (&json!("m4"), &json!(four)));
     // Nothing missed: an empty resume.
     let path = format!("/ws/feed/r?subscribe-broadcast&last-id=broadcast:{four}");
     let mut current = envelope_client(&gw, &path).await;
-    assert_eq!(envelope(&mut current).await["count"], 0);
+    assert_eq!(current.recv_envelope().await["count"], 0);
     // Beyond the five kept: a reset, then the newest message.
     for i in 5..=11 {
         publish(&gw, "feed/r", &format!("m{i}")).await.unwrap();
@@ -145,15 +139,15 @@ async fn resume_within_and_beyond_history(backend: Backend) {
     let path = format!("/ws/feed/r?subscribe-broadcast&last-id=broadcast:{one}");
     let mut stale = envelope_client(&gw, &path).await;
     assert_eq!(
-        envelope(&mut stale).await,
+        stale.recv_envelope().await,
         json!({"type": "reset", "key": "broadcast", "reason": "history too short"})
     );
-    let m = envelope(&mut stale).await;
+    let m = stale.recv_envelope().await;
     assert_eq!((&m["data"], &m["stored"]), (&json!("m11"), &json!(true)));
     // An id newer than anything the stream made: a reset, not a failed read.
     let path = "/ws/feed/r?subscribe-broadcast&last-id=broadcast:18446744073709551615-18446744073709551615";
     let mut future = envelope_client(&gw, path).await;
-    assert_eq!(envelope(&mut future).await["reason"], "unknown id");
+    assert_eq!(future.recv_envelope().await["reason"], "unknown id");
     let metrics = crate::harness::http(gw.addr, "GET", "/metrics", &[], "").await;
     assert!(metric(&metrics.body, "wsrelay_resume_total{outcome=\"reset\"}") >= 1.0);
     assert!(metric(&metrics.body, "wsrelay_resume_total{outcome=\"replayed\"}") >= 2.0);
@@ -186,7 +180,7 @@ async fn bad_resume_points_are_refused(backend: Backend) {
     let path = "/ws/feed/a?subscribe-broadcast&last-id=user:1-0";
     let mut c = envelope_client(&gw, path).await;
     publish(&gw, "feed/a", "still here").await;
-    assert_eq!(envelope(&mut c).await["data"], "still here");
+    assert_eq!(c.recv_envelope().await["data"], "still here");
 }
 
 /// A replay larger than `queue_bytes` is not sent (nor read whole): a reset, and the
@@ -203,10 +197,10 @@ async fn too_much_to_replay_is_a_reset(backend: Backend) {
     let path = format!("/ws/feed/big?subscribe-broadcast&last-id=broadcast:{first}");
     let mut c = envelope_client(&gw, &path).await;
     assert_eq!(
-        envelope(&mut c).await,
+        c.recv_envelope().await,
         json!({"type": "reset", "key": "broadcast", "reason": "too much to replay (queue_bytes)"})
     );
-    let m = envelope(&mut c).await;
+    let m = c.recv_envelope().await;
     assert_eq!(m["data"], format!("4{big}"));
     assert_eq!(m["stored"], true);
 }
@@ -233,13 +227,9 @@ async fn app_publisher(redis: &RedisServer) -> wsrelay::publisher::RedisPublishe
         .with_facilities(rules)
 }
 
-/// The gateway's pub/sub link goes through a proxy that freezes it; meanwhile the
-/// application keeps publishing straight to Redis. Once the gateway notices (its probe)
-/// and reconnects, every socket gets what it missed, in order, once: history keys
-/// from their streams, keys without history their newest stored message; envelope
-/// sockets on keys without history are told of the gap.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_link_loses_nothing_on_history_keys() {
+/// A gateway with the history rules above whose pub/sub link goes through a proxy that
+/// can freeze it, probing the link every 0.3 s, with its Redis and the proxy.
+async fn behind_a_freezing_proxy() -> (RedisServer, FreezingProxy, Gateway) {
     let redis = RedisServer::start().await;
     let proxy = FreezingProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
     let via_proxy = format!("redis://127.0.0.1:{}/0", proxy.port);
@@ -248,6 +238,17 @@ async fn a_frozen_link_loses_nothing_on_history_keys() {
         &[("redis__url", &via_proxy), ("redis__probe_interval", "0.3")],
     );
     gw.wait_health(200).await;
+    (redis, proxy, gw)
+}
+
+/// The gateway's pub/sub link goes through a proxy that freezes it; meanwhile the
+/// application keeps publishing straight to Redis. Once the gateway notices (its probe)
+/// and reconnects, every socket gets what it missed, in order, once: history keys
+/// from their streams, keys without history their newest stored message; envelope
+/// sockets on keys without history are told of the gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_link_loses_nothing_on_history_keys() {
+    let (redis, proxy, gw) = behind_a_freezing_proxy().await;
     let publisher = app_publisher(&redis).await;
     let feed = || {
         wsrelay::publisher::Recipients::new("feed/x")
@@ -268,7 +269,7 @@ async fn a_frozen_link_loses_nothing_on_history_keys() {
         .await
         .unwrap();
     assert_eq!(plain.recv_text().await, "before");
-    assert_eq!(envelope(&mut wrapped).await["data"], "before");
+    assert_eq!(wrapped.recv_envelope().await["data"], "before");
 
     proxy.freeze();
     let mut sent = Vec::new();
@@ -295,17 +296,17 @@ async fn a_frozen_link_loses_nothing_on_history_keys() {
 
     for (text, id) in &sent {
         assert_eq!(plain.recv_text().await, *text);
-        let m = envelope(&mut wrapped).await;
+        let m = wrapped.recv_envelope().await;
         assert_eq!((&m["data"], &m["id"]), (&json!(text), &json!(id)));
     }
     assert_eq!(plain.recv_text().await, "after", "no duplicate, no gap");
-    assert_eq!(envelope(&mut wrapped).await["data"], "after");
+    assert_eq!(wrapped.recv_envelope().await["data"], "after");
     assert_eq!(chat_plain.recv_text().await, "chat during");
     assert_eq!(
-        envelope(&mut chat_wrapped).await,
+        chat_wrapped.recv_envelope().await,
         json!({"type": "gap", "key": "broadcast", "reason": "the link to redis was lost"})
     );
-    assert_eq!(envelope(&mut chat_wrapped).await["data"], "chat during");
+    assert_eq!(chat_wrapped.recv_envelope().await["data"], "chat during");
     let metrics = crate::harness::http(gw.addr, "GET", "/metrics", &[], "").await;
     assert_eq!(
         metric(
@@ -320,14 +321,7 @@ async fn a_frozen_link_loses_nothing_on_history_keys() {
 /// get every message published while the link was frozen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_link_loses_nothing_on_a_new_history_key() {
-    let redis = RedisServer::start().await;
-    let proxy = FreezingProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
-    let via_proxy = format!("redis://127.0.0.1:{}/0", proxy.port);
-    let gw = Gateway::start_with_file(
-        FACILITIES,
-        &[("redis__url", &via_proxy), ("redis__probe_interval", "0.3")],
-    );
-    gw.wait_health(200).await;
+    let (redis, proxy, gw) = behind_a_freezing_proxy().await;
     let publisher = app_publisher(&redis).await;
     let feed = || {
         wsrelay::publisher::Recipients::new("feed/new")
@@ -348,7 +342,7 @@ async fn a_frozen_link_loses_nothing_on_a_new_history_key() {
     gw.wait_health(503).await;
     gw.wait_health(200).await;
     for text in &sent {
-        assert_eq!(envelope(&mut wrapped).await["data"], json!(text));
+        assert_eq!(wrapped.recv_envelope().await["data"], json!(text));
     }
 }
 
@@ -359,19 +353,7 @@ async fn a_frozen_link_loses_nothing_on_a_new_history_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_loses_nothing_on_history_keys() {
     let dir = TempDir::new("aof");
-    let port = free_port();
-    let args = vec![
-        "--port".to_string(),
-        port.to_string(),
-        "--appendonly".into(),
-        "yes".into(),
-        "--appendfsync".into(),
-        "always".into(),
-        "--dir".into(),
-        dir.to_string_lossy().into_owned(),
-    ];
-    let mut redis =
-        RedisServer::start_with(port, args, format!("redis://127.0.0.1:{port}/0")).await;
+    let mut redis = RedisServer::start_durable(&dir).await;
     let gw = Gateway::start_with_file(
         FACILITIES,
         &[("redis__url", &redis.url()), ("redis__reconnect_max", "2")],
@@ -388,7 +370,7 @@ async fn a_redis_restart_loses_nothing_on_history_keys() {
         .publish_message(&feed(), "m0", None)
         .await
         .unwrap();
-    assert_eq!(envelope(&mut wrapped).await["data"], "m0");
+    assert_eq!(wrapped.recv_envelope().await["data"], "m0");
 
     redis.kill();
     gw.wait_health(503).await;
@@ -406,10 +388,10 @@ async fn a_redis_restart_loses_nothing_on_history_keys() {
     gw.wait_health(200).await;
     redis.publish("broadcast:feed/k", b"plain", 0).await;
     for (text, id) in ["m1", "m2"].iter().zip(&ids) {
-        let m = envelope(&mut wrapped).await;
+        let m = wrapped.recv_envelope().await;
         assert_eq!((&m["data"], &m["id"]), (&json!(text), &json!(id)));
     }
-    let m = envelope(&mut wrapped).await;
+    let m = wrapped.recv_envelope().await;
     assert_eq!(
         m,
         json!({"type": "message", "key": "broadcast", "data": "plain"})
@@ -419,15 +401,15 @@ async fn a_redis_restart_loses_nothing_on_history_keys() {
         .publish_message(&feed(), "marker", None)
         .await
         .unwrap();
-    assert_eq!(envelope(&mut wrapped).await["data"], "marker");
+    assert_eq!(wrapped.recv_envelope().await["data"], "marker");
     drop(wrapped);
     // A binary payload is carried as base64.
     let mut late = envelope_client(&gw, "/ws/feed/k?subscribe-broadcast").await;
-    assert_eq!(envelope(&mut late).await["data"], "marker");
+    assert_eq!(late.recv_envelope().await["data"], "marker");
     publisher
         .publish_message(&feed(), [0xffu8, 0x00], None)
         .await
         .unwrap();
-    let m = envelope(&mut late).await;
+    let m = late.recv_envelope().await;
     assert_eq!(m["data_base64"], "/wA=");
 }

@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::Message;
 use wsrelay::history::StreamId;
 use wsrelay::publisher::{Recipients, RedisPublisher};
 
-use crate::harness::{free_port, metric, Client, FreezingProxy, Gateway, RedisServer, TempDir};
+use crate::harness::{metric, Client, FreezingProxy, Gateway, RedisServer, TempDir, ENVELOPE};
 
 const FACILITIES: &str = r#"
 [[facility]]
@@ -34,7 +34,6 @@ history = 100
 history_ttl = 600
 "#;
 
-const ENVELOPE: (&str, &str) = ("Sec-WebSocket-Protocol", "wsrelay.v1");
 /// Opt-in sockets on the one history key.
 const SOCKETS: usize = 2_000;
 /// Handshakes in flight while the sockets connect.
@@ -53,22 +52,6 @@ fn rules() -> Vec<wsrelay::facility::FacilityRule> {
         history_ttl: 600,
         slow_consumer: Default::default(),
     }]
-}
-
-/// A Redis server with an append-only file fsynced on every write, in a temp dir.
-async fn durable_redis(dir: &TempDir) -> RedisServer {
-    let port = free_port();
-    let args = vec![
-        "--port".to_string(),
-        port.to_string(),
-        "--appendonly".into(),
-        "yes".into(),
-        "--appendfsync".into(),
-        "always".into(),
-        "--dir".into(),
-        dir.to_string_lossy().into_owned(),
-    ];
-    RedisServer::start_with(port, args, format!("redis://127.0.0.1:{port}/0")).await
 }
 
 /// Connects a publisher as an application does, with the gateway's facility rules.
@@ -413,7 +396,7 @@ fn check(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_sockets_lose_nothing_through_three_outages() {
     let dir = TempDir::new("outage-aof");
-    let mut redis = durable_redis(&dir).await;
+    let mut redis = RedisServer::start_durable(&dir).await;
     let proxy = FreezingProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
     let via_proxy = format!("redis://127.0.0.1:{}/0", proxy.port);
     let gw = Gateway::start_with_file(
@@ -555,10 +538,6 @@ async fn two_thousand_sockets_lose_nothing_through_three_outages() {
     }
 }
 
-async fn envelope(client: &mut Client) -> Value {
-    serde_json::from_str(&client.recv_text().await).unwrap()
-}
-
 /// Plain ws4redis sockets on a key without history, through a Redis crash: what was
 /// published after the restart and before the gateway could reconnect reaches each of
 /// them as the key's newest stored message (only the newest: a key without history
@@ -566,7 +545,7 @@ async fn envelope(client: &mut Client) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_sockets_get_the_newest_stored_message_after_a_redis_kill() {
     let dir = TempDir::new("outage-plain-aof");
-    let mut redis = durable_redis(&dir).await;
+    let mut redis = RedisServer::start_durable(&dir).await;
     let proxy = FreezingProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
     let via_proxy = format!("redis://127.0.0.1:{}/0", proxy.port);
     let gw = Gateway::start_with_file(FACILITIES, &[("redis__url", &via_proxy)]);
@@ -585,14 +564,14 @@ async fn plain_sockets_get_the_newest_stored_message_after_a_redis_kill() {
         plain.push(c);
     }
     let (mut wrapped, _) = Client::try_connect(&url, &[ENVELOPE]).await.unwrap();
-    assert_eq!(envelope(&mut wrapped).await["type"], "subscribed");
-    assert_eq!(envelope(&mut wrapped).await["data"], "init");
+    assert_eq!(wrapped.recv_envelope().await["type"], "subscribed");
+    assert_eq!(wrapped.recv_envelope().await["data"], "init");
     redis.publish("broadcast:chat", b"before", 3600).await;
     for c in &mut plain {
         assert_eq!(c.recv_text().await, "before");
     }
     assert_eq!(
-        envelope(&mut wrapped).await,
+        wrapped.recv_envelope().await,
         json!({"type": "message", "key": "broadcast", "data": "before"})
     );
 
@@ -620,10 +599,10 @@ async fn plain_sockets_get_the_newest_stored_message_after_a_redis_kill() {
         );
     }
     assert_eq!(
-        envelope(&mut wrapped).await,
+        wrapped.recv_envelope().await,
         json!({"type": "gap", "key": "broadcast", "reason": "the link to redis was lost"})
     );
-    assert_eq!(envelope(&mut wrapped).await["data"], "during 2");
+    assert_eq!(wrapped.recv_envelope().await["data"], "during 2");
     // Nothing else is pending: the next message is the next publication.
     redis.publish("broadcast:chat", b"after", 3600).await;
     for c in &mut plain {
@@ -633,5 +612,5 @@ async fn plain_sockets_get_the_newest_stored_message_after_a_redis_kill() {
             "no duplicate of the stored message"
         );
     }
-    assert_eq!(envelope(&mut wrapped).await["data"], "after");
+    assert_eq!(wrapped.recv_envelope().await["data"], "after");
 }
