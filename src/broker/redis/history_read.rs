@@ -8,6 +8,7 @@ use bytes::Bytes;
 
 use super::unavailable;
 use crate::broker::BrokerError;
+use crate::facility::History;
 use crate::history::{self, CatchUp, Retention, StreamId};
 
 /// Reads one key's stored message and history, in one step. KEYS: the stream, the
@@ -74,9 +75,10 @@ pub async fn catch_up(
         return Ok(Vec::new());
     }
     let after = |i: usize| after.get(i).copied().flatten();
+    let bounds: Vec<Option<History>> = keys.iter().map(|k| retention.of(k)).collect();
     let mut pipe = redis::pipe();
     for (i, key) in keys.iter().enumerate() {
-        match retention.of(key) {
+        match bounds[i] {
             Some(bounds) => {
                 let from = after(i).map_or_else(String::new, |id| id.to_string());
                 pipe.cmd("EVAL")
@@ -97,10 +99,10 @@ pub async fn catch_up(
     if replies.len() != keys.len() {
         return Err(bad_reply("one reply per key"));
     }
-    keys.iter()
-        .zip(replies)
+    replies
+        .into_iter()
         .enumerate()
-        .map(|(i, (key, reply))| match retention.of(key) {
+        .map(|(i, reply)| match bounds[i] {
             Some(_) => history_reply(reply, after(i)),
             None => Ok(CatchUp::Stored {
                 stored: bytes(reply).map(|v| (v, None)),
