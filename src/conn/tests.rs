@@ -82,11 +82,17 @@ impl Peer {
 
     /// Reads until the server's close frame: its code and reason.
     async fn close_frame(&mut self) -> (u16, String) {
+        self.close_or_reset().await.expect("a close frame")
+    }
+
+    /// Reads until the server's close frame (its code and reason), or `None` when the
+    /// stream ends first (the server reset it).
+    async fn close_or_reset(&mut self) -> Option<(u16, String)> {
         loop {
-            let (opcode, payload) = self.frame().await.expect("a close frame");
+            let (opcode, payload) = self.frame().await?;
             if opcode == frame::OP_CLOSE {
                 let code = u16::from_be_bytes([payload[0], payload[1]]);
-                return (code, String::from_utf8(payload[2..].to_vec()).unwrap());
+                return Some((code, String::from_utf8(payload[2..].to_vec()).unwrap()));
             }
         }
     }
@@ -371,18 +377,7 @@ async fn a_write_stuck_past_the_ping_timeout_is_a_slow_consumer() {
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(relay.metrics.slow_consumer_closes.get(), 1);
         // Reading now: whatever the kernel held, then the connection ends.
-        let (code, reason) = loop {
-            match s.peer.frame().await {
-                Some((frame::OP_CLOSE, p)) => {
-                    break (
-                        u16::from_be_bytes([p[0], p[1]]),
-                        String::from_utf8(p[2..].to_vec()).unwrap(),
-                    )
-                }
-                Some(_) => continue,
-                None => break (0, "reset".into()),
-            }
-        };
+        let (code, reason) = s.peer.close_or_reset().await.unwrap_or((0, "reset".into()));
         assert!(
             (code, reason.as_str()) == (4000, "slow consumer: nothing could be written")
                 || code == 0,
@@ -425,18 +420,7 @@ async fn a_conflating_socket_falls_behind_without_a_close_but_a_stuck_write_stil
         // Nothing at all could be written for `ping_timeout`: a dead reader is closed.
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(relay.metrics.slow_consumer_closes.get(), 1);
-        let (code, reason) = loop {
-            match s.peer.frame().await {
-                Some((frame::OP_CLOSE, p)) => {
-                    break (
-                        u16::from_be_bytes([p[0], p[1]]),
-                        String::from_utf8(p[2..].to_vec()).unwrap(),
-                    )
-                }
-                Some(_) => continue,
-                None => break (0, "reset".into()),
-            }
-        };
+        let (code, reason) = s.peer.close_or_reset().await.unwrap_or((0, "reset".into()));
         assert!(
             (code, reason.as_str()) == (4000, "slow consumer: nothing could be written")
                 || code == 0,
