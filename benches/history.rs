@@ -126,28 +126,6 @@ fn cpu_of(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-/// Raises the open-files limit to the hard limit; returns the limit in force.
-fn raise_open_files() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct they are given.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit = raised;
-            }
-        }
-    }
-    limit.rlim_cur
-}
-
 async fn wait_port(addr: SocketAddr) {
     let started = Instant::now();
     while TcpStream::connect(addr).await.is_err() {
@@ -767,7 +745,7 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let wants = |name: &str| args.is_empty() || args.iter().any(|a| a == name);
-    let limit = raise_open_files();
+    let limit = wsrelay::raise_descriptor_limit().unwrap_or(0);
     println!("open-files limit {limit}");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -957,27 +957,6 @@ async fn measure(
     }
 }
 
-fn raise_open_files() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct they are given.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit = raised;
-            }
-        }
-    }
-    limit.rlim_cur
-}
-
 fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
@@ -1011,7 +990,7 @@ fn main() {
     println!(
         "identity: {users} users and sessions, {total} handshakes per measurement, {concurrency} in \
          flight, database_pool {pool}, open-files limit {}",
-        raise_open_files()
+        wsrelay::raise_descriptor_limit().unwrap_or(0)
     );
 
     let pg = Postgres::start();

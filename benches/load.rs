@@ -160,29 +160,6 @@ fn own_cpu() -> f64 {
     cpu_of("/proc/self/stat")
 }
 
-/// Raises this process's open-files limit to its hard limit (every client socket is a
-/// descriptor); returns the limit in force.
-fn raise_open_files() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct they are given.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit = raised;
-            }
-        }
-    }
-    limit.rlim_cur
-}
-
 struct Redis {
     _proc: Proc,
     port: u16,
@@ -1556,7 +1533,8 @@ fn main() {
         args.iter().map(String::as_str).collect()
     };
     let nchan = wanted.contains(&"nchan");
-    let open_files = raise_open_files();
+    // Every client socket is a descriptor.
+    let open_files = wsrelay::raise_descriptor_limit().unwrap_or(0);
     if ["idle", "broadcast"].iter().any(|s| wanted.contains(s)) {
         minimal_binary();
     }
