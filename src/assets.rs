@@ -4,6 +4,7 @@
 //! - `GET /wsrelay.js`: the helper as a classic script (defines `window.WS4Redis`, the
 //!   same API as ws4redis.js, no jQuery needed).
 //! - `GET /wsrelay.mjs`: the same file as an ES module (`import WS4Redis from …`).
+//! - `GET /wsrelay.d.ts`: its TypeScript declarations.
 //! - `GET /`: the demo page, when `demo` is on (by default only with the embedded broker).
 //! - `POST /demo/publish`: the demo page's "publish from the server" button, mounted
 //!   only when `demo` is on. It takes the body of `POST /api/publish` and publishes
@@ -27,6 +28,7 @@ use crate::policy::{glob_match, Rule};
 
 const HELPER: &str = include_str!("../assets/wsrelay.js");
 const MODULE_EXPORTS: &str = "\nexport default WS4Redis;\nexport { WS4Redis };\n";
+const DECLARATIONS: &str = include_str!("../assets/wsrelay.d.ts");
 const DEMO: &str = include_str!("../assets/demo.html");
 
 /// A static file with its precomputed validator.
@@ -87,6 +89,7 @@ impl Asset {
 pub struct Assets {
     script: Asset,
     module: Asset,
+    declarations: Asset,
     demo: Asset,
     /// Whether `/` serves the demo page (setting `demo`).
     demo_on: bool,
@@ -99,6 +102,10 @@ impl Assets {
             module: Asset::new(
                 format!("{HELPER}{MODULE_EXPORTS}"),
                 "text/javascript; charset=utf-8",
+            ),
+            declarations: Asset::new(
+                DECLARATIONS.to_string(),
+                "application/typescript; charset=utf-8",
             ),
             demo: Asset::new(DEMO.to_string(), "text/html; charset=utf-8"),
             demo_on,
@@ -113,6 +120,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, assets: web::Data<Assets>) {
     cfg.app_data(assets)
         .service(web::resource("/wsrelay.js").get(script))
         .service(web::resource("/wsrelay.mjs").get(module))
+        .service(web::resource("/wsrelay.d.ts").get(declarations))
         .service(web::resource("/").get(demo));
     if demo_on {
         cfg.service(web::resource("/demo/publish").post(demo_publish));
@@ -125,6 +133,10 @@ async fn script(req: HttpRequest, assets: web::Data<Assets>) -> HttpResponse {
 
 async fn module(req: HttpRequest, assets: web::Data<Assets>) -> HttpResponse {
     assets.module.respond(&req)
+}
+
+async fn declarations(req: HttpRequest, assets: web::Data<Assets>) -> HttpResponse {
+    assets.declarations.respond(&req)
 }
 
 async fn demo(req: HttpRequest, assets: web::Data<Assets>) -> HttpResponse {
@@ -195,4 +207,59 @@ fn demo_may_publish(request: &PublishRequest, session: Option<&str>) -> Result<(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::http::{header, StatusCode};
+    use actix_web::{test, web, App};
+
+    use super::{configure, Assets};
+
+    #[actix_web::test]
+    async fn the_declarations_are_served_beside_the_helper_and_revalidate() {
+        let app = test::init_service(
+            App::new().configure(|cfg| configure(cfg, web::Data::new(Assets::new(false)))),
+        )
+        .await;
+        let req = test::TestRequest::get().uri("/wsrelay.d.ts").to_request();
+        let res = test::call_service(&app, req).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        let headers = res.headers().clone();
+        assert_eq!(
+            headers.get(header::CONTENT_TYPE).unwrap(),
+            "application/typescript; charset=utf-8"
+        );
+        let etag = headers
+            .get(header::ETAG)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let body = test::read_body(res).await;
+        let text = std::str::from_utf8(&body).unwrap();
+        for api in [
+            "send_message(",
+            "get_transport(",
+            "transports?:",
+            "shared?:",
+            "export default WS4Redis;",
+        ] {
+            assert!(text.contains(api), "{api} is not declared");
+        }
+
+        let req = test::TestRequest::get()
+            .uri("/wsrelay.d.ts")
+            .insert_header((header::IF_NONE_MATCH, etag))
+            .to_request();
+        let res = test::call_service(&app, req).await;
+        assert_eq!(res.status(), StatusCode::NOT_MODIFIED);
+
+        // The helper itself is still there, and names its declarations.
+        let req = test::TestRequest::get().uri("/wsrelay.js").to_request();
+        let body = test::read_body(test::call_service(&app, req).await).await;
+        assert!(std::str::from_utf8(&body)
+            .unwrap()
+            .contains("/wsrelay.d.ts"));
+    }
 }
