@@ -13,13 +13,15 @@
 // the demo page and the sockets come from the real gateway.
 //
 // Environment: WSRELAY_BIN (required), WSRELAY_CHROMIUM (default /usr/bin/chromium),
-// WSRELAY_ARTIFACTS (default <repo>/target/artifacts; the demo screenshot goes there).
+// WSRELAY_ARTIFACTS (default <repo>/target/artifacts; the demo screenshot goes there),
+// WSRELAY_NOTES (set: passing scenarios print their notes too).
 // Arguments: scenario letters to run (default: all). Every wait is bounded; nothing
 // asserts on timings. The last line is "N passed, M failed"; the exit code is 1 when a
 // scenario failed or could not run.
 
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -430,6 +432,15 @@ class Gateway {
     });
   }
 
+  /** Waits until the gauge `name` of /metrics reads `value`. */
+  async waitGauge(name, value) {
+    await until(`${this.name}'s ${name} to read ${value}`, async () => {
+      const text = await (await fetch(`${this.origin}/metrics`)).text();
+      const line = text.split('\n').find((l) => l.startsWith(`${name} `));
+      return line !== undefined && Number(line.split(' ')[1]) === value;
+    });
+  }
+
   async waitSockets(count) {
     await until(`${this.name} to hold ${count} socket(s)`, async () => {
       const h = await this.health();
@@ -504,6 +515,211 @@ class Publisher {
   async stop() {
     this.running = false;
     await this.loop;
+  }
+}
+
+/**
+ * Gateways (not started) named `names` on `redis`, sharing a `--config` whose facilities
+ * `history/*` keep a history; `stop()` stops them and removes the file.
+ */
+async function historyGateways(redis, names) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'wsrelay-history-'));
+  const config = path.join(dir, 'wsrelay.toml');
+  fs.writeFileSync(config, '[[facility]]\npattern = "history/*"\nhistory = 1000\nhistory_ttl = 600\n');
+  const settings = {
+    WSRELAY__REDIS__URL: redis.url,
+    WSRELAY__REDIS__RECONNECT_MAX: '0.5',
+    WSRELAY__HEARTBEAT: HEARTBEAT,
+    WSRELAY__HEARTBEAT_INTERVAL: '0.5',
+    WSRELAY__PUBLISH_TOKEN: TOKEN,
+    WSRELAY__POLICY__COMPAT: 'true',
+  };
+  const gateways = [];
+  for (const name of names) {
+    gateways.push(await Gateway.create(name, settings, ['--config', config]));
+  }
+  return {
+    gateways,
+    async stop() {
+      await Promise.all(gateways.map((gw) => gw.stop()));
+      fs.rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/**
+ * A proxy in front of a gateway that refuses WebSockets: it answers every Upgrade
+ * request with 403 and forwards plain HTTP requests, streaming both ways (an event
+ * stream goes through as it comes). With `blockSse` it answers /sse/ with 502.
+ * `counts` tells what came through: upgrades, sse, poll, pub requests.
+ */
+class Proxy {
+  constructor(server) {
+    this.server = server;
+    this.blockSse = false;
+    this.counts = { upgrades: 0, sse: 0, poll: 0, pub: 0 };
+    this.sockets = new Set();
+  }
+
+  static async start(gw) {
+    const proxy = new Proxy(http.createServer((req, res) => proxy.forward(gw, req, res)));
+    const { server } = proxy;
+    server.on('upgrade', (req, socket) => {
+      proxy.counts.upgrades += 1;
+      const body = 'WebSockets are refused here (test proxy)';
+      socket.on('error', () => {});
+      socket.end(
+        `HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\ncontent-length: ${body.length}\r\n` +
+          `connection: close\r\n\r\n${body}`,
+      );
+    });
+    server.on('connection', (socket) => {
+      proxy.sockets.add(socket);
+      socket.on('close', () => proxy.sockets.delete(socket));
+    });
+    await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+    proxy.port = server.address().port;
+    return proxy;
+  }
+
+  get origin() {
+    return `http://127.0.0.1:${this.port}`;
+  }
+
+  forward(gw, req, res) {
+    const kind = ['sse', 'poll', 'pub'].find((k) => req.url.startsWith(`/${k}/`));
+    if (kind) {
+      this.counts[kind] += 1;
+    }
+    if (kind === 'sse' && this.blockSse) {
+      res.writeHead(502, { 'content-type': 'text/plain' });
+      res.end('event streams are refused here (test proxy)');
+      return;
+    }
+    const upstream = http.request(
+      { host: '127.0.0.1', port: gw.port, method: req.method, path: req.url, headers: req.headers },
+      (answer) => {
+        res.writeHead(answer.statusCode, answer.headers);
+        answer.pipe(res);
+      },
+    );
+    upstream.on('error', () => {
+      if (!res.headersSent) {
+        res.writeHead(502, { 'content-type': 'text/plain' });
+      }
+      res.end();
+    });
+    res.on('close', () => upstream.destroy());
+    req.pipe(upstream);
+  }
+
+  async stop() {
+    for (const socket of this.sockets) {
+      socket.destroy();
+    }
+    await new Promise((resolve) => this.server.close(resolve));
+  }
+}
+
+/**
+ * Scenario n: three tabs of one context open the same uri with `shared: true`; without
+ * `locks`, the pages hide navigator.locks and the tabs elect over their BroadcastChannel.
+ */
+async function sharedTabs(browser, redis, ctx, locks) {
+  const setup = await historyGateways(redis, [`shared gateway (${locks ? 'Web Locks' : 'BroadcastChannel election'})`]);
+  const [gw] = setup.gateways;
+  let publisher = null;
+  try {
+    await gw.start();
+    const facility = `history/shared-${locks ? 'locks' : 'election'}`;
+    const context = await newContext(browser, gw, ctx);
+    const pages = [];
+    for (let i = 0; i < 3; i++) {
+      const page = await openPage(context, gw, 'recorder');
+      if (!locks) {
+        await page.evaluate(() => Object.defineProperty(navigator, 'locks', { value: undefined }));
+      }
+      await page.evaluate(
+        (path) => rec.start(path, { shared: true, heartbeat_msg: '--heartbeat--' }),
+        `/ws/${facility}?subscribe-broadcast&publish-broadcast`,
+      );
+      pages.push(page);
+    }
+    for (const page of pages) {
+      await connectedTimes(page, 1);
+      await pageUntil(page, 'the subscription', () => rec.events.includes('subscribed:broadcast'));
+    }
+    const sockets = async () => Promise.all(pages.map((p) => p.evaluate(() => __tSockets.length)));
+    assert(
+      (await sockets()).reduce((a, b) => a + b, 0) === 1,
+      `one socket for the three tabs, the tabs opened ${JSON.stringify(await sockets())}`,
+    );
+    await gw.waitGauge('wsrelay_sockets', 1);
+
+    publisher = new Publisher(gw, facility, 50);
+    publisher.start();
+    await publisher.more(5, 'with three tabs');
+    const first = publisher.ok.at(-1);
+    for (const page of pages) {
+      await pageUntil(page, `message ${first}`, (m) => rec.messages.includes(m), String(first));
+      const numbers = (await page.evaluate(() => rec.messages)).filter((m) => /^\d+$/.test(m)).map(Number);
+      const lost = publisher.ok.filter((n) => n <= first && !numbers.includes(n));
+      assert(lost.length === 0, `a tab lost ${JSON.stringify(lost)} before the leading tab closed`);
+    }
+    // A follower's message goes out through the leading tab's socket.
+    const leaderAt = (await sockets()).findIndex((n) => n === 1);
+    const follower = pages[(leaderAt + 1) % 3];
+    await follower.evaluate(() => rec.send('from a follower'));
+    for (const page of pages.filter((p) => p !== follower)) {
+      await received(page, 'from a follower');
+    }
+
+    // The leading tab closes while messages go on being published.
+    await pages[leaderAt].close();
+    const rest = pages.filter((_, i) => i !== leaderAt);
+    await publisher.more(10, 'after the leading tab closed');
+    for (const page of rest) {
+      await connectedTimes(page, 2);
+    }
+    await publisher.stop();
+    const last = publisher.ok.at(-1);
+    for (const page of rest) {
+      await pageUntil(page, `message ${last}`, (m) => rec.messages.includes(m), String(last), WAIT * 2);
+    }
+    await gw.apiPublish({ facility, audiences: { broadcast: true }, message: 'end' });
+    for (const page of rest) {
+      await received(page, 'end');
+    }
+    await gw.waitGauge('wsrelay_sockets', 1);
+    const counts = await Promise.all(rest.map((p) => p.evaluate(() => __tSockets.length)));
+    assert(counts.reduce((a, b) => a + b, 0) === 1, `one new socket for the two tabs left, opened ${JSON.stringify(counts)}`);
+    for (const page of rest) {
+      const seen = await page.evaluate(() => ({ events: rec.events, messages: rec.messages }));
+      ctx.notes.push(`tab: ${JSON.stringify(seen.events)}`);
+      const numbers = seen.messages.filter((m) => /^\d+$/.test(m)).map(Number);
+      const disorder = numbers.findIndex((n, i) => i > 0 && n <= numbers[i - 1]);
+      assert(
+        disorder < 0,
+        `duplicate or out of order at ${disorder}: ${JSON.stringify(numbers.slice(Math.max(0, disorder - 3), disorder + 3))}`,
+      );
+      const lost = publisher.ok.filter((n) => !numbers.includes(n));
+      assert(lost.length === 0, `a tab lost ${lost.length} accepted message(s): ${JSON.stringify(lost.slice(0, 20))}`);
+      const notices = seen.events.filter((e) => e.startsWith('reset:') || e.startsWith('gap:'));
+      assert(notices.length === 0, `nothing was lost, yet the tab was told: ${JSON.stringify(notices)}`);
+      assert(seen.messages.at(-1) === 'end', `the marker comes last: ${JSON.stringify(seen.messages.slice(-3))}`);
+    }
+    await context.close();
+  } catch (e) {
+    ctx.notes.push(`--- ${gw.name} log (last lines) ---`, ...gw.tail());
+    if (publisher) {
+      ctx.notes.push(`accepted: ${JSON.stringify(publisher.ok)}`, `refused: ${JSON.stringify(publisher.failed)}`);
+    }
+    throw e;
+  } finally {
+    if (publisher) {
+      await publisher.stop();
+    }
+    await setup.stop();
   }
 }
 
@@ -991,6 +1207,164 @@ const scenarios = [
       }
     },
   },
+  {
+    id: 'l',
+    name: 'behind a proxy that refuses WebSockets the helper falls back to SSE, and with SSE refused too to long-poll, and receives and sends every message',
+    async run({ browser, redis }, ctx) {
+      const setup = await historyGateways(redis, ['fallback gateway']);
+      const [gw] = setup.gateways;
+      let proxy = null;
+      try {
+        await gw.start();
+        proxy = await Proxy.start(gw);
+        // Once on SSE, once on long-poll: each time a page opens through the proxy, a
+        // stored message tells when its first answer came, then numbered messages and a
+        // message of its own (POST /pub/ through the proxy; `echo` brings it back).
+        for (const [round, transport] of [[1, 'sse'], [2, 'poll']]) {
+          proxy.blockSse = transport === 'poll';
+          const facility = `history/fallback-${round}`;
+          const before = { ...proxy.counts };
+          await gw.apiPublish({ facility, audiences: { broadcast: true }, message: 'stored' });
+          const page = await openPage(await newContext(browser, proxy, ctx), proxy, 'recorder');
+          await page.evaluate(
+            (path) => rec.start(path, { heartbeat_msg: '--heartbeat--' }),
+            `/ws/${facility}?subscribe-broadcast&publish-broadcast&echo`,
+          );
+          await received(page, 'stored');
+          await pageUntil(page, `the transport ${transport}`, (t) => rec.ws.get_transport() === t, transport);
+          for (let n = 1; n <= 20; n++) {
+            await gw.apiPublish({ facility, audiences: { broadcast: true }, message: `${transport} ${n}` });
+          }
+          await page.evaluate(() => rec.send('sent by the page'));
+          await received(page, 'sent by the page');
+          await gw.apiPublish({ facility, audiences: { broadcast: true }, message: 'end' });
+          await received(page, 'end');
+          const seen = await page.evaluate(() => ({
+            messages: rec.messages,
+            events: rec.events,
+            transport: rec.ws.get_transport(),
+            sockets: __tSockets.length,
+            streams: __tStreams.length,
+          }));
+          ctx.notes.push(`round ${round}: ${JSON.stringify(seen.events)}; proxy: ${JSON.stringify(proxy.counts)}`);
+          const expected = Array.from({ length: 20 }, (_, i) => `${transport} ${i + 1}`);
+          const numbered = seen.messages.filter((m) => m.startsWith(`${transport} `));
+          assert(
+            JSON.stringify(numbered) === JSON.stringify(expected),
+            `every message once and in order over ${transport}: ${JSON.stringify(seen.messages)}`,
+          );
+          assert(
+            seen.messages.filter((m) => m === 'sent by the page').length === 1,
+            `the page's own message once: ${JSON.stringify(seen.messages)}`,
+          );
+          assert(seen.transport === transport, `get_transport(): ${seen.transport}`);
+          assert(seen.sockets >= 2, `the helper should have tried the WebSocket twice, opened ${seen.sockets}`);
+          assert(proxy.counts.upgrades - before.upgrades >= 2, `upgrades refused: ${JSON.stringify(proxy.counts)}`);
+          assert(proxy.counts.pub - before.pub >= 1, `no POST /pub/ went through the proxy: ${JSON.stringify(proxy.counts)}`);
+          if (transport === 'poll') {
+            assert(seen.streams >= 2, `the helper should have tried SSE twice, opened ${seen.streams} streams`);
+            assert(proxy.counts.poll - before.poll >= 1, `no poll went through the proxy: ${JSON.stringify(proxy.counts)}`);
+          }
+          const connection = seen.events.filter((e) => /^(connected|subscribed)/.test(e));
+          assert(connection.includes('connected'), `the page was never told it is connected: ${JSON.stringify(seen.events)}`);
+          await page.context().close();
+        }
+      } catch (e) {
+        ctx.notes.push(`--- ${gw.name} log (last lines) ---`, ...gw.tail());
+        throw e;
+      } finally {
+        if (proxy) {
+          await proxy.stop();
+        }
+        await setup.stop();
+      }
+    },
+  },
+  {
+    id: 'm',
+    name: 'an SSE page loses nothing and receives nothing twice across a gateway restart (lastEventId)',
+    async run({ browser, redis }, ctx) {
+      const setup = await historyGateways(redis, ['SSE gateway', 'publishing gateway']);
+      const [front, back] = setup.gateways;
+      let publisher = null;
+      try {
+        await Promise.all([front.start(), back.start()]);
+        const facility = 'history/sse-resume';
+        const page = await openPage(await newContext(browser, front, ctx), front, 'recorder');
+        await page.evaluate((path) => rec.start(path, { transports: ['sse'] }), `/ws/${facility}?subscribe-broadcast`);
+        await pageUntil(page, 'the subscription', () => rec.events.includes('subscribed:broadcast'));
+        publisher = new Publisher(back, facility, 50);
+        publisher.start();
+        const receivedUpTo = (n, ms = WAIT) =>
+          pageUntil(page, `message ${n}`, (m) => rec.messages.includes(m), String(n), ms);
+        await publisher.more(5, 'before the restart');
+        await receivedUpTo(publisher.ok.at(-1));
+
+        await front.stop();
+        await pageUntil(page, 'the disconnection', () => rec.count('disconnected') >= 1);
+        await publisher.more(10, 'while the page is disconnected');
+        await front.start();
+        await connectedTimes(page, 2, WAIT * 2);
+        await publisher.more(5, 'after the restart');
+        await publisher.stop();
+        await receivedUpTo(publisher.ok.at(-1), WAIT * 2);
+        await back.apiPublish({ facility, audiences: { broadcast: true }, message: 'end' });
+        await received(page, 'end');
+
+        const seen = await page.evaluate(() => ({
+          events: rec.events,
+          messages: rec.messages,
+          ids: rec.ws.get_last_ids(),
+          transport: rec.ws.get_transport(),
+          streams: __tStreams.map((s) => s.url),
+          sockets: __tSockets.length,
+        }));
+        ctx.notes.push(`events: ${JSON.stringify(seen.events)}`, `streams: ${JSON.stringify(seen.streams)}`);
+        const numbers = seen.messages.slice(0, seen.messages.indexOf('end')).map(Number);
+        const disorder = numbers.findIndex((n, i) => i > 0 && n <= numbers[i - 1]);
+        assert(
+          disorder < 0,
+          `duplicate or out of order at ${disorder}: ${JSON.stringify(numbers.slice(Math.max(0, disorder - 3), disorder + 3))}`,
+        );
+        const lost = publisher.ok.filter((n) => !numbers.includes(n));
+        assert(lost.length === 0, `lost ${lost.length} accepted message(s): ${JSON.stringify(lost.slice(0, 20))}`);
+        assert(seen.transport === 'sse' && seen.sockets === 0, `transport ${seen.transport}, ${seen.sockets} sockets`);
+        const last = seen.streams.at(-1);
+        assert(
+          /[?&]lastEventId=broadcast%3A\d+-\d+$/.test(last),
+          `the reconnection should offer the last id in the query: ${JSON.stringify(seen.streams)}`,
+        );
+        const resumed = seen.events.filter((e) => e.startsWith('resumed:broadcast:')).map((e) => Number(e.split(':')[2]));
+        assert(resumed.some((n) => n >= 10), `the resume should have replayed the missed messages: ${JSON.stringify(seen.events)}`);
+        const notices = seen.events.filter((e) => e.startsWith('reset:') || e.startsWith('gap:'));
+        assert(notices.length === 0, `nothing was lost, yet the page was told: ${JSON.stringify(notices)}`);
+        assert(/^\d+-\d+$/.test(seen.ids.broadcast || ''), `get_last_ids(): ${JSON.stringify(seen.ids)}`);
+      } catch (e) {
+        for (const gw of setup.gateways) {
+          ctx.notes.push(`--- ${gw.name} log (last lines) ---`, ...gw.tail());
+        }
+        if (publisher) {
+          ctx.notes.push(`accepted: ${JSON.stringify(publisher.ok)}`, `refused: ${JSON.stringify(publisher.failed)}`);
+        }
+        throw e;
+      } finally {
+        if (publisher) {
+          await publisher.stop();
+        }
+        await setup.stop();
+      }
+    },
+  },
+  {
+    id: 'n',
+    name: 'three tabs with shared: true hold one socket, all receive every message, and closing the leading tab loses nothing (Web Locks, then without)',
+    async run({ browser, redis }, ctx) {
+      for (const locks of [true, false]) {
+        await sharedTabs(browser, redis, ctx, locks);
+      }
+    },
+  },
+
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -1024,7 +1398,7 @@ async function runScenario(scenario, env) {
   const secs = ((Date.now() - began) / 1000).toFixed(1);
   if (error === null) {
     log(`ok    ${label} (${secs} s)`);
-    for (const note of ctx.notes.filter((n) => n.startsWith('screenshot'))) {
+    for (const note of ctx.notes.filter((n) => process.env.WSRELAY_NOTES || n.startsWith('screenshot'))) {
       log(`      ${note}`);
     }
     return true;
