@@ -85,6 +85,13 @@ pub enum HandshakeError {
          receives (publish with POST to the pub_url)"
     )]
     PublishOnStream,
+    #[error("subscribe flags are for sockets: POST to the pub_url only publishes")]
+    SubscribeOnPublish,
+    #[error(
+        "nothing to publish to: name publish-broadcast, -user, -group or -session \
+         (user, group and session need a logged-in client)"
+    )]
+    NothingToPublish,
 }
 
 /// What a request opens: a WebSocket, or one of the transports that only receive.
@@ -195,6 +202,7 @@ pub struct Handshaker {
     pub websocket_url: String,
     pub sse_url: String,
     pub poll_url: String,
+    pub pub_url: String,
     /// The access policy in force (`policy`, plus the demo's rule when it is on).
     pub policy: PolicyConfig,
     pub keys: KeySpace,
@@ -318,6 +326,107 @@ impl Handshaker {
         Ok(key)
     }
 
+    /// What every request for a facility must pass first: the cookie's size, the
+    /// `Origin` (a page of a foreign site must not use the visitor's cookie), and a
+    /// valid facility (`rest` of the path after the transport's prefix).
+    fn check_request(&self, head: &RequestHead, rest: &str) -> Result<String, HandshakeError> {
+        let policy = &self.policy;
+        let cookie_bytes: usize = head.headers.get_all(header::COOKIE).map(|v| v.len()).sum();
+        if cookie_bytes > policy.max_cookie_bytes {
+            return Err(HandshakeError::CookieTooLarge(policy.max_cookie_bytes));
+        }
+        let peer = head.peer_addr.map(|a: SocketAddr| a.ip());
+        policy
+            .check_origin(head, peer)
+            .map_err(HandshakeError::Origin)?;
+        facility_from_path(rest)
+    }
+
+    /// The flags the client may use and who it is: its query's flags, narrowed by the
+    /// identity and checked by the policy, then by the web application. `transport`:
+    /// the socket's (only a WebSocket publishes), or `None` for `POST /pub/` (only
+    /// publishes).
+    async fn authorize(
+        &self,
+        head: &RequestHead,
+        facility: &str,
+        client: Option<IpAddr>,
+        http: &awc::Client,
+        transport: Option<Transport>,
+    ) -> Result<(Flags, Identity), HandshakeError> {
+        let policy = &self.policy;
+        let query = head.uri.query().unwrap_or("");
+        let requested = Flags::parse(query);
+        match transport {
+            Some(Transport::WebSocket) => {}
+            Some(_) if requested.publish.any() => return Err(HandshakeError::PublishOnStream),
+            None if requested.subscribe.any() => return Err(HandshakeError::SubscribeOnPublish),
+            None if !requested.publish.any() => return Err(HandshakeError::NothingToPublish),
+            _ => {}
+        }
+        if let Some(name) = Flags::mistyped(query) {
+            // The client chose it: bounded in the log.
+            let name: String = name.chars().take(64).collect();
+            self.metrics.unknown_flags.inc();
+            self.mistyped_flags.info("unknown flags", || {
+                let client = client.map_or_else(|| "-".to_string(), |ip| ip.to_string());
+                format!(
+                    "socket from {client} for facility {facility:?} names an unknown flag \
+                     {name:?}; it opens without it (flags: subscribe-/publish- followed by \
+                     broadcast, user, group or session, and echo)"
+                )
+            });
+        }
+        let handshake = Handshake {
+            head,
+            facility,
+            flags: requested,
+            http,
+        };
+        let identity = self.resolver.resolve(&handshake).await?;
+        let flags = match &identity.allowed {
+            Some(allowed) => requested.narrow(allowed),
+            None => requested,
+        };
+        policy
+            .check_flags(facility, &flags, &identity)
+            .map_err(HandshakeError::Policy)?;
+        // The application is asked last: about a socket the gateway would accept, with
+        // the identity it gets (see `crate::authorize`).
+        let flags = match &self.authorizer {
+            Some(authorizer) => {
+                let asked = Handshake { flags, ..handshake };
+                authorizer.authorize(&asked, &identity).await?
+            }
+            None => flags,
+        };
+        Ok((flags, identity))
+    }
+
+    /// Decides a `POST /pub/<facility>?publish-…` (publishing without a socket) and
+    /// counts the result: the keys the body goes to.
+    pub async fn accept_publish(
+        &self,
+        head: &RequestHead,
+        rest: &str,
+        http: &awc::Client,
+    ) -> Result<Vec<Arc<str>>, HandshakeError> {
+        let decided = async {
+            let facility = self.check_request(head, rest)?;
+            let peer = head.peer_addr.map(|a: SocketAddr| a.ip());
+            let client = self.policy.client_ip(head, peer);
+            let (flags, identity) = self.authorize(head, &facility, client, http, None).await?;
+            let publish = self.keys_of(&facility, &audiences_for(flags.publish, &identity));
+            match publish.is_empty() {
+                true => Err(HandshakeError::NothingToPublish),
+                false => Ok(publish.to_vec()),
+            }
+        }
+        .await;
+        self.count(decided.as_ref().err(), Some(head));
+        decided
+    }
+
     /// The URL prefix of `transport`.
     pub fn url(&self, transport: Transport) -> &str {
         match transport {
@@ -348,15 +457,8 @@ impl Handshaker {
             _ if head.method != Method::GET => return Err(HandshakeError::MethodNotGet),
             _ => None,
         };
-        let cookie_bytes: usize = head.headers.get_all(header::COOKIE).map(|v| v.len()).sum();
-        if cookie_bytes > policy.max_cookie_bytes {
-            return Err(HandshakeError::CookieTooLarge(policy.max_cookie_bytes));
-        }
+        let facility = self.check_request(head, rest)?;
         let peer = head.peer_addr.map(|a: SocketAddr| a.ip());
-        policy
-            .check_origin(head, peer)
-            .map_err(HandshakeError::Origin)?;
-        let facility = facility_from_path(rest)?;
         let permit = self
             .sockets
             .try_acquire()
@@ -371,47 +473,9 @@ impl Handshaker {
             ),
             (slot, _) => slot,
         };
-        let query = head.uri.query().unwrap_or("");
-        let requested = Flags::parse(query);
-        if transport != Transport::WebSocket && requested.publish.any() {
-            return Err(HandshakeError::PublishOnStream);
-        }
-        if let Some(name) = Flags::mistyped(query) {
-            // The client chose it: bounded in the log.
-            let name: String = name.chars().take(64).collect();
-            self.metrics.unknown_flags.inc();
-            self.mistyped_flags.info("unknown flags", || {
-                let client = client.map_or_else(|| "-".to_string(), |ip| ip.to_string());
-                format!(
-                    "socket from {client} for facility {facility:?} names an unknown flag \
-                     {name:?}; it opens without it (flags: subscribe-/publish- followed by \
-                     broadcast, user, group or session, and echo)"
-                )
-            });
-        }
-        let handshake = Handshake {
-            head,
-            facility: &facility,
-            flags: requested,
-            http,
-        };
-        let identity = self.resolver.resolve(&handshake).await?;
-        let flags = match &identity.allowed {
-            Some(allowed) => requested.narrow(allowed),
-            None => requested,
-        };
-        policy
-            .check_flags(&facility, &flags, &identity)
-            .map_err(HandshakeError::Policy)?;
-        // The application is asked last: about a socket the gateway would accept, with
-        // the identity it gets (see `crate::authorize`).
-        let flags = match &self.authorizer {
-            Some(authorizer) => {
-                let asked = Handshake { flags, ..handshake };
-                authorizer.authorize(&asked, &identity).await?
-            }
-            None => flags,
-        };
+        let (flags, identity) = self
+            .authorize(head, &facility, client, http, Some(transport))
+            .await?;
         let listening = audiences_for(flags.subscribe, &identity);
         let Positions {
             ids: resume, seen, ..

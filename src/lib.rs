@@ -293,6 +293,7 @@ impl Parts {
             websocket_url: config.websocket_url.clone(),
             sse_url: config.sse_url.clone(),
             poll_url: config.poll_url.clone(),
+            pub_url: config.pub_url.clone(),
             policy: config.effective_policy(),
             keys: keys.clone(),
             facilities,

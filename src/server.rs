@@ -123,6 +123,7 @@ impl Listener {
             let accepted = this.accept(tcp, &accepting);
             async move { accepted }
         });
+        let client = context.http.clone();
         let upgrade = {
             fn_factory(move || {
                 let context = context.clone();
@@ -134,12 +135,14 @@ impl Listener {
             })
         };
         let http = self.http.clone();
-        let url = http.handshaker.websocket_url.clone();
+        let handshaker = http.handshaker.clone();
         let max = http.max_message_size;
         let assets = self.assets.clone();
         let app = App::new()
             .app_data(http)
-            .configure(move |cfg| crate::http::configure(cfg, &url, max))
+            // This worker's client, for the callbacks `POST /pub/` asks.
+            .app_data(client)
+            .configure(move |cfg| crate::http::configure(cfg, &handshaker, max))
             .configure(move |cfg| crate::assets::configure(cfg, assets));
         let keep_alive = if self.keep_alive.is_zero() {
             KeepAlive::Disabled
