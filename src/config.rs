@@ -26,6 +26,12 @@ use crate::webapp::{
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// ws4redis's `WEBSOCKET_URL`.
 pub const DEFAULT_WEBSOCKET_URL: &str = "/ws/";
+/// Where Server-Sent Events streams, long-polls and publishing without a socket live.
+pub const DEFAULT_SSE_URL: &str = "/sse/";
+pub const DEFAULT_POLL_URL: &str = "/poll/";
+pub const DEFAULT_PUB_URL: &str = "/pub/";
+/// How long a long-poll waits for a message before it answers `[]`, in seconds.
+pub const DEFAULT_POLL_TIMEOUT: f64 = 25.0;
 /// How often the ws4redis heartbeat string is sent to an idle socket, in seconds.
 pub const DEFAULT_HEARTBEAT_INTERVAL: f64 = 4.0;
 /// WebSocket ping period, in seconds; 0 disables pings. Keep it below nginx's
@@ -67,6 +73,10 @@ pub const DEFAULT_DRAIN_WINDOW: f64 = 5.0;
 pub struct Config {
     pub listen: SocketAddr,
     pub websocket_url: String,
+    pub sse_url: String,
+    pub poll_url: String,
+    pub pub_url: String,
+    pub poll_timeout: f64,
     /// Worker threads; 0 means one per CPU.
     pub workers: usize,
     pub heartbeat: Option<String>,
@@ -247,6 +257,10 @@ impl Config {
         let mut builder = config::Config::builder()
             .set_default("listen", DEFAULT_LISTEN)?
             .set_default("websocket_url", DEFAULT_WEBSOCKET_URL)?
+            .set_default("sse_url", DEFAULT_SSE_URL)?
+            .set_default("poll_url", DEFAULT_POLL_URL)?
+            .set_default("pub_url", DEFAULT_PUB_URL)?
+            .set_default("poll_timeout", DEFAULT_POLL_TIMEOUT)?
             .set_default("workers", 0)?
             .set_default("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL)?
             .set_default("ping_interval", DEFAULT_PING_INTERVAL)?
@@ -374,14 +388,29 @@ impl Config {
     /// Cross-field and range checks that serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |name, why: &str| Err(ConfigError::Invalid(name, why.to_string()));
-        let url = &self.websocket_url;
-        if !url.starts_with('/') || !url.ends_with('/') {
-            return bad("websocket_url", "must start and end with '/' (like /ws/)");
+        let urls = [
+            ("websocket_url", &self.websocket_url),
+            ("sse_url", &self.sse_url),
+            ("poll_url", &self.poll_url),
+            ("pub_url", &self.pub_url),
+        ];
+        for (i, (name, url)) in urls.iter().enumerate() {
+            if !url.starts_with('/') || !url.ends_with('/') {
+                return bad(name, "must start and end with '/' (like /ws/)");
+            }
+            // One prefix inside another would send requests to the wrong transport.
+            if let Some((other, _)) = urls[..i]
+                .iter()
+                .find(|(_, u)| u.starts_with(url.as_str()) || url.starts_with(u.as_str()))
+            {
+                return bad(name, &format!("must not overlap {other}"));
+            }
         }
         for (name, value, zero_ok) in [
             ("heartbeat_interval", self.heartbeat_interval, false),
             ("ping_interval", self.ping_interval, true),
             ("ping_timeout", self.ping_timeout, false),
+            ("poll_timeout", self.poll_timeout, false),
             ("close_timeout", self.close_timeout, false),
             ("http_keep_alive", self.http_keep_alive, true),
             ("shutdown_timeout", self.shutdown_timeout, true),
@@ -526,6 +555,10 @@ impl Config {
 
     pub fn ping_timeout(&self) -> Duration {
         seconds(self.ping_timeout)
+    }
+
+    pub fn poll_timeout(&self) -> Duration {
+        seconds(self.poll_timeout)
     }
 
     pub fn shutdown_timeout(&self) -> Duration {

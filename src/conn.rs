@@ -44,13 +44,14 @@ use log::{debug, info};
 
 use crate::broker::BrokerError;
 use crate::channel::AudienceKinds;
+use crate::event_stream;
 use crate::facility::SlowConsumer;
-use crate::history::{CatchUp, StreamId};
-use crate::outbox;
+use crate::history::{envelope, CatchUp, StreamId};
 use crate::policy::{IpSlot, SocketPermit};
+use crate::registry::Form;
 use crate::socket::{signal, Socket, NEVER};
 
-use self::catch_up::{setup, CatchUpFrames};
+use self::catch_up::{setup, started, CatchUpFrames};
 use crate::wheel::Tick;
 use crate::worker::{Relay, Worker};
 use crate::ws::frame::{self, encode, encode_close};
@@ -87,8 +88,10 @@ pub struct SocketParams {
     pub echo: bool,
     /// What the socket gets when it falls behind (its facility's `slow_consumer`).
     pub slow_consumer: SlowConsumer,
-    /// The client speaks the envelope subprotocol ([`crate::history::SUBPROTOCOL`]).
-    pub envelope: bool,
+    /// How publications are written: the transport (WebSocket, event stream, long-poll)
+    /// and, on a WebSocket, whether the client speaks the envelope subprotocol
+    /// ([`crate::history::SUBPROTOCOL`]).
+    pub form: Form,
     /// Per key of `subscribe`, the id the client resumes from (`last-id`); empty when
     /// it resumes nothing.
     pub resume: Vec<Option<StreamId>>,
@@ -178,7 +181,7 @@ pub fn serve(
     let socket = Rc::new(Socket::new(
         stream,
         params.echo,
-        params.envelope,
+        params.form,
         conflated,
         now,
     ));
@@ -246,8 +249,9 @@ impl Drop for Conn {
 impl Conn {
     fn new(worker: Rc<Worker>, socket: Rc<Socket>, params: SocketParams, now: Tick) -> Self {
         let config = &worker.relay.config;
+        let pings = config.ping_interval.filter(|_| params.form.is_websocket());
         let timers = Timers {
-            next_ping: config.ping_interval.map_or(NEVER, |i| now + i),
+            next_ping: pings.map_or(NEVER, |i| now + i),
             pong_deadline: NEVER,
             setup_deadline: now + config.setup_timeout,
             closing_at: NEVER,
@@ -338,6 +342,16 @@ impl Conn {
         self.unpublished_bytes >= self.config().queue_bytes
     }
 
+    /// What an idle socket is sent every `heartbeat_interval`: the ws4redis heartbeat
+    /// string when one is set; on an event stream, always a comment line (proxies and
+    /// browsers time out silent streams, and a stream has no pings).
+    fn heartbeat(&self) -> Option<Bytes> {
+        match self.params.form {
+            Form::Event => Some(Bytes::from_static(event_stream::HEARTBEAT)),
+            _ => self.config().heartbeat.as_ref().map(|h| h.frame.clone()),
+        }
+    }
+
     /// Asks the wheel to wake the task at its next deadline.
     fn schedule(&self) {
         let t = &self.timers;
@@ -346,7 +360,7 @@ impl Conn {
         if self.setup.is_some() {
             next = next.min(t.setup_deadline);
         }
-        if config.heartbeat.is_some() && !self.socket.has_unwritten() {
+        if self.heartbeat().is_some() && !self.socket.has_unwritten() {
             next = next.min(self.socket.last_write() + config.heartbeat_interval);
         }
         if let Some(since) = self.socket.stalled_since() {
@@ -411,7 +425,7 @@ impl Conn {
             self.socket.shrink_idle();
         }
         if let Some(interval) = config.ping_interval {
-            if self.timers.next_ping <= now {
+            if self.timers.next_ping <= now && self.params.form.is_websocket() {
                 self.socket
                     .send_control(ping_frame(), config.queue_bytes, now);
                 self.timers.next_ping = now + interval;
@@ -420,11 +434,10 @@ impl Conn {
                 }
             }
         }
-        if let Some(heartbeat) = &config.heartbeat {
+        if let Some(frame) = self.heartbeat() {
             // A socket with frames waiting is not idle, and one more would not help.
             let idle = !self.socket.has_unwritten();
             if idle && self.socket.last_write() + config.heartbeat_interval <= now {
-                let frame = heartbeat.frame.clone();
                 self.socket.send_control(frame, config.queue_bytes, now);
             }
         }
@@ -437,36 +450,10 @@ impl Conn {
     fn on_setup_done(&mut self, caught: Option<Vec<CatchUp>>, now: Tick) {
         let relay = self.worker.relay.clone();
         let config = &relay.config;
-        let caught: Vec<(Arc<str>, CatchUp)> = self
-            .params
-            .subscribe
-            .iter()
-            .cloned()
-            .zip(caught.unwrap_or_default())
-            .collect();
-        let mut floors = Vec::new();
-        for (i, (key, caught)) in caught.iter().enumerate() {
-            let stored = match caught {
-                CatchUp::Stored {
-                    stored: Some((payload, _)),
-                    ..
-                } => Some(&payload[..]),
-                _ => None,
-            };
-            // A history key whose stream does not exist yet starts from its beginning.
-            let newest = relay
-                .broker
-                .retention()
-                .of(key)
-                .map(|_| caught.newest().unwrap_or(StreamId::ZERO));
-            relay.registry.seen(key, newest, stored);
-            if let Some(id) = caught.last_id() {
-                floors.push((outbox::key_index(i), id));
-            }
-        }
+        let (caught, floors) = started(&relay, &self.params.subscribe, caught);
         // Setup gave up (Redis did not confirm in time): no `subscribed` then.
         let confirmed = caught.len() == self.params.subscribe.len();
-        let frames = CatchUpFrames::build(&relay, self.params.envelope, &caught, confirmed);
+        let frames = CatchUpFrames::build(&relay, self.params.form, &caught, confirmed);
         let trimmed = frames.trimmed;
         let metrics = &relay.metrics;
         let resume = &metrics.resume;
@@ -519,6 +506,10 @@ impl Conn {
     }
 
     fn on_bytes(&mut self, bytes: &mut [u8], now: Tick) -> Result<(), CloseReason> {
+        // An event stream's client has nothing to say: what it sends is dropped.
+        if !self.params.form.is_websocket() {
+            return Ok(());
+        }
         let limit = self.config().max_message_size;
         let mut input = Input::new(bytes);
         while let Some(message) = self
@@ -638,9 +629,13 @@ impl Conn {
             return;
         };
         let now = self.worker.clock.now();
-        self.socket.send_close(encode_close(code, &text), now);
+        let last = match self.params.form.is_websocket() {
+            true => encode_close(code, &text),
+            false => event_stream::control(&envelope::close(code, &text)),
+        };
+        self.socket.send_close(last, now);
         let echoing = matches!(reason, CloseReason::ClientClosed(_));
-        let parse = !matches!(reason, CloseReason::Protocol(_));
+        let parse = self.params.form.is_websocket() && !matches!(reason, CloseReason::Protocol(_));
         let deadline = now + self.config().close_timeout;
         if !self.finish_close(deadline, echoing, parse).await {
             self.socket.stream.discard_unsent_on_close();
@@ -801,6 +796,6 @@ fn ping_frame() -> Bytes {
     Bytes::from_static(&[0x80 | frame::OP_PING, 0])
 }
 
-mod catch_up;
+pub(crate) mod catch_up;
 #[cfg(test)]
 mod tests;

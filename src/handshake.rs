@@ -22,12 +22,14 @@ use crate::channel::{
     validate_name, Audience, AudienceKinds, Flags, KeySpace, NameError, NameKind,
 };
 use crate::conn::{Holds, SocketParams};
+use crate::event_stream;
 use crate::facility::Facilities;
 use crate::history::{self, StreamId, SUBPROTOCOL};
 use crate::identity::{Handshake, Identity, IdentityError, IdentityResolver};
 use crate::metrics::Metrics;
 use crate::policy::{IpLimiter, IpSlot, PolicyConfig, SocketLimit};
 use crate::ratelog::RateLog;
+use crate::registry::Form;
 
 /// The GUID of RFC 6455 §1.3, hashed with the client's key.
 const ACCEPT_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -76,8 +78,30 @@ pub enum HandshakeError {
     TooManySubscriptions(usize, usize),
     #[error("server is shutting down")]
     ShuttingDown,
-    #[error("last-id: {0}")]
-    BadResume(String),
+    #[error("{0}: {1}")]
+    BadResume(&'static str, String),
+    #[error(
+        "publish flags are for WebSocket sockets: an event stream or a long-poll only \
+         receives (publish with POST to the pub_url)"
+    )]
+    PublishOnStream,
+    #[error("subscribe flags are for sockets: POST to the pub_url only publishes")]
+    SubscribeOnPublish,
+    #[error(
+        "nothing to publish to: name publish-broadcast, -user, -group or -session \
+         (user, group and session need a logged-in client)"
+    )]
+    NothingToPublish,
+}
+
+/// What a request opens: a WebSocket, or one of the transports that only receive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    WebSocket,
+    /// Server-Sent Events ([`crate::event_stream`]).
+    EventStream,
+    /// One long-poll request ([`crate::poll`]).
+    Poll,
 }
 
 impl HandshakeError {
@@ -163,15 +187,22 @@ impl actix_web::ResponseError for HandshakeError {
     }
 }
 
-/// An accepted handshake: the `101` answer to send, and the socket it opens.
+/// An accepted handshake: the answer's head to send (`101`, or an event stream's;
+/// for a long-poll, the head's lines before its length), and the socket it opens.
 pub struct Accepted {
     pub response: Vec<u8>,
     pub params: SocketParams,
+    /// Long-poll only: per key of `params.subscribe`, the fingerprint of the stored
+    /// message the client has seen (`since=<label>:~<hex>` on keys without history).
+    pub seen: Vec<Option<u64>>,
 }
 
 /// Decides handshakes; one per process, shared by the workers.
 pub struct Handshaker {
     pub websocket_url: String,
+    pub sse_url: String,
+    pub poll_url: String,
+    pub pub_url: String,
     /// The access policy in force (`policy`, plus the demo's rule when it is on).
     pub policy: PolicyConfig,
     pub keys: KeySpace,
@@ -200,8 +231,9 @@ impl Handshaker {
         head: &RequestHead,
         slot: Option<IpSlot>,
         http: &awc::Client,
+        transport: Transport,
     ) -> Result<Accepted, HandshakeError> {
-        let accepted = self.decide(head, slot, http).await;
+        let accepted = self.decide(head, slot, http, transport).await;
         self.count(accepted.as_ref().err(), Some(head));
         accepted
     }
@@ -243,7 +275,12 @@ impl Handshaker {
         };
         let client = client.map_or_else(|| "an unknown address".to_string(), |ip| ip.to_string());
         let facility = head
-            .and_then(|h| h.uri.path().strip_prefix(self.websocket_url.as_str()))
+            .and_then(|h| {
+                let path = h.uri.path();
+                [&self.websocket_url, &self.sse_url, &self.poll_url]
+                    .iter()
+                    .find_map(|prefix| path.strip_prefix(prefix.as_str()))
+            })
             .map(|raw| percent_encoding::percent_decode_str(raw).decode_utf8_lossy());
         match facility {
             Some(facility) => format!(
@@ -289,21 +326,11 @@ impl Handshaker {
         Ok(key)
     }
 
-    async fn decide(
-        &self,
-        head: &RequestHead,
-        slot: Option<IpSlot>,
-        http: &awc::Client,
-    ) -> Result<Accepted, HandshakeError> {
+    /// What every request for a facility must pass first: the cookie's size, the
+    /// `Origin` (a page of a foreign site must not use the visitor's cookie), and a
+    /// valid facility (`rest` of the path after the transport's prefix).
+    fn check_request(&self, head: &RequestHead, rest: &str) -> Result<String, HandshakeError> {
         let policy = &self.policy;
-        if self.shutdown.is_cancelled() {
-            return Err(HandshakeError::ShuttingDown);
-        }
-        let path = head.uri.path();
-        let Some(rest) = path.strip_prefix(self.websocket_url.as_str()) else {
-            return Err(HandshakeError::NotFound(self.websocket_url.clone()));
-        };
-        let key = self.check_protocol(head)?;
         let cookie_bytes: usize = head.headers.get_all(header::COOKIE).map(|v| v.len()).sum();
         if cookie_bytes > policy.max_cookie_bytes {
             return Err(HandshakeError::CookieTooLarge(policy.max_cookie_bytes));
@@ -312,23 +339,31 @@ impl Handshaker {
         policy
             .check_origin(head, peer)
             .map_err(HandshakeError::Origin)?;
-        let facility = facility_from_path(rest)?;
-        let permit = self
-            .sockets
-            .try_acquire()
-            .ok_or(HandshakeError::TooManySockets(self.sockets.max()))?;
-        let client = policy.client_ip(head, peer);
-        let ip_slot = match (slot, client) {
-            // The connection came through a proxy: the client's own slot is taken now.
-            (None, Some(ip)) => Some(
-                self.per_ip
-                    .acquire(ip, policy.max_connections_per_ip)
-                    .ok_or(HandshakeError::PerIpLimit(ip))?,
-            ),
-            (slot, _) => slot,
-        };
+        facility_from_path(rest)
+    }
+
+    /// The flags the client may use and who it is: its query's flags, narrowed by the
+    /// identity and checked by the policy, then by the web application. `transport`:
+    /// the socket's (only a WebSocket publishes), or `None` for `POST /pub/` (only
+    /// publishes).
+    async fn authorize(
+        &self,
+        head: &RequestHead,
+        facility: &str,
+        client: Option<IpAddr>,
+        http: &awc::Client,
+        transport: Option<Transport>,
+    ) -> Result<(Flags, Identity), HandshakeError> {
+        let policy = &self.policy;
         let query = head.uri.query().unwrap_or("");
         let requested = Flags::parse(query);
+        match transport {
+            Some(Transport::WebSocket) => {}
+            Some(_) if requested.publish.any() => return Err(HandshakeError::PublishOnStream),
+            None if requested.subscribe.any() => return Err(HandshakeError::SubscribeOnPublish),
+            None if !requested.publish.any() => return Err(HandshakeError::NothingToPublish),
+            _ => {}
+        }
         if let Some(name) = Flags::mistyped(query) {
             // The client chose it: bounded in the log.
             let name: String = name.chars().take(64).collect();
@@ -344,7 +379,7 @@ impl Handshaker {
         }
         let handshake = Handshake {
             head,
-            facility: &facility,
+            facility,
             flags: requested,
             http,
         };
@@ -354,7 +389,7 @@ impl Handshaker {
             None => requested,
         };
         policy
-            .check_flags(&facility, &flags, &identity)
+            .check_flags(facility, &flags, &identity)
             .map_err(HandshakeError::Policy)?;
         // The application is asked last: about a socket the gateway would accept, with
         // the identity it gets (see `crate::authorize`).
@@ -365,8 +400,86 @@ impl Handshaker {
             }
             None => flags,
         };
+        Ok((flags, identity))
+    }
+
+    /// Decides a `POST /pub/<facility>?publish-…` (publishing without a socket) and
+    /// counts the result: the keys the body goes to.
+    pub async fn accept_publish(
+        &self,
+        head: &RequestHead,
+        rest: &str,
+        http: &awc::Client,
+    ) -> Result<Vec<Arc<str>>, HandshakeError> {
+        let decided = async {
+            let facility = self.check_request(head, rest)?;
+            let peer = head.peer_addr.map(|a: SocketAddr| a.ip());
+            let client = self.policy.client_ip(head, peer);
+            let (flags, identity) = self.authorize(head, &facility, client, http, None).await?;
+            let publish = self.keys_of(&facility, &audiences_for(flags.publish, &identity));
+            match publish.is_empty() {
+                true => Err(HandshakeError::NothingToPublish),
+                false => Ok(publish.to_vec()),
+            }
+        }
+        .await;
+        self.count(decided.as_ref().err(), Some(head));
+        decided
+    }
+
+    /// The URL prefix of `transport`.
+    pub fn url(&self, transport: Transport) -> &str {
+        match transport {
+            Transport::WebSocket => &self.websocket_url,
+            Transport::EventStream => &self.sse_url,
+            Transport::Poll => &self.poll_url,
+        }
+    }
+
+    async fn decide(
+        &self,
+        head: &RequestHead,
+        slot: Option<IpSlot>,
+        http: &awc::Client,
+        transport: Transport,
+    ) -> Result<Accepted, HandshakeError> {
+        let policy = &self.policy;
+        if self.shutdown.is_cancelled() {
+            return Err(HandshakeError::ShuttingDown);
+        }
+        let path = head.uri.path();
+        let url = self.url(transport);
+        let Some(rest) = path.strip_prefix(url) else {
+            return Err(HandshakeError::NotFound(url.to_string()));
+        };
+        let key = match transport {
+            Transport::WebSocket => Some(self.check_protocol(head)?),
+            _ if head.method != Method::GET => return Err(HandshakeError::MethodNotGet),
+            _ => None,
+        };
+        let facility = self.check_request(head, rest)?;
+        let peer = head.peer_addr.map(|a: SocketAddr| a.ip());
+        let permit = self
+            .sockets
+            .try_acquire()
+            .ok_or(HandshakeError::TooManySockets(self.sockets.max()))?;
+        let client = policy.client_ip(head, peer);
+        let ip_slot = match (slot, client) {
+            // The connection came through a proxy: the client's own slot is taken now.
+            (None, Some(ip)) => Some(
+                self.per_ip
+                    .acquire(ip, policy.max_connections_per_ip)
+                    .ok_or(HandshakeError::PerIpLimit(ip))?,
+            ),
+            (slot, _) => slot,
+        };
+        let (flags, identity) = self
+            .authorize(head, &facility, client, http, Some(transport))
+            .await?;
         let listening = audiences_for(flags.subscribe, &identity);
-        let resume = resume_points(query, &listening).map_err(HandshakeError::BadResume)?;
+        let Positions {
+            ids: resume, seen, ..
+        } = self.positions(head, transport, &listening)?;
         let subscribe = self.keys_of(&facility, &listening);
         let publish = self.keys_of(&facility, &audiences_for(flags.publish, &identity));
         if subscribe.len() > policy.max_subscriptions {
@@ -390,17 +503,71 @@ impl Handshaker {
             subscribe,
             publish,
             echo: flags.echo,
-            envelope: offers_protocol(&head.headers, SUBPROTOCOL),
+            form: match transport {
+                Transport::WebSocket if offers_protocol(&head.headers, SUBPROTOCOL) => {
+                    Form::Envelope
+                }
+                Transport::WebSocket => Form::Plain,
+                Transport::EventStream => Form::Event,
+                Transport::Poll => Form::Poll,
+            },
             resume,
             holds: Holds {
                 ip_slot,
                 permit: Some(permit),
             },
         };
+        // Only an origin the policy let through reaches here: it may read the answer.
+        let origin = head
+            .headers
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok());
+        let response = match (transport, key) {
+            (Transport::WebSocket, Some(key)) => {
+                switching_protocols(key, chosen_protocol(&head.headers))
+            }
+            (Transport::EventStream, _) => event_stream::response_head(origin),
+            _ => crate::poll::response_lines(origin),
+        };
         Ok(Accepted {
-            response: switching_protocols(key, chosen_protocol(&head.headers)),
+            response,
             params,
+            seen,
         })
+    }
+
+    /// Where the client resumes from, per key of `listening`: a WebSocket's
+    /// `last-id=`; an event stream's `lastEventId=` and `Last-Event-ID` header (the
+    /// header, which the browser sends on its own reconnects, wins); a long-poll's
+    /// `since=`, whose ids on keys without history name the stored message seen.
+    fn positions<'l>(
+        &self,
+        head: &RequestHead,
+        transport: Transport,
+        listening: &'l [Audience],
+    ) -> Result<Positions<'l>, HandshakeError> {
+        let query = head.uri.query().unwrap_or("");
+        let param = match transport {
+            Transport::WebSocket => "last-id",
+            Transport::EventStream => "lastEventId",
+            Transport::Poll => "since",
+        };
+        let bad = |e| HandshakeError::BadResume(param, e);
+        let mut positions = Positions::new(listening, transport == Transport::Poll);
+        for value in query_values(query, param) {
+            positions.add(&value.map_err(bad)?).map_err(bad)?;
+        }
+        if transport == Transport::EventStream {
+            if let Some(value) = head.headers.get("last-event-id") {
+                let value = value.to_str().map_err(|_| {
+                    HandshakeError::BadResume("Last-Event-ID", "not ASCII".to_string())
+                })?;
+                positions
+                    .add(value)
+                    .map_err(|e| HandshakeError::BadResume("Last-Event-ID", e))?;
+            }
+        }
+        Ok(positions)
     }
 
     fn keys_of(&self, facility: &str, audiences: &[Audience]) -> Arc<[Arc<str>]> {
@@ -470,40 +637,77 @@ fn chosen_protocol(headers: &HeaderMap) -> Option<&str> {
     })
 }
 
-/// The ids to resume from, one per audience in `listening` (in its order; none at all
-/// without a `last-id` this socket can use), from the
-/// query's `last-id=<label>:<id>,…` (labels as the envelope names keys: `broadcast`,
-/// `user`, `session`, `group:<name>`). A label the socket does not listen to is
-/// skipped: the page may hold an id for a key its identity no longer gives (a user
-/// who logged out, a group left), and a browser cannot read why a handshake failed.
-fn resume_points(query: &str, listening: &[Audience]) -> Result<Vec<Option<StreamId>>, String> {
-    // Empty (no allocation) for the sockets that resume nothing: most of them.
-    let mut points = Vec::new();
-    let values = query
+/// The percent-decoded values of the query parameter `name`.
+fn query_values<'q>(
+    query: &'q str,
+    name: &'q str,
+) -> impl Iterator<Item = Result<std::borrow::Cow<'q, str>, String>> + 'q {
+    query
         .split('&')
         .filter_map(|p| p.split_once('='))
-        .filter(|(name, _)| name.eq_ignore_ascii_case("last-id"));
-    for (_, value) in values {
-        let value = percent_encoding::percent_decode_str(value)
-            .decode_utf8()
-            .map_err(|_| "not valid percent-encoded UTF-8".to_string())?;
-        for item in value.split(',').filter(|i| !i.is_empty()) {
+        .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, value)| {
+            percent_encoding::percent_decode_str(value)
+                .decode_utf8()
+                .map_err(|_| "not valid percent-encoded UTF-8".to_string())
+        })
+}
+
+/// The positions a client resumes from, one per audience in `listening` (in its
+/// order), from lists of `<label>:<id>,…` (labels as the envelope names keys:
+/// `broadcast`, `user`, `session`, `group:<name>`). A label the socket does not listen
+/// to is skipped: the page may hold an id for a key its identity no longer gives (a
+/// user who logged out, a group left), and a browser cannot read why a request failed.
+/// A later list wins for a label both name.
+struct Positions<'l> {
+    listening: &'l [Audience],
+    /// Whether `~<hex>` (a long-poll's stored-message fingerprint) is accepted.
+    fingerprints: bool,
+    /// Empty (no allocation) when nothing resumes: most sockets.
+    ids: Vec<Option<StreamId>>,
+    seen: Vec<Option<u64>>,
+}
+
+impl<'l> Positions<'l> {
+    fn new(listening: &'l [Audience], fingerprints: bool) -> Self {
+        Positions {
+            listening,
+            fingerprints,
+            ids: Vec::new(),
+            seen: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, list: &str) -> Result<(), String> {
+        for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             let (label, id) = item
                 .rsplit_once(':')
                 .ok_or_else(|| format!("{item:?} is not <key>:<id>"))?;
-            let id: StreamId = id.parse().map_err(|e| format!("{item:?}: {e}"))?;
-            let at = listening
+            let at = self
+                .listening
                 .iter()
                 .position(|a| history::label(a.kind(), a.group_name()) == label);
-            if let Some(at) = at {
-                if points.is_empty() {
-                    points = vec![None; listening.len()];
+            let fingerprint = id.strip_prefix('~').filter(|_| self.fingerprints);
+            let Some(at) = at else {
+                continue;
+            };
+            let n = self.listening.len();
+            match fingerprint {
+                Some(hex) => {
+                    let hash = u64::from_str_radix(hex, 16)
+                        .map_err(|_| format!("{item:?}: not a message id"))?;
+                    self.seen.resize(n, None);
+                    self.seen[at] = Some(hash);
                 }
-                points[at] = Some(id);
+                None => {
+                    let id: StreamId = id.parse().map_err(|e| format!("{item:?}: {e}"))?;
+                    self.ids.resize(n, None);
+                    self.ids[at] = Some(id);
+                }
             }
         }
+        Ok(())
     }
-    Ok(points)
 }
 
 /// The audiences of the requested kinds that this identity has: user needs a user name,

@@ -274,12 +274,15 @@ pub mod envelope {
     use base64::Engine;
     use serde_json::json;
 
-    use super::StreamId;
-
     /// A message: `data` is the payload when it is UTF-8 text, `data_base64` when not;
     /// `id` is absent for publications that did not go through wsrelay (plain Redis
     /// `PUBLISH`) or keys without history; `stored` marks a late joiner's stored message.
-    pub fn message(label: &str, id: Option<StreamId>, payload: &[u8], stored: bool) -> String {
+    pub fn message(
+        label: &str,
+        id: Option<impl std::fmt::Display>,
+        payload: &[u8],
+        stored: bool,
+    ) -> String {
         let mut m = serde_json::Map::new();
         m.insert("type".into(), "message".into());
         m.insert("key".into(), label.into());
@@ -315,6 +318,11 @@ pub mod envelope {
     /// The messages missed on `label` cannot be replayed; the stored one follows.
     pub fn reset(label: &str, reason: &str) -> String {
         json!({"type": "reset", "key": label, "reason": reason}).to_string()
+    }
+
+    /// The gateway ends an event stream (`code` and `reason` as a WebSocket's close).
+    pub fn close(code: u16, reason: &str) -> String {
+        json!({"type": "close", "code": code, "reason": reason}).to_string()
     }
 
     /// Messages may have been missed on `label`, a key without history.
@@ -379,7 +387,7 @@ mod tests {
             m,
             r#"{"data":"hi","id":"1-2","key":"broadcast","type":"message"}"#
         );
-        let b = envelope::message("group:staff", None, &[0xff, 0], true);
+        let b = envelope::message("group:staff", None::<StreamId>, &[0xff, 0], true);
         let v: serde_json::Value = serde_json::from_str(&b).unwrap();
         assert_eq!(v["data_base64"], "/wA=");
         assert_eq!(v["stored"], true);

@@ -1,9 +1,10 @@
-//! HTTP routes: `/health`, `/ready`, `/metrics`, `POST /api/publish`, and the answer
-//! to a request for a WebSocket URL that does not upgrade. The demo's
-//! `POST /demo/publish` ([`crate::assets`]) publishes through [`publish_body`] too.
+//! HTTP routes: `/health`, `/ready`, `/metrics`, `POST /api/publish`,
+//! `POST /pub/<facility>` (a page publishing without a WebSocket), and the answer to a
+//! request for a WebSocket URL that does not upgrade. The demo's `POST /demo/publish`
+//! ([`crate::assets`]) publishes through [`publish_body`] too.
 //!
-//! WebSocket upgrades never reach these routes: they leave the HTTP server at the
-//! upgrade hook ([`crate::server`]) and are decided by [`crate::handshake`].
+//! WebSocket upgrades, event streams and long-polls never reach these routes: they
+//! leave the HTTP server ([`crate::server`]) and are decided by [`crate::handshake`].
 
 use std::sync::Arc;
 
@@ -15,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Broker;
 use crate::channel::{KeySpace, NameError};
 use crate::config::MAX_EXPIRE;
-use crate::handshake::Handshaker;
+use crate::handshake::{HandshakeError, Handshaker};
 use crate::metrics::Metrics;
 use crate::publisher::Recipients;
 use crate::secret::Secret;
@@ -56,8 +57,16 @@ impl HttpState {
 }
 
 /// Mounts every route; `websocket_url` is the configured prefix (`/ws/`).
-pub fn configure(cfg: &mut web::ServiceConfig, websocket_url: &str, max_message_size: usize) {
+pub fn configure(cfg: &mut web::ServiceConfig, urls: &Handshaker, max_message_size: usize) {
+    let websocket_url = &urls.websocket_url;
     cfg.service(web::resource(format!("{websocket_url}{{facility:.*}}")).to(not_upgraded))
+        .service(
+            web::resource(format!("{}{{facility:.*}}", urls.pub_url))
+                .post(publish_from_page)
+                .route(web::method(actix_web::http::Method::OPTIONS).to(publish_preflight)),
+        )
+        .service(web::resource(format!("{}{{facility:.*}}", urls.sse_url)).to(pipelined))
+        .service(web::resource(format!("{}{{facility:.*}}", urls.poll_url)).to(pipelined))
         .service(web::resource("/health").get(health))
         .service(web::resource("/ready").get(ready))
         .service(web::resource("/metrics").get(metrics))
@@ -84,6 +93,86 @@ pub fn publish_limit(max_message_size: usize) -> usize {
 /// handshake's reason (ws4redis's texts).
 async fn not_upgraded(req: HttpRequest, state: web::Data<HttpState>) -> HttpResponse {
     state.handshaker.refuse_plain(req.head()).error_response()
+}
+
+/// An event stream or long-poll request that reached the routes: it came behind
+/// another request on its connection (see [`crate::server`]).
+async fn pipelined() -> HttpResponse {
+    let why = "an event stream or long-poll request must not be pipelined behind another \
+               request on its connection";
+    plain(StatusCode::BAD_REQUEST, why.to_string())
+}
+
+/// `POST /pub/<facility>?publish-…`: a page on an event stream or a long-poll
+/// publishes its body as a WebSocket with these publish flags would (same identity,
+/// `Origin` rule, policy and authorization callback); answers the message's ids.
+async fn publish_from_page(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<HttpState>,
+) -> HttpResponse {
+    let head = req.head();
+    let handshaker = &state.handshaker;
+    let rest = head.uri.path().strip_prefix(handshaker.pub_url.as_str());
+    let Some(http) = req.app_data::<awc::Client>() else {
+        return plain(StatusCode::INTERNAL_SERVER_ERROR, "no HTTP client".into());
+    };
+    let keys = match handshaker
+        .accept_publish(head, rest.unwrap_or(""), http)
+        .await
+    {
+        Ok(keys) => keys,
+        // The page of an allowed origin may read why it was refused.
+        Err(HandshakeError::Origin(why)) => return plain(StatusCode::FORBIDDEN, why),
+        Err(refusal) => return with_cors(refusal.error_response(), head),
+    };
+    let limit = state.max_message_size;
+    let answer = match body.to_bytes_limited(limit).await {
+        Ok(Ok(payload)) => match state.broker.publish(&keys, &payload, state.expire).await {
+            Ok(ids) => {
+                let ids: Vec<Option<String>> =
+                    ids.iter().map(|id| id.map(|id| id.to_string())).collect();
+                HttpResponse::Ok().json(serde_json::json!({ "ids": ids }))
+            }
+            Err(e) => plain(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        },
+        Ok(Err(e)) => plain(StatusCode::BAD_REQUEST, format!("request body: {e}")),
+        Err(_) => plain(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("message is longer than max_message_size ({limit} bytes)"),
+        ),
+    };
+    with_cors(answer, head)
+}
+
+/// The CORS preflight of `POST /pub/`: allowed for the origins the policy allows.
+async fn publish_preflight(req: HttpRequest, state: web::Data<HttpState>) -> HttpResponse {
+    let head = req.head();
+    let peer = head.peer_addr.map(|a| a.ip());
+    if let Err(why) = state.handshaker.policy.check_origin(head, peer) {
+        return plain(StatusCode::FORBIDDEN, why);
+    }
+    let mut answer = HttpResponse::NoContent();
+    answer
+        .insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, "POST"))
+        .insert_header((header::ACCESS_CONTROL_ALLOW_HEADERS, "content-type"))
+        .insert_header((header::ACCESS_CONTROL_MAX_AGE, "600"));
+    with_cors(answer.finish(), head)
+}
+
+/// Lets the page of an allowed origin read the answer (only allowed origins get this
+/// far), with its cookies.
+fn with_cors(mut answer: HttpResponse, head: &actix_web::dev::RequestHead) -> HttpResponse {
+    if let Some(origin) = head.headers.get(header::ORIGIN) {
+        let headers = answer.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            header::HeaderValue::from_static("true"),
+        );
+        headers.insert(header::VARY, header::HeaderValue::from_static("origin"));
+    }
+    answer
 }
 
 /// An answer with a plain-text reason.

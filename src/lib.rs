@@ -69,6 +69,7 @@ pub mod broker;
 pub mod channel;
 pub mod config;
 pub mod conn;
+pub mod event_stream;
 pub mod facility;
 pub mod handshake;
 pub mod history;
@@ -78,6 +79,7 @@ pub mod metrics;
 pub mod notify;
 pub mod outbox;
 pub mod policy;
+pub mod poll;
 pub mod publisher;
 pub mod ratelog;
 pub mod registry;
@@ -289,6 +291,9 @@ impl Parts {
         };
         let handshaker = Arc::new(Handshaker {
             websocket_url: config.websocket_url.clone(),
+            sse_url: config.sse_url.clone(),
+            poll_url: config.poll_url.clone(),
+            pub_url: config.pub_url.clone(),
             policy: config.effective_policy(),
             keys: keys.clone(),
             facilities,

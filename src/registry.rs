@@ -22,6 +22,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::event_stream;
 use crate::history::{envelope, Retention, StreamId};
 use crate::metrics::Metrics;
 use crate::ws::frame;
@@ -32,19 +33,60 @@ pub const MAX_WORKERS: usize = 64;
 /// Publications waiting in one worker's inbox before the broker waits for it.
 const INBOX: usize = 1024;
 
-/// A publication encoded once as a server frame, shared by every socket it goes to.
+/// How a socket's transport wants publications written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// A WebSocket frame of the payload itself (ws4redis).
+    Plain,
+    /// A WebSocket text frame of the envelope's JSON (`wsrelay.v1`).
+    Envelope,
+    /// A Server-Sent Event ([`crate::event_stream`]).
+    Event,
+    /// An element of a long-poll answer: the envelope's JSON, every message with an id
+    /// ([`crate::poll`]).
+    Poll,
+}
+
+impl Form {
+    /// Forms other than `Plain`, each encoded on first need.
+    pub const LAZY: usize = 3;
+
+    /// This form's place among the lazily encoded ones (`None`: `Plain`).
+    pub fn lazy_index(self) -> Option<usize> {
+        match self {
+            Form::Plain => None,
+            Form::Envelope => Some(0),
+            Form::Event => Some(1),
+            Form::Poll => Some(2),
+        }
+    }
+
+    /// Whether this form is a WebSocket's (the others only receive).
+    pub fn is_websocket(self) -> bool {
+        matches!(self, Form::Plain | Form::Envelope)
+    }
+
+    /// Whether sockets of this form get the envelope's control messages.
+    pub fn has_controls(self) -> bool {
+        self != Form::Plain
+    }
+}
+
+/// A publication encoded once per form, shared by every socket it goes to.
 #[derive(Debug)]
 pub struct Publication {
     pub key: Arc<str>,
     /// Its id in the key's history, when it has one.
     pub id: Option<StreamId>,
     /// Header and payload: the exact bytes every plain socket receives; empty for a
-    /// control message, which only envelope sockets receive.
+    /// control message, which plain sockets do not receive.
     pub frame: Bytes,
     /// Where the payload starts in `frame`.
     header: usize,
-    /// The frame envelope sockets receive, encoded when the first one needs it.
-    envelope: OnceLock<Bytes>,
+    /// A control message's JSON (`reset`, `gap`).
+    control: Option<Box<str>>,
+    /// The other forms, encoded when the first socket of the form needs them.
+    forms: [OnceLock<Bytes>; Form::LAZY],
     /// When the broker received it (for the delivery latency metric).
     pub received: Instant,
 }
@@ -58,7 +100,8 @@ impl Publication {
             id,
             frame: frame::encode_message(payload),
             header: frame::server_header_size(payload.len()),
-            envelope: OnceLock::new(),
+            control: None,
+            forms: Default::default(),
             received,
         }
     }
@@ -70,26 +113,50 @@ impl Publication {
             id: None,
             frame: Bytes::new(),
             header: 0,
-            envelope: OnceLock::from(frame::encode(frame::OP_TEXT, text.as_bytes())),
+            control: Some(text.into()),
+            forms: Default::default(),
             received,
         }
     }
 
     pub fn is_control(&self) -> bool {
-        self.frame.is_empty()
+        self.control.is_some()
     }
 
     pub fn payload(&self) -> &[u8] {
         &self.frame[self.header..]
     }
 
-    /// The frame an envelope socket receives.
-    pub fn envelope(&self, retention: &Retention) -> &Bytes {
-        self.envelope.get_or_init(|| {
-            let label = retention.label(&self.key);
-            let text = envelope::message(&label, self.id, self.payload(), false);
-            frame::encode(frame::OP_TEXT, text.as_bytes())
-        })
+    /// What a socket of `form` receives (`None`: nothing, a control message for a
+    /// plain socket).
+    pub fn encoded(&self, form: Form, retention: &Retention) -> Option<&Bytes> {
+        match form.lazy_index() {
+            None => (!self.is_control()).then_some(&self.frame),
+            Some(i) => Some(self.forms[i].get_or_init(|| self.encode(form, retention))),
+        }
+    }
+
+    fn encode(&self, form: Form, retention: &Retention) -> Bytes {
+        if let Some(text) = &self.control {
+            return match form {
+                Form::Event => event_stream::control(text),
+                Form::Poll => Bytes::copy_from_slice(text.as_bytes()),
+                _ => frame::encode(frame::OP_TEXT, text.as_bytes()),
+            };
+        }
+        let label = retention.label(&self.key);
+        let payload = self.payload();
+        match form {
+            Form::Event => event_stream::message(self.id.map(|id| (&*label, id)), payload),
+            Form::Poll => {
+                let id = crate::poll::message_id(self.id, payload);
+                envelope::message(&label, Some(id), payload, false).into()
+            }
+            _ => {
+                let text = envelope::message(&label, self.id, payload, false);
+                frame::encode(frame::OP_TEXT, text.as_bytes())
+            }
+        }
     }
 }
 

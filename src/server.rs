@@ -41,16 +41,21 @@ use actix_server::Server;
 use actix_service::{fn_factory, fn_service, map_config, ServiceFactoryExt};
 use actix_web::dev::AppConfig;
 use actix_web::{web, App};
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::conn;
-use crate::handshake::{plain_http, Handshaker};
+use crate::handshake::{plain_http, Handshaker, Transport};
 use crate::http::HttpState;
 use crate::policy::IpSlot;
 use crate::worker::{Relay, Worker};
 use crate::ws::Stream;
+
+use self::streams::{Seen, StreamRoutes};
+
+mod streams;
 
 /// How long a closing HTTP connection may take to flush its last answer.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -105,20 +110,23 @@ impl Listener {
         InitError = (),
     > {
         let worker = Worker::start(self.relay.clone());
+        let context = Rc::new(UpgradeContext {
+            worker,
+            handshaker: self.handshaker.clone(),
+            http: awc::Client::default(),
+            timeout: self.handshake_timeout,
+            streams: StreamRoutes::new(&self.handshaker.sse_url, &self.handshaker.poll_url),
+        });
         let this = self.clone();
+        let accepting = context.clone();
         let accept = fn_service(move |tcp: TcpStream| {
-            let accepted = this.accept(tcp);
+            let accepted = this.accept(tcp, &accepting);
             async move { accepted }
         });
+        let client = context.http.clone();
         let upgrade = {
-            let this = self.clone();
             fn_factory(move || {
-                let context = Rc::new(UpgradeContext {
-                    worker: worker.clone(),
-                    handshaker: this.handshaker.clone(),
-                    http: awc::Client::default(),
-                    timeout: this.handshake_timeout,
-                });
+                let context = context.clone();
                 async move {
                     Ok::<_, ()>(fn_service(move |(req, framed)| {
                         upgrade(context.clone(), req, framed)
@@ -127,12 +135,14 @@ impl Listener {
             })
         };
         let http = self.http.clone();
-        let url = http.handshaker.websocket_url.clone();
+        let handshaker = http.handshaker.clone();
         let max = http.max_message_size;
         let assets = self.assets.clone();
         let app = App::new()
             .app_data(http)
-            .configure(move |cfg| crate::http::configure(cfg, &url, max))
+            // This worker's client, for the callbacks `POST /pub/` asks.
+            .app_data(client)
+            .configure(move |cfg| crate::http::configure(cfg, &handshaker, max))
             .configure(move |cfg| crate::assets::configure(cfg, assets));
         let keep_alive = if self.keep_alive.is_zero() {
             KeepAlive::Disabled
@@ -153,6 +163,7 @@ impl Listener {
     fn accept(
         &self,
         tcp: TcpStream,
+        context: &Rc<UpgradeContext>,
     ) -> Result<(HttpConn, Option<SocketAddr>), actix_http::error::DispatchError> {
         // An IPv4 client of a dual-stack listener shows as `::ffff:a.b.c.d`: the
         // policy's addresses are compared in their canonical form.
@@ -187,8 +198,8 @@ impl Listener {
                 tcp,
                 slot,
                 counted,
-                self.handshake_timeout,
-                self.request_timeout,
+                context.clone(),
+                (self.handshake_timeout, self.request_timeout),
             ),
             peer,
         ))
@@ -218,6 +229,8 @@ struct UpgradeContext {
     http: awc::Client,
     /// Bound on writing the handshake's answer.
     timeout: Duration,
+    /// The requests that leave the dispatcher at their head.
+    streams: StreamRoutes,
 }
 
 /// Takes a WebSocket request out of the dispatcher: decides the handshake, answers it,
@@ -232,7 +245,7 @@ async fn upgrade(
     let (mut tcp, slot) = parts.io.into_inner();
     let decided = context
         .handshaker
-        .accept(req.head(), slot, &context.http)
+        .accept(req.head(), slot, &context.http, Transport::WebSocket)
         .await;
     let mut answer = parts.write_buf.to_vec();
     match decided {
@@ -284,12 +297,25 @@ async fn write_bounded(tcp: &mut TcpStream, bytes: &[u8], limit: Duration) -> bo
 }
 
 /// An HTTP connection: the TCP stream, the client address's place, and the deadlines
-/// of the request in progress.
+/// of the request in progress; and the start of a request head held back while it may
+/// be a stream request ([`streams`]).
 pub struct HttpConn {
-    stream: TcpStream,
+    /// `None` once a stream request took it.
+    stream: Option<TcpStream>,
     slot: Option<IpSlot>,
     clock: RequestClock,
+    held: Held,
+    context: Rc<UpgradeContext>,
     _counted: Counted,
+}
+
+/// Bytes of a request head kept from the dispatcher.
+enum Held {
+    Nothing,
+    /// May be a stream request: read on until the head says.
+    Deciding(BytesMut),
+    /// Not one: handed to the dispatcher, as much as its buffer takes each read.
+    Returning(BytesMut),
 }
 
 /// Counts one connection in a gauge for as long as it lives.
@@ -309,27 +335,103 @@ impl Drop for Counted {
 }
 
 impl HttpConn {
+    /// `limits`: the request head's and the whole request's.
     fn new(
         stream: TcpStream,
         slot: Option<IpSlot>,
         counted: Counted,
-        head_limit: Duration,
-        request_limit: Duration,
+        context: Rc<UpgradeContext>,
+        limits: (Duration, Duration),
     ) -> Self {
-        let mut clock = RequestClock::new(head_limit, request_limit);
+        let mut clock = RequestClock::new(limits.0, limits.1);
         // The first head's time runs from the connect.
         clock.start();
         HttpConn {
-            stream,
+            stream: Some(stream),
             slot,
             clock,
+            held: Held::Nothing,
+            context,
             _counted: counted,
         }
     }
 
     /// The stream and the address's place, for the socket this connection becomes.
     pub fn into_inner(self) -> (TcpStream, Option<IpSlot>) {
-        (self.stream, self.slot)
+        let stream = self
+            .stream
+            .expect("an upgrade comes before any stream request");
+        (stream, self.slot)
+    }
+
+    fn stream(&mut self) -> io::Result<&mut TcpStream> {
+        self.stream
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
+    }
+
+    /// Reads on into a head held back until it is whole, then either takes the stream
+    /// for a stream request (the dispatcher then reads the end of the connection) or
+    /// returns the bytes to the dispatcher.
+    fn poll_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let Held::Deciding(head) = &mut self.held else {
+                return Poll::Ready(Ok(()));
+            };
+            match self.context.streams.see(head) {
+                Seen::Other => {
+                    self.held = Held::Returning(std::mem::take(head));
+                    return Poll::Ready(Ok(()));
+                }
+                Seen::Stream { transport, len } => {
+                    let mut head = std::mem::take(head);
+                    head.truncate(len);
+                    self.take_stream(head, transport);
+                    return Poll::Ready(Ok(()));
+                }
+                // An oversized head is taken too, to be refused with its reason.
+                Seen::NeedMore if head.len() >= streams::MAX_HEAD => {
+                    let head = std::mem::take(head);
+                    self.take_stream(head, Transport::EventStream);
+                    return Poll::Ready(Ok(()));
+                }
+                Seen::NeedMore => {}
+            }
+            let mut chunk = [0u8; 2048];
+            let mut read = ReadBuf::new(&mut chunk);
+            let stream = self.stream()?;
+            match Pin::new(stream).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                    // The client left mid-head: the dispatcher gets what came.
+                    let Held::Deciding(head) = &mut self.held else {
+                        unreachable!()
+                    };
+                    self.held = Held::Returning(std::mem::take(head));
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Ready(Ok(())) => {
+                    self.clock.saw(read.filled());
+                    if let Held::Deciding(head) = &mut self.held {
+                        head.extend_from_slice(read.filled());
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending if self.clock.poll_passed(cx) => {
+                    return Poll::Ready(Err(self.time_out()))
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// Hands the stream to a stream request's task on this worker.
+    fn take_stream(&mut self, head: BytesMut, transport: Transport) {
+        self.held = Held::Nothing;
+        let (Some(tcp), slot) = (self.stream.take(), self.slot.take()) else {
+            return;
+        };
+        let context = self.context.clone();
+        tokio::task::spawn_local(streams::serve(context, tcp, slot, head, transport));
     }
 
     /// A deadline passed: a late request head is answered 408 (if the socket takes it
@@ -339,7 +441,9 @@ impl HttpConn {
         if head && self.clock.write_blocked.is_none() {
             let body = "request head not received within policy.handshake_timeout";
             let answer = plain_http(StatusCode::REQUEST_TIMEOUT, body, None);
-            let _ = self.stream.try_write(&answer);
+            if let Some(stream) = &self.stream {
+                let _ = stream.try_write(&answer);
+            }
         }
         io::Error::new(
             io::ErrorKind::TimedOut,
@@ -389,6 +493,18 @@ impl RequestClock {
             timer: None,
             armed_for: None,
         }
+    }
+
+    /// Whether the next byte read begins a request head.
+    fn at_head_start(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Idle
+                | Phase::Head {
+                    line_len: 0,
+                    lines: 0
+                }
+        )
     }
 
     fn start(&mut self) {
@@ -484,12 +600,43 @@ impl AsyncRead for HttpConn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Held::Deciding(_) = this.held {
+            if let Poll::Ready(Err(e)) = this.poll_held(cx) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        match &mut this.held {
+            // Pending, or the stream was taken (the dispatcher reads the end).
+            Held::Deciding(_) => return Poll::Pending,
+            Held::Returning(bytes) => {
+                let n = bytes.len().min(buf.remaining());
+                buf.put_slice(&bytes.split_to(n));
+                if bytes.is_empty() {
+                    this.held = Held::Nothing;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            Held::Nothing => {}
+        }
+        let at_head_start = this.clock.at_head_start();
         let before = buf.filled().len();
-        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+        let Some(stream) = this.stream.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        match Pin::new(stream).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                this.clock.saw(&buf.filled()[before..]);
+                let read = &buf.filled()[before..];
+                this.clock.saw(read);
                 if this.clock.passed() {
                     return Poll::Ready(Err(this.time_out()));
+                }
+                if at_head_start
+                    && !read.is_empty()
+                    && this.context.streams.see(read) != Seen::Other
+                {
+                    this.held = Held::Deciding(BytesMut::from(read));
+                    buf.set_filled(before);
+                    return Pin::new(this).poll_read(cx, buf);
                 }
                 Poll::Ready(Ok(()))
             }
@@ -527,7 +674,10 @@ impl AsyncWrite for HttpConn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let written = Pin::new(&mut this.stream).poll_write(cx, buf);
+        let written = match this.stream() {
+            Ok(stream) => Pin::new(stream).poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        };
         this.after_write(cx, written)
     }
 
@@ -537,20 +687,29 @@ impl AsyncWrite for HttpConn {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let written = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        let written = match this.stream() {
+            Ok(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        };
         this.after_write(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        self.stream.as_ref().is_some_and(|s| s.is_write_vectored())
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        match self.get_mut().stream() {
+            Ok(stream) => Pin::new(stream).poll_flush(cx),
+            Err(_) => Poll::Ready(Ok(())),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        match self.get_mut().stream() {
+            Ok(stream) => Pin::new(stream).poll_shutdown(cx),
+            Err(_) => Poll::Ready(Ok(())),
+        }
     }
 }
 

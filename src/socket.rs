@@ -28,7 +28,7 @@ use prometheus::IntCounter;
 
 use crate::history::StreamId;
 use crate::outbox::{self, Frame, Full, KeyIndex, Outbox, CONTROL, MAX_IOVECS};
-use crate::registry::{fingerprint, Publication};
+use crate::registry::{fingerprint, Form, Publication};
 use crate::wheel::Tick;
 use crate::ws::Stream;
 
@@ -44,8 +44,6 @@ mod flag {
     pub const CLOSING: u8 = 8;
     /// The client asked for `echo`: its own messages come back to it.
     pub const ECHO: u8 = 16;
-    /// The client speaks the envelope subprotocol (ids, control messages).
-    pub const ENVELOPE: u8 = 32;
 }
 
 /// Why the worker woke the task.
@@ -61,7 +59,12 @@ pub mod signal {
     pub const BLOCKED: u8 = 8;
     /// The gateway is stopping: the task picks its moment in the drain window.
     pub const DRAIN: u8 = 16;
+    /// A long-poll's socket holds a publication: its answer can go.
+    pub const ARRIVED: u8 = 32;
 }
+
+/// Per subscribe key, the newest id a socket's setup handed out.
+pub type Floors = Vec<(KeyIndex, StreamId)>;
 
 /// Tick value meaning "never".
 pub const NEVER: Tick = Tick::MAX;
@@ -84,6 +87,8 @@ pub struct Socket {
     /// On a conflating socket, `wsrelay_conflated_total`, counting the frames dropped to
     /// make room for control frames (the worker counts the fan-out's, once per batch).
     conflated: Option<IntCounter>,
+    /// How publications are written for this socket's transport.
+    pub form: Form,
     flags: Cell<u8>,
     signals: Cell<u8>,
     waker: RefCell<Option<Waker>>,
@@ -107,25 +112,24 @@ pub struct Socket {
 }
 
 impl Socket {
-    /// `envelope`: the client speaks the envelope subprotocol. `conflated`: the
+    /// `form`: how its transport wants publications written. `conflated`: the
     /// counter of frames dropped by conflation, for a socket that conflates instead of
     /// closing when it falls behind.
     pub fn new(
         stream: Stream,
         echo: bool,
-        envelope: bool,
+        form: Form,
         conflated: Option<IntCounter>,
         now: Tick,
     ) -> Self {
-        let flags = flag::HELD
-            | if echo { flag::ECHO } else { 0 }
-            | if envelope { flag::ENVELOPE } else { 0 };
+        let flags = flag::HELD | if echo { flag::ECHO } else { 0 };
         Socket {
             stream,
             out: RefCell::default(),
             held: RefCell::default(),
             held_bytes: Cell::new(0),
             conflated,
+            form,
             flags: Cell::new(flags),
             signals: Cell::new(0),
             waker: RefCell::default(),
@@ -189,11 +193,6 @@ impl Socket {
 
     pub fn has_unwritten(&self) -> bool {
         !self.out.borrow().is_empty()
-    }
-
-    /// Whether this socket receives the envelope rather than raw payloads.
-    pub fn wants_envelope(&self) -> bool {
-        self.has(flag::ENVELOPE)
     }
 
     /// Queues `publication` (as `frame`, raw or in the envelope, on the socket's
@@ -286,6 +285,10 @@ impl Socket {
             id,
         });
         self.held_bytes.set(self.held_bytes.get() + frame.len());
+        // A long-poll's socket stays held: what it holds is its answer.
+        if self.form == Form::Poll {
+            self.signal(signal::ARRIVED);
+        }
         Some(dropped)
     }
 
@@ -369,6 +372,21 @@ impl Socket {
         self.set(flag::HELD, false);
         self.flush(now);
         skipped
+    }
+
+    /// A long-poll's answer: sets the floors setup found (on the first call) and takes
+    /// the publications held so far, except those setup already handed out.
+    pub fn take_held(&self, floors: Option<Floors>) -> Vec<Frame> {
+        if let Some(floors) = floors {
+            *self.floors.borrow_mut() = floors;
+        }
+        self.held_bytes.set(0);
+        self.held
+            .take()
+            .into_iter()
+            .filter(|held| !held.id.is_some_and(|id| self.below_floor(held.key, id)))
+            .map(|held| held.frame)
+            .collect()
     }
 
     /// Remembers what this client just published (see `last_published`).
@@ -482,7 +500,13 @@ mod tests {
         let ours = tokio::net::UnixStream::from_std(ours).unwrap();
         let counter = IntCounter::new("conflated", "test").unwrap();
         let conflated = conflate.then(|| counter.clone());
-        let socket = Rc::new(Socket::new(Stream::Unix(ours), false, false, conflated, 0));
+        let socket = Rc::new(Socket::new(
+            Stream::Unix(ours),
+            false,
+            Form::Plain,
+            conflated,
+            0,
+        ));
         (socket, theirs, counter)
     }
 

@@ -55,6 +55,8 @@ pub struct SocketConfig {
     pub close_timeout: Tick,
     pub drain_window: Tick,
     pub setup_timeout: Tick,
+    /// How long a long-poll waits for a message.
+    pub poll_timeout: Tick,
 }
 
 /// The ws4redis heartbeat string, and the frame that carries it (encoded once).
@@ -81,6 +83,7 @@ impl SocketConfig {
             close_timeout: Clock::ticks(config.close_timeout()),
             drain_window: Clock::ticks(config.drain_window()),
             setup_timeout: Clock::ticks(SETUP_TIMEOUT),
+            poll_timeout: Clock::ticks(config.poll_timeout()),
         }
     }
 }
@@ -236,18 +239,17 @@ impl Worker {
                     continue;
                 };
                 // Each form wrapped once per worker, when a socket needs it.
-                let plain = (!publication.is_control()).then(|| Rc::new(publication.frame.clone()));
-                let mut wrapped: Option<Rc<Bytes>> = None;
+                let mut wrapped: [Option<Option<Rc<Bytes>>>; 4] = Default::default();
                 let payload = publication.payload().len() as u64;
                 for (socket, key) in sockets {
-                    let frame = if socket.wants_envelope() {
-                        wrapped
-                            .get_or_insert_with(|| Rc::new(publication.envelope(retention).clone()))
-                    } else {
-                        match &plain {
-                            Some(frame) => frame,
-                            None => continue,
-                        }
+                    let form = socket.form;
+                    let frame = wrapped[form as usize].get_or_insert_with(|| {
+                        publication
+                            .encoded(form, retention)
+                            .map(|frame| Rc::new(frame.clone()))
+                    });
+                    let Some(frame) = frame else {
+                        continue;
                     };
                     if let Some(dropped) =
                         socket.deliver(frame, *key, publication, limit, now, &mut dirty)

@@ -7,14 +7,17 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::Setup;
+use crate::event_stream;
 use crate::history::{self, envelope, CatchUp, StreamId};
 use crate::outbox;
+use crate::registry::Form;
+use crate::socket::Floors;
 use crate::worker::{Relay, Worker};
 use crate::ws::frame::{self, encode};
 
 /// Registers the subscriptions' confirmation and then reads what each key gives a
 /// starting socket: its stored message, or what it missed since `last-id`.
-pub(super) fn setup(worker: &Worker, params: &super::SocketParams) -> Setup {
+pub(crate) fn setup(worker: &Worker, params: &super::SocketParams) -> Setup {
     let relay = worker.relay.clone();
     let keys = params.subscribe.clone();
     let resume = params.resume.clone();
@@ -33,28 +36,65 @@ pub(super) fn setup(worker: &Worker, params: &super::SocketParams) -> Setup {
     })
 }
 
+/// Pairs each of `keys` with what setup read for it (nothing when setup gave up),
+/// tells the registry where the socket starts on each key, and returns the pairs and
+/// the socket's floors: per key, the newest id setup handed out (a live publication up
+/// to it is a duplicate).
+pub(crate) fn started(
+    relay: &Relay,
+    keys: &[Arc<str>],
+    caught: Option<Vec<CatchUp>>,
+) -> (Vec<(Arc<str>, CatchUp)>, Floors) {
+    let caught: Vec<(Arc<str>, CatchUp)> = keys
+        .iter()
+        .cloned()
+        .zip(caught.unwrap_or_default())
+        .collect();
+    let mut floors = Vec::new();
+    for (i, (key, caught)) in caught.iter().enumerate() {
+        let stored = match caught {
+            CatchUp::Stored {
+                stored: Some((payload, _)),
+                ..
+            } => Some(&payload[..]),
+            _ => None,
+        };
+        // A history key whose stream does not exist yet starts from its beginning.
+        let newest = relay
+            .broker
+            .retention()
+            .of(key)
+            .map(|_| caught.newest().unwrap_or(StreamId::ZERO));
+        relay.registry.seen(key, newest, stored);
+        if let Some(id) = caught.last_id() {
+            floors.push((outbox::key_index(i), id));
+        }
+    }
+    (caught, floors)
+}
+
 /// The frames a socket gets when its setup ends, key after key, and what they cost.
-pub(super) struct CatchUpFrames<'r> {
+pub(crate) struct CatchUpFrames<'r> {
     relay: &'r Relay,
-    envelope: bool,
+    form: Form,
     /// Each resumed key gets a reset and its newest message instead of its replay.
     no_replay: bool,
-    pub(super) frames: Vec<Bytes>,
+    pub(crate) frames: Vec<Bytes>,
     /// Each frame's payload bytes (0 for control messages), for the metrics.
-    pub(super) sizes: Vec<usize>,
+    pub(crate) sizes: Vec<usize>,
     /// Whether each frame is a control message of the envelope.
     controls: Vec<bool>,
-    pub(super) replayed: usize,
-    pub(super) resets: usize,
+    pub(crate) replayed: usize,
+    pub(crate) resets: usize,
     /// Messages dropped so that the rest fits under `queue_bytes`.
-    pub(super) trimmed: usize,
+    pub(crate) trimmed: usize,
 }
 
 impl<'r> CatchUpFrames<'r> {
-    fn new(relay: &'r Relay, envelope: bool, no_replay: bool) -> Self {
+    fn new(relay: &'r Relay, form: Form, no_replay: bool) -> Self {
         CatchUpFrames {
             relay,
-            envelope,
+            form,
             no_replay,
             frames: Vec::new(),
             sizes: Vec::new(),
@@ -69,16 +109,16 @@ impl<'r> CatchUpFrames<'r> {
     /// fit is not cut short silently (each resumed key gets a reset and its newest
     /// message instead), and what still does not fit loses messages, never the control
     /// messages that say what is missing.
-    pub(super) fn build(
+    pub(crate) fn build(
         relay: &'r Relay,
-        envelope: bool,
+        form: Form,
         caught: &[(Arc<str>, CatchUp)],
         confirmed: bool,
     ) -> Self {
-        let mut frames = CatchUpFrames::new(relay, envelope, false);
+        let mut frames = CatchUpFrames::new(relay, form, false);
         frames.add(caught, confirmed);
         if frames.fitting() < frames.len() && frames.replayed > 0 {
-            frames = CatchUpFrames::new(relay, envelope, true);
+            frames = CatchUpFrames::new(relay, form, true);
             frames.add(caught, confirmed);
         }
         frames.trimmed = frames.trim_to_fit();
@@ -114,15 +154,16 @@ impl<'r> CatchUpFrames<'r> {
     /// The frames of every key's catch-up; first, when the subscriptions were
     /// `confirmed`, the envelope's `subscribed` (it always fits: the first frame does).
     fn add(&mut self, caught: &[(Arc<str>, CatchUp)], confirmed: bool) {
-        if confirmed && self.envelope {
+        // A long-poll answer is over before anything live: `subscribed` would say nothing.
+        if confirmed && self.form.has_controls() && self.form != Form::Poll {
             let retention = self.relay.broker.retention();
             let labels: Vec<String> = caught.iter().map(|(k, _)| retention.label(k)).collect();
             self.control(envelope::subscribed(&labels));
         }
         for (key, caught) in caught {
-            let label = match self.envelope {
-                true => self.relay.broker.retention().label(key),
-                false => String::new(),
+            let label = match self.form {
+                Form::Plain => String::new(),
+                _ => self.relay.broker.retention().label(key),
             };
             match caught {
                 CatchUp::Stored { stored, .. } => {
@@ -163,23 +204,32 @@ impl<'r> CatchUpFrames<'r> {
         if Some(&payload[..]) == heartbeat || payload.len() > config.max_publication_size {
             return;
         }
-        self.frames.push(match self.envelope {
-            true => {
+        self.frames.push(match self.form {
+            Form::Plain => frame::encode_message(payload),
+            Form::Envelope => {
                 let text = envelope::message(label, id, payload, stored);
                 encode(frame::OP_TEXT, text.as_bytes())
             }
-            false => frame::encode_message(payload),
+            Form::Event => event_stream::message(id.map(|id| (label, id)), payload),
+            Form::Poll => {
+                let id = crate::poll::message_id(id, payload);
+                envelope::message(label, Some(id), payload, stored).into()
+            }
         });
         self.sizes.push(payload.len());
         self.controls.push(false);
     }
 
-    /// A control message: envelope sockets only.
+    /// A control message: not for plain sockets.
     fn control(&mut self, text: String) {
-        if self.envelope {
-            self.frames.push(encode(frame::OP_TEXT, text.as_bytes()));
-            self.sizes.push(0);
-            self.controls.push(true);
-        }
+        let frame = match self.form {
+            Form::Plain => return,
+            Form::Envelope => encode(frame::OP_TEXT, text.as_bytes()),
+            Form::Event => event_stream::control(&text),
+            Form::Poll => text.into(),
+        };
+        self.frames.push(frame);
+        self.sizes.push(0);
+        self.controls.push(true);
     }
 }

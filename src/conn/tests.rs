@@ -135,7 +135,7 @@ fn open_as(
         publish: keys(publish),
         echo: false,
         slow_consumer,
-        envelope: false,
+        form: crate::registry::Form::Plain,
         resume: vec![None; subscribe.len()],
         listening: AudienceKinds {
             broadcast: true,
@@ -504,7 +504,7 @@ async fn the_socket_task_stays_small() {
             publish: Arc::from([]),
             echo: false,
             slow_consumer: SlowConsumer::Close,
-            envelope: false,
+            form: crate::registry::Form::Plain,
             resume: Vec::new(),
             listening: AudienceKinds::default(),
             holds: Holds::default(),
