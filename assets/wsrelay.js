@@ -59,7 +59,10 @@
  *   Event stream     GET sse_url... with the uri's parameters except publish-*; the helper
  *                    reconnects itself (not EventSource), passing the newest id of every
  *                    key as `lastEventId=<key>:<id>,...`; binary payloads become Blobs.
- *   Long-poll        GET poll_url... in a loop, `since=<key>:<id>,...` for what was seen.
+ *   Long-poll        GET poll_url... in a loop, `since=<key>:<id>,...` for what was seen;
+ *                    connected() comes with the gateway's first answer (at once when a
+ *                    key has a stored message, else with the first publication or after
+ *                    the gateway's poll_timeout).
  *   Publishing       over sse and poll, send_message POSTs each message, in order, to
  *                    pub_url... with the uri's publish-* flags (nothing is posted when the
  *                    uri has none, as a socket without them publishes nothing); a refused
@@ -712,10 +715,14 @@ var WS4Redis = (function () {
                     if (!Array.isArray(list)) {
                         throw new Error('the poll answer is not a JSON array');
                     }
+                    // Every poll resumes from `since`: only the first one of an attempt
+                    // is a resume for the page.
+                    var first = !a.proven;
                     proved(a);
                     for (var i = 0; i < list.length && a === conn; i++) {
-                        if (list[i] !== null && typeof list[i] === 'object') {
-                            envelope(a, list[i]);
+                        var m = list[i];
+                        if (m !== null && typeof m === 'object' && (first || m.type !== 'resumed')) {
+                            envelope(a, m);
                         }
                     }
                     if (a === conn) {
