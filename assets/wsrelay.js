@@ -250,6 +250,12 @@ var WS4Redis = (function () {
         return joinUrl(parts.base, parts.params.concat([name + '=' + encodeURIComponent(value)]));
     }
 
+    // `url` with the flag `name` (a parameter without value) added.
+    function withFlag(url, name) {
+        var parts = splitUrl(url);
+        return joinUrl(parts.base, parts.params.concat([name]));
+    }
+
     // Adds to `ids` the items of a `<label>:<id>,...` list; items that do not read so are
     // left out. Labels may contain ':' (group:<name>): the id follows the last one.
     function readIds(list, ids) {
@@ -875,7 +881,7 @@ var WS4Redis = (function () {
         var cfg = {
             transports: transports,
             // A shared socket hears its own messages: each tab filters its own echo.
-            wsUrl: shared && !echo ? joinUrl(wsUrl, splitUrl(wsUrl).params.concat(['echo'])) : wsUrl,
+            wsUrl: shared && !echo ? withFlag(wsUrl, 'echo') : wsUrl,
             envelope: resume || transports.length > 1,
             resume: resume,
             sseUrl: ends && ends.sse,
@@ -920,7 +926,12 @@ var WS4Redis = (function () {
                             !isNewer(ev.id, ids[ev.key])) {
                         return;
                     }
-                    ids[ev.key] = ev.id;
+                    // A long-poll names a message without id (a plain PUBLISH) with a
+                    // token: on a key with history, the stream id says more.
+                    if (ev.id.charAt(0) !== '~' || ids[ev.key] === undefined ||
+                            ids[ev.key].charAt(0) === '~') {
+                        ids[ev.key] = ev.id;
+                    }
                 }
                 if (ev.data === cfg.heartbeatMsg ||
                         (publishes && !echo && lastSent !== null && ev.data === lastSent)) {

@@ -550,13 +550,16 @@ async function historyGateways(redis, names) {
 /**
  * A proxy in front of a gateway that refuses WebSockets: it answers every Upgrade
  * request with 403 and forwards plain HTTP requests, streaming both ways (an event
- * stream goes through as it comes). With `blockSse` it answers /sse/ with 502.
+ * stream goes through as it comes). With `blockSse` it answers /sse/ with 502. With
+ * `silent` it passes upgrades on instead, but drops every frame of the gateway after
+ * its 101 answer (a proxy that lets a WebSocket open and carries nothing).
  * `counts` tells what came through: upgrades, sse, poll, pub requests.
  */
 class Proxy {
   constructor(server) {
     this.server = server;
     this.blockSse = false;
+    this.silent = false;
     this.counts = { upgrades: 0, sse: 0, poll: 0, pub: 0 };
     this.sockets = new Set();
   }
@@ -564,8 +567,12 @@ class Proxy {
   static async start(gw) {
     const proxy = new Proxy(http.createServer((req, res) => proxy.forward(gw, req, res)));
     const { server } = proxy;
-    server.on('upgrade', (req, socket) => {
+    server.on('upgrade', (req, socket, head) => {
       proxy.counts.upgrades += 1;
+      if (proxy.silent) {
+        proxy.tunnel(gw, req, socket, head);
+        return;
+      }
       const body = 'WebSockets are refused here (test proxy)';
       socket.on('error', () => {});
       socket.end(
@@ -611,6 +618,34 @@ class Proxy {
     });
     res.on('close', () => upstream.destroy());
     req.pipe(upstream);
+  }
+
+  tunnel(gw, req, socket, head) {
+    const upstream = net.connect(gw.port, '127.0.0.1');
+    this.sockets.add(upstream);
+    const lines = [`${req.method} ${req.url} HTTP/1.1`];
+    for (let i = 0; i < req.rawHeaders.length; i += 2) {
+      lines.push(`${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}`);
+    }
+    upstream.write(`${lines.join('\r\n')}\r\n\r\n`);
+    upstream.write(head);
+    let answer = Buffer.alloc(0);
+    let answered = false;
+    upstream.on('data', (chunk) => {
+      if (!answered) {
+        answer = Buffer.concat([answer, chunk]);
+        const end = answer.indexOf('\r\n\r\n');
+        if (end >= 0) {
+          answered = true;
+          socket.write(answer.subarray(0, end + 4));
+        }
+      }
+    });
+    socket.pipe(upstream);
+    for (const [a, b] of [[socket, upstream], [upstream, socket]]) {
+      a.on('error', () => b.destroy());
+      a.on('close', () => b.destroy());
+    }
   }
 
   async stop() {
@@ -673,6 +708,14 @@ async function sharedTabs(browser, redis, ctx, locks) {
     for (const page of pages.filter((p) => p !== follower)) {
       await received(page, 'from a follower');
     }
+    // Without `echo` in the uri, its own message does not come back to the follower (the
+    // marker published after it arrives first).
+    await gw.apiPublish({ facility, audiences: { broadcast: true }, message: 'after the follower' });
+    await received(follower, 'after the follower');
+    assert(
+      !(await follower.evaluate(() => rec.messages.includes('from a follower'))),
+      'the follower received its own message back without echo',
+    );
 
     // The leading tab closes while messages go on being published.
     await pages[leaderAt].close();
@@ -1237,6 +1280,13 @@ const scenarios = [
           }
           await page.evaluate(() => rec.send('sent by the page'));
           await received(page, 'sent by the page');
+          // A binary payload (plain PUBLISH, no id): base64 on the wire, a Blob for the page.
+          await redis.command('PUBLISH', `broadcast:${facility}`, Buffer.from([0xff, 0x00, 0x41]));
+          await pageUntil(page, 'the binary message', () => rec.messages.some((m) => m instanceof Blob));
+          const bytes = await page.evaluate(async () =>
+            Array.from(new Uint8Array(await rec.messages.find((m) => m instanceof Blob).arrayBuffer())),
+          );
+          assert(JSON.stringify(bytes) === '[255,0,65]', `binary payload over ${transport}: ${JSON.stringify(bytes)}`);
           await gw.apiPublish({ facility, audiences: { broadcast: true }, message: 'end' });
           await received(page, 'end');
           const seen = await page.evaluate(() => ({
@@ -1248,13 +1298,14 @@ const scenarios = [
           }));
           ctx.notes.push(`round ${round}: ${JSON.stringify(seen.events)}; proxy: ${JSON.stringify(proxy.counts)}`);
           const expected = Array.from({ length: 20 }, (_, i) => `${transport} ${i + 1}`);
-          const numbered = seen.messages.filter((m) => m.startsWith(`${transport} `));
+          const numbered = seen.messages.filter((m) => typeof m === 'string' && m.startsWith(`${transport} `));
           assert(
             JSON.stringify(numbered) === JSON.stringify(expected),
             `every message once and in order over ${transport}: ${JSON.stringify(seen.messages)}`,
           );
           assert(
-            seen.messages.filter((m) => m === 'sent by the page').length === 1,
+            seen.messages.filter((m) => m === 'sent by the page').length === 1 &&
+              seen.messages.filter((m) => m === 'end').length === 1,
             `the page's own message once: ${JSON.stringify(seen.messages)}`,
           );
           assert(seen.transport === transport, `get_transport(): ${seen.transport}`);
@@ -1368,6 +1419,59 @@ const scenarios = [
     },
   },
 
+  {
+    id: 'o',
+    name: 'behind a proxy that lets WebSockets open but carries no frame the helper falls back to SSE at once',
+    async run({ browser, redis }, ctx) {
+      const setup = await historyGateways(redis, ['silent-proxy gateway']);
+      const [gw] = setup.gateways;
+      let proxy = null;
+      try {
+        await gw.start();
+        proxy = await Proxy.start(gw);
+        proxy.silent = true;
+        const facility = 'history/silent';
+        const page = await openPage(await newContext(browser, proxy, ctx), proxy, 'recorder');
+        // transport_timeout shortens the wait for the first frame (10 s by default).
+        await page.evaluate(
+          (path) => rec.start(path, { transport_timeout: 1000 }),
+          `/ws/${facility}?subscribe-broadcast`,
+        );
+        await pageUntil(page, 'the event stream', () => rec.ws.get_transport() === 'sse' && rec.ws.is_connected());
+        await pageUntil(page, 'the subscription', () => rec.events.includes('subscribed:broadcast'));
+        for (let n = 1; n <= 5; n++) {
+          await gw.apiPublish({ facility, audiences: { broadcast: true }, message: `silent ${n}` });
+        }
+        await received(page, 'silent 5');
+        const seen = await page.evaluate(() => ({
+          events: rec.events,
+          messages: rec.messages,
+          sockets: __tSockets.map((s) => s.protocol),
+        }));
+        ctx.notes.push(`events: ${JSON.stringify(seen.events)}`);
+        assert(
+          JSON.stringify(seen.sockets) === '["wsrelay.v1"]',
+          `one WebSocket, opened with the envelope offered: ${JSON.stringify(seen.sockets)}`,
+        );
+        assert(
+          seen.events.includes('disconnected:1006:nothing received'),
+          `the silent socket should have been dropped: ${JSON.stringify(seen.events)}`,
+        );
+        assert(
+          JSON.stringify(seen.messages) === JSON.stringify(['silent 1', 'silent 2', 'silent 3', 'silent 4', 'silent 5']),
+          `messages: ${JSON.stringify(seen.messages)}`,
+        );
+      } catch (e) {
+        ctx.notes.push(`--- ${gw.name} log (last lines) ---`, ...gw.tail());
+        throw e;
+      } finally {
+        if (proxy) {
+          await proxy.stop();
+        }
+        await setup.stop();
+      }
+    },
+  },
 ];
 
 // ---------------------------------------------------------------------------------------
