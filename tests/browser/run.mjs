@@ -7,7 +7,10 @@
 // port, the gateway (WSRELAY_BIN) on a fixed free port so it can restart it there, and a
 // second gateway with default settings (embedded broker, demo page on). Scenario k has
 // its own redis-server (append-only file in a temporary directory, so it survives a
-// SIGKILL) and two gateways with a history facility (`--config`). The test pages
+// SIGKILL) and two gateways with a history facility (`--config`); scenarios l to o
+// start gateways of their own with history on `history/*` (historyGateways), and l and o
+// put a small proxy in front of one (Proxy: refuses WebSocket upgrades or carries none of
+// their frames, can refuse /sse/, forwards the rest as it streams). The test pages
 // of this folder are written into a tab that shows a file of the gateway (see openPage),
 // so the gateway's Origin check passes without any setting; /wsrelay.js, /wsrelay.mjs,
 // the demo page and the sockets come from the real gateway.
@@ -1280,8 +1283,10 @@ const scenarios = [
           }
           await page.evaluate(() => rec.send('sent by the page'));
           await received(page, 'sent by the page');
-          // A binary payload (plain PUBLISH, no id): base64 on the wire, a Blob for the page.
-          await redis.command('PUBLISH', `broadcast:${facility}`, Buffer.from([0xff, 0x00, 0x41]));
+          // A binary payload, sent by the page (a POST body) and back through `echo`: base64
+          // on the wire, a Blob for the page. (Sent through the gateway, it has an id: a
+          // plain PUBLISH between two polls would not reach a long-poll.)
+          await page.evaluate(() => rec.send(new Uint8Array([0xff, 0x00, 0x41])));
           await pageUntil(page, 'the binary message', () => rec.messages.some((m) => m instanceof Blob));
           const bytes = await page.evaluate(async () =>
             Array.from(new Uint8Array(await rec.messages.find((m) => m instanceof Blob).arrayBuffer())),
