@@ -45,9 +45,9 @@
  *   get_transport()  'websocket', 'sse' or 'poll': the one in use (or tried next).
  *   Fallback         a transport that has never worked in this page is left for the next
  *                    one in `transports` after two attempts in a row that failed: a
- *                    WebSocket that closed before opening (an upgrade refused), an event
- *                    stream that failed before its first event, a poll answered with an
- *                    error; at once when a WebSocket opened or an event stream started
+ *                    WebSocket that closed before its first frame (an upgrade refused),
+ *                    an event stream that failed before its first event, a poll that
+ *                    failed or was answered with an error; at once when a WebSocket opened or an event stream started
  *                    but nothing at all arrived within transport_timeout (a proxy that
  *                    drops frames or buffers the stream). So that a working path shows,
  *                    the WebSocket then offers the envelope (see `resume`): the gateway's
@@ -56,18 +56,24 @@
  *                    once is kept for the page's life: its failures are outages (a gateway
  *                    restart), retried with the backoff below. So a page that loads while
  *                    the gateway is down may stay on a fallback until it is reloaded.
- *   Event stream     GET sse_url... with the uri's parameters except publish-*; the helper
+ *   Event stream     GET sse_url... with the uri's parameters but publish-* (and last-id);
+ *                    the helper
  *                    reconnects itself (not EventSource), passing the newest id of every
  *                    key as `lastEventId=<key>:<id>,...`; binary payloads become Blobs.
  *   Long-poll        GET poll_url... in a loop, `since=<key>:<id>,...` for what was seen;
  *                    connected() comes with the gateway's first answer (at once when a
  *                    key has a stored message, else with the first publication or after
- *                    the gateway's poll_timeout).
+ *                    the gateway's poll_timeout). Between two polls, what the gateway can
+ *                    replay is caught up (publications with an id; on a key without
+ *                    history, its newest stored message), not a plain Redis PUBLISH.
  *   Publishing       over sse and poll, send_message POSTs each message, in order, to
- *                    pub_url... with the uri's publish-* flags (nothing is posted when the
- *                    uri has none, as a socket without them publishes nothing); a refused
- *                    message (HTTP 4xx) is dropped and reported as an error thrown on its
- *                    own; a failed one (network, 5xx) is retried with the backoff below.
+ *                    pub_url... with the uri's parameters but subscribe-*, echo and
+ *                    last-id (nothing is posted when the uri has no publish-* flag, as a
+ *                    socket without them publishes nothing); a refused message (HTTP 4xx)
+ *                    is dropped and reported as an error thrown on its own; a failed one
+ *                    (network, 5xx) is retried with the backoff below, so a request that
+ *                    reached the gateway and lost its answer may publish twice. Messages
+ *                    wait in the queue below meanwhile.
  *                    `echo` works as on a socket: without it, a message equal to the last
  *                    one this page sent as text does not come back (binary ones may).
  *   Requests go with the page's cookies (`credentials: 'include'`, EventSource
@@ -101,16 +107,19 @@
  *   on_subscribed(keys)     optional: the subscriptions are live (after each connect,
  *                    before its stored or replayed messages): from here on nothing
  *                    published on `keys` is missed.
- *   These callbacks come whenever the transport carries them: over sse and poll, and over
- *   a WebSocket whose gateway chose the envelope (offered with resume, shared, or more
- *   than one transport). A gateway that does not choose it is spoken to as without.
+ *   These callbacks come whenever the transport carries them: over sse, over poll (no
+ *   on_subscribed there, and on_resumed for a connection's first poll only: every poll
+ *   resumes), and over a WebSocket whose gateway chose the envelope (offered with
+ *   resume, shared, or more than one transport). A gateway that does not choose it is
+ *   spoken to as without.
  *
  * Tabs sharing one connection (an addition):
  *   shared: true     every tab of this origin that opens the same uri with `shared` uses
  *                    one connection: the tab that holds a Web Lock (navigator.locks; in
  *                    browsers without it, the tabs elect one over a BroadcastChannel)
  *                    connects and passes everything it receives to the others over a
- *                    BroadcastChannel, and their send_message goes out through it. All
+ *                    BroadcastChannel, and their send_message goes out through it (with
+ *                    the options of the tab that holds the connection). All
  *                    callbacks are called in every tab, each with its own `echo`. A tab
  *                    that joins gets the newest message of each key the connection
  *                    received (as a late joiner gets the stored one). Every tab keeps the
