@@ -661,19 +661,25 @@ class Proxy {
 
 /**
  * Scenario n: three tabs of one context open the same uri with `shared: true`; without
- * `locks`, the pages hide navigator.locks and the tabs elect over their BroadcastChannel.
+ * `locks`, the pages hide navigator.locks and the tabs elect over their BroadcastChannel;
+ * with `proxied`, they reach the gateway through a proxy that refuses WebSockets, so the
+ * shared connection is an event stream.
  */
-async function sharedTabs(browser, redis, ctx, locks) {
-  const setup = await historyGateways(redis, [`shared gateway (${locks ? 'Web Locks' : 'BroadcastChannel election'})`]);
+async function sharedTabs(browser, redis, ctx, locks, proxied) {
+  const mode = `${locks ? 'locks' : 'election'}${proxied ? '-sse' : ''}`;
+  const setup = await historyGateways(redis, [`shared gateway (${mode})`]);
   const [gw] = setup.gateways;
   let publisher = null;
+  let proxy = null;
   try {
     await gw.start();
-    const facility = `history/shared-${locks ? 'locks' : 'election'}`;
-    const context = await newContext(browser, gw, ctx);
+    const facility = `history/shared-${mode}`;
+    proxy = proxied ? await Proxy.start(gw) : null;
+    const front = proxy || gw;
+    const context = await newContext(browser, front, ctx);
     const pages = [];
     for (let i = 0; i < 3; i++) {
-      const page = await openPage(context, gw, 'recorder');
+      const page = await openPage(context, front, 'recorder');
       if (!locks) {
         await page.evaluate(() => Object.defineProperty(navigator, 'locks', { value: undefined }));
       }
@@ -687,12 +693,20 @@ async function sharedTabs(browser, redis, ctx, locks) {
       await connectedTimes(page, 1);
       await pageUntil(page, 'the subscription', () => rec.events.includes('subscribed:broadcast'));
     }
-    const sockets = async () => Promise.all(pages.map((p) => p.evaluate(() => __tSockets.length)));
+    // What each tab opened: sockets (the proxy refuses the leader's two) and streams.
+    const opened = async (tabs) => Promise.all(tabs.map((p) => p.evaluate(() => [__tSockets.length, __tStreams.length])));
+    const sum = (counts) => counts.reduce((a, [ws, es]) => [a[0] + ws, a[1] + es], [0, 0]);
+    const sockets = async () => (await opened(pages)).map(([ws, es]) => ws + es);
     assert(
-      (await sockets()).reduce((a, b) => a + b, 0) === 1,
-      `one socket for the three tabs, the tabs opened ${JSON.stringify(await sockets())}`,
+      JSON.stringify(sum(await opened(pages))) === (proxied ? '[2,1]' : '[1,0]'),
+      `one connection for the three tabs, the tabs opened ${JSON.stringify(await opened(pages))}`,
     );
     await gw.waitGauge('wsrelay_sockets', 1);
+    const transports = await Promise.all(pages.map((p) => p.evaluate(() => rec.ws.get_transport())));
+    assert(
+      transports.every((t) => t === (proxied ? 'sse' : 'websocket')),
+      `get_transport() in the tabs: ${JSON.stringify(transports)}`,
+    );
 
     publisher = new Publisher(gw, facility, 50);
     publisher.start();
@@ -705,7 +719,7 @@ async function sharedTabs(browser, redis, ctx, locks) {
       assert(lost.length === 0, `a tab lost ${JSON.stringify(lost)} before the leading tab closed`);
     }
     // A follower's message goes out through the leading tab's socket.
-    const leaderAt = (await sockets()).findIndex((n) => n === 1);
+    const leaderAt = (await sockets()).findIndex((n) => n > 0);
     const follower = pages[(leaderAt + 1) % 3];
     await follower.evaluate(() => rec.send('from a follower'));
     for (const page of pages.filter((p) => p !== follower)) {
@@ -737,8 +751,11 @@ async function sharedTabs(browser, redis, ctx, locks) {
       await received(page, 'end');
     }
     await gw.waitGauge('wsrelay_sockets', 1);
-    const counts = await Promise.all(rest.map((p) => p.evaluate(() => __tSockets.length)));
-    assert(counts.reduce((a, b) => a + b, 0) === 1, `one new socket for the two tabs left, opened ${JSON.stringify(counts)}`);
+    // The next tab connects on the transport that worked, without trying the others.
+    assert(
+      JSON.stringify(sum(await opened(rest))) === (proxied ? '[0,1]' : '[1,0]'),
+      `one new connection for the two tabs left, they opened ${JSON.stringify(await opened(rest))}`,
+    );
     for (const page of rest) {
       const seen = await page.evaluate(() => ({ events: rec.events, messages: rec.messages }));
       ctx.notes.push(`tab: ${JSON.stringify(seen.events)}`);
@@ -764,6 +781,9 @@ async function sharedTabs(browser, redis, ctx, locks) {
   } finally {
     if (publisher) {
       await publisher.stop();
+    }
+    if (proxy) {
+      await proxy.stop();
     }
     await setup.stop();
   }
@@ -1416,10 +1436,10 @@ const scenarios = [
   },
   {
     id: 'n',
-    name: 'three tabs with shared: true hold one socket, all receive every message, and closing the leading tab loses nothing (Web Locks, then without)',
+    name: 'three tabs with shared: true hold one connection, all receive every message, and closing the leading tab loses nothing (Web Locks, without them, and on SSE)',
     async run({ browser, redis }, ctx) {
-      for (const locks of [true, false]) {
-        await sharedTabs(browser, redis, ctx, locks);
+      for (const [locks, proxied] of [[true, false], [false, false], [true, true]]) {
+        await sharedTabs(browser, redis, ctx, locks, proxied);
       }
     },
   },
