@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use crate::harness::{http, Client, EventStream, Gateway, RedisServer, UPGRADE};
+use crate::harness::{http, metric, Client, EventStream, Gateway, RedisServer, UPGRADE};
 use crate::{on_both_brokers, Backend};
 
 const FACILITIES: &str = r#"
@@ -370,6 +370,15 @@ async fn pages_publish_without_a_socket() {
     );
     assert_eq!(ws.recv_text().await, "hello all");
     assert_eq!(sse.next_message().await.data.unwrap(), "hello all");
+    let text = http(gw.addr, "GET", "/metrics", &[], "").await.body;
+    let by = |transport: &str| {
+        metric(
+            &text,
+            &format!("wsrelay_sockets_by_transport{{transport=\"{transport}\"}}"),
+        )
+    };
+    assert_eq!((by("websocket"), by("sse")), (1.0, 1.0), "{text}");
+    assert_eq!(metric(&text, "wsrelay_sockets"), 2.0);
     let big = "x".repeat(1025);
     let posted = http(gw.addr, "POST", "/pub/room?publish-broadcast", &[], &big).await;
     assert_eq!(posted.status, 413, "{}", posted.body);
