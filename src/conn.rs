@@ -731,6 +731,14 @@ impl Conn {
     fn count(&self, delta: i64) {
         let metrics = &self.worker.relay.metrics;
         metrics.sockets.add(delta);
+        let transport = match self.params.form.is_websocket() {
+            true => "websocket",
+            false => "sse",
+        };
+        metrics
+            .sockets_by_transport
+            .with_label_values(&[transport])
+            .add(delta);
         for audience in self.params.listening.names() {
             metrics
                 .sockets_by_audience

@@ -18,6 +18,10 @@ pub struct Metrics {
     pub http_connections: IntGauge,
     /// Open sockets listening to at least one key of each audience kind.
     pub sockets_by_audience: IntGaugeVec,
+    /// Open sockets by transport: `websocket`, `sse`.
+    pub sockets_by_transport: IntGaugeVec,
+    /// Long-polls waiting or being answered.
+    pub polls: IntGauge,
     /// Handshakes, by result: `accepted` or the refusal reason.
     pub handshakes: IntCounterVec,
     /// Identity warnings and failures, by event.
@@ -83,6 +87,19 @@ impl Metrics {
         registry
             .register(Box::new(sockets_by_audience.clone()))
             .unwrap();
+        let sockets_by_transport = IntGaugeVec::new(
+            Opts::new(
+                "wsrelay_sockets_by_transport",
+                "Open sockets by transport (websocket, sse)",
+            ),
+            &["transport"],
+        )
+        .unwrap();
+        registry
+            .register(Box::new(sockets_by_transport.clone()))
+            .unwrap();
+        let polls = IntGauge::new("wsrelay_polls", "Long-polls open").unwrap();
+        registry.register(Box::new(polls.clone())).unwrap();
         let buckets = vec![
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
         ];
@@ -104,6 +121,8 @@ impl Metrics {
                 "Connections still speaking HTTP, handshakes in progress included",
             ),
             sockets_by_audience,
+            sockets_by_transport,
+            polls,
             handshakes: counter_vec("wsrelay_handshakes_total", "Handshakes by result", "result"),
             identity_events: counter_vec(
                 "wsrelay_identity_events_total",

@@ -54,6 +54,15 @@ pub fn spawn(worker: &Rc<Worker>, stream: Stream, accepted: Accepted) {
     tokio::task::spawn_local(worker.relay.tracker.track_future(task));
 }
 
+/// Counts the poll in `wsrelay_polls` while it lives.
+struct Counted(prometheus::IntGauge);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Removes the poll's socket from the fan-out however the task ends.
 struct Attached<'a> {
     worker: &'a Worker,
@@ -74,6 +83,8 @@ async fn serve(worker: Rc<Worker>, stream: Stream, accepted: Accepted) {
         seen,
     } = accepted;
     let relay = worker.relay.clone();
+    relay.metrics.polls.inc();
+    let _counted = Counted(relay.metrics.polls.clone());
     let now = worker.clock.now();
     let socket = Rc::new(Socket::new(stream, false, Form::Poll, None, now));
     worker.attach(&socket, &params.subscribe);

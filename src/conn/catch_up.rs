@@ -183,7 +183,11 @@ impl<'r> CatchUpFrames<'r> {
                         self.message(&label, payload, Some(*id), false);
                     }
                     self.replayed += entries.len();
-                    self.control(envelope::resumed(&label, entries.len()));
+                    // A long-poll's ids say it all; an answer of only `resumed` would
+                    // end a poll that has nothing to wait out.
+                    if self.form != Form::Poll {
+                        self.control(envelope::resumed(&label, entries.len()));
+                    }
                 }
                 CatchUp::Reset { reason, stored, .. } => {
                     self.resets += 1;

@@ -679,6 +679,13 @@ impl Client {
         serde_json::from_str(&self.recv_text().await).unwrap()
     }
 
+    pub async fn send_binary(&mut self, bytes: Vec<u8>) {
+        tokio::time::timeout(WAIT, self.ws.send(Message::Binary(bytes.into())))
+            .await
+            .expect("send in time")
+            .expect("send");
+    }
+
     pub async fn send_text(&mut self, text: &str) {
         self.ws.send(Message::text(text)).await.unwrap();
     }
@@ -781,5 +788,170 @@ async fn pump(
         if to.write_all(&buf[..n]).await.is_err() {
             return;
         }
+    }
+}
+
+/// One Server-Sent Event as the browser reads it: a comment-only block has `comment`
+/// set and nothing else.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Event {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: Option<String>,
+    pub retry: Option<u64>,
+    pub comment: bool,
+}
+
+impl Event {
+    /// The data of a control message (`event: wsrelay`), parsed.
+    pub fn control(&self) -> Option<serde_json::Value> {
+        (self.event.as_deref() == Some("wsrelay"))
+            .then(|| serde_json::from_str(self.data.as_deref().unwrap_or("")).unwrap())
+    }
+}
+
+/// A Server-Sent Events client on a raw connection (what `EventSource` does), with
+/// bounded waits.
+pub struct EventStream {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    pub status: u16,
+    pub head: String,
+}
+
+impl EventStream {
+    /// Sends `GET path` with `headers` and reads the answer's head. A refusal's body is
+    /// read whole (`body()`).
+    pub async fn open(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> EventStream {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let mut req =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
+        for (name, value) in headers {
+            req.push_str(&format!("{name}: {value}\r\n"));
+        }
+        req.push_str("\r\n");
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut this = EventStream {
+            stream,
+            buf: Vec::new(),
+            status: 0,
+            head: String::new(),
+        };
+        let end = this
+            .read_until(b"\r\n\r\n")
+            .await
+            .expect("an answer's head");
+        let head: Vec<u8> = this.buf.drain(..end).collect();
+        this.head = String::from_utf8_lossy(&head).to_string();
+        this.status = this
+            .head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        this
+    }
+
+    /// A header of the answer (name in lower case).
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+
+    /// Reads until `pattern` is in the buffer; its end, or `None` at the end of stream.
+    async fn read_until(&mut self, pattern: &[u8]) -> Option<usize> {
+        let read = async {
+            loop {
+                if let Some(i) = self.buf.windows(pattern.len()).position(|w| w == pattern) {
+                    return Some(i + pattern.len());
+                }
+                let mut chunk = [0u8; 4096];
+                match self.stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, read)
+            .await
+            .expect("event stream stalled")
+    }
+
+    /// The rest of the answer, until the gateway closes (a refusal's reason).
+    pub async fn body(&mut self) -> String {
+        let read = async {
+            let mut rest = Vec::new();
+            let _ = self.stream.read_to_end(&mut rest).await;
+            rest
+        };
+        let rest = tokio::time::timeout(WAIT, read).await.expect("body");
+        self.buf.extend_from_slice(&rest);
+        String::from_utf8_lossy(&std::mem::take(&mut self.buf)).to_string()
+    }
+
+    /// The next event (comment-only blocks included); `None` once the stream ended.
+    pub async fn next(&mut self) -> Option<Event> {
+        let end = self.read_until(b"\n\n").await?;
+        let block: Vec<u8> = self.buf.drain(..end).collect();
+        let mut event = Event::default();
+        for line in String::from_utf8(block).unwrap().lines() {
+            let (field, value) = line.split_once(':').unwrap_or((line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value).to_string();
+            match field {
+                "" => event.comment = true,
+                "id" => event.id = Some(value),
+                "event" => event.event = Some(value),
+                "retry" => event.retry = value.parse().ok(),
+                "data" => {
+                    event.data = Some(match event.data.take() {
+                        Some(before) => format!("{before}\n{value}"),
+                        None => value,
+                    })
+                }
+                _ => {}
+            }
+        }
+        Some(event)
+    }
+
+    /// The next event that carries data (heartbeats and `retry:` skipped).
+    pub async fn next_data(&mut self) -> Event {
+        let wait = async {
+            loop {
+                let event = self
+                    .next()
+                    .await
+                    .expect("an event, not the end of the stream");
+                if event.data.is_some() {
+                    return event;
+                }
+            }
+        };
+        // Bounded as a whole: heartbeats alone do not keep a test waiting.
+        tokio::time::timeout(WAIT, wait)
+            .await
+            .expect("an event with data")
+    }
+
+    /// The next message (control messages skipped as well).
+    pub async fn next_message(&mut self) -> Event {
+        loop {
+            let event = self.next_data().await;
+            if event.control().is_none() {
+                return event;
+            }
+        }
+    }
+
+    /// Waits for the `subscribed` control message: from here on nothing is missed.
+    pub async fn subscribed(&mut self) {
+        let event = self.next_data().await;
+        assert_eq!(
+            event.control().map(|c| c["type"].clone()),
+            Some("subscribed".into()),
+            "{event:?}"
+        );
     }
 }

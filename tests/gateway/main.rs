@@ -30,6 +30,7 @@ mod on_redis;
 mod operations;
 mod outage;
 mod python;
+mod transports;
 mod wire;
 
 use harness::{Gateway, RedisServer};

@@ -3,9 +3,9 @@
 //!
 //! Each test derives its configuration from the shipped file: only the `listen`
 //! addresses, the upstream servers, the certificate paths and, where a test says so, the
-//! proxy timeouts are replaced; every other line is the operator's. The result is
-//! wrapped in a minimal main configuration whose pid, logs and temporary directories
-//! live in a directory of the test's own, removed when the test ends.
+//! proxy timeouts of a location are replaced; every other line is the operator's. The
+//! result is wrapped in a minimal main configuration whose pid, logs and temporary
+//! directories live in a directory of the test's own, removed when the test ends.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -13,12 +13,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::MaybeTlsStream;
 
-use crate::harness::{free_port, http, Client, Gateway, RedisServer, WAIT};
+use crate::harness::{free_port, http, Client, Event, EventStream, Gateway, RedisServer, WAIT};
 
 const SITE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/nginx/wsrelay.conf");
 const TLS_SITE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/nginx/wsrelay-tls.conf");
@@ -36,8 +37,9 @@ struct Derive<'a> {
     listen: Vec<SocketAddr>,
     /// The servers of each named upstream block.
     upstreams: Vec<(&'a str, Vec<SocketAddr>)>,
-    /// A value for both `proxy_read_timeout` and `proxy_send_timeout`.
-    timeout: Option<&'a str>,
+    /// Per location (its path, as in `location /sse/`): a value for its
+    /// `proxy_read_timeout` and, where it has one, its `proxy_send_timeout`.
+    timeouts: &'a [(&'a str, &'a str)],
     /// Certificate and key files for `ssl_certificate` and `ssl_certificate_key`.
     tls: Option<(&'a Path, &'a Path)>,
 }
@@ -48,9 +50,10 @@ impl Derive<'_> {
     fn apply(&self, shipped: &str) -> String {
         let mut out = Vec::new();
         let mut listens = 0;
-        let mut timeouts = 0;
+        let mut read_timeouts = Vec::new();
         let mut certs = 0;
         let mut upstream: Option<&str> = None;
+        let mut location: Option<&str> = None;
         let mut replaced_upstreams = Vec::new();
         for line in shipped.lines() {
             let code = line.split('#').next().unwrap_or("").trim();
@@ -58,9 +61,17 @@ impl Derive<'_> {
             let indent = &line[..line.len() - line.trim_start().len()];
             if directive == "upstream" {
                 upstream = code.split_whitespace().nth(1);
+            } else if directive == "location" {
+                location = code.split_whitespace().nth(1);
             } else if code == "}" {
                 upstream = None;
+                location = None;
             }
+            let timeout = self
+                .timeouts
+                .iter()
+                .find(|(l, _)| Some(*l) == location)
+                .map(|(_, t)| *t);
             match directive {
                 "listen" => {
                     let addr = self.listen.get(listens).unwrap_or_else(|| {
@@ -94,9 +105,11 @@ impl Derive<'_> {
                         }
                     }
                 }
-                "proxy_read_timeout" | "proxy_send_timeout" if self.timeout.is_some() => {
-                    timeouts += 1;
-                    out.push(format!("{indent}{directive} {};", self.timeout.unwrap()));
+                "proxy_read_timeout" | "proxy_send_timeout" if timeout.is_some() => {
+                    if directive == "proxy_read_timeout" {
+                        read_timeouts.extend(location);
+                    }
+                    out.push(format!("{indent}{directive} {};", timeout.unwrap()));
                 }
                 "ssl_certificate" | "ssl_certificate_key" if self.tls.is_some() => {
                     certs += 1;
@@ -118,8 +131,12 @@ impl Derive<'_> {
                 "no servers in upstream {name}"
             );
         }
-        if self.timeout.is_some() {
-            assert_eq!(timeouts, 2, "proxy_read_timeout and proxy_send_timeout");
+        for (location, _) in self.timeouts {
+            assert_eq!(
+                read_timeouts.iter().filter(|l| *l == location).count(),
+                1,
+                "proxy_read_timeout of location {location}"
+            );
         }
         if self.tls.is_some() {
             assert_eq!(certs, 2, "ssl_certificate and ssl_certificate_key");
@@ -158,7 +175,9 @@ struct Nginx {
 
 impl Nginx {
     /// Starts nginx on `site` and waits until every address of `listen` accepts
-    /// connections.
+    /// connections. The main configuration compresses event streams, as an operator's
+    /// may (Debian's turns gzip on), and ignores the gateway's `X-Accel-Buffering: no`:
+    /// the site's own lines must keep events from being held back.
     fn start(site: &str, listen: &[SocketAddr]) -> Nginx {
         let dir = TempDir::new("nginx");
         let d = dir.0.display();
@@ -177,6 +196,9 @@ impl Nginx {
              \x20   fastcgi_temp_path {d}/fastcgi;\n\
              \x20   uwsgi_temp_path {d}/uwsgi;\n\
              \x20   scgi_temp_path {d}/scgi;\n\
+             \x20   gzip on;\n\
+             \x20   gzip_types text/event-stream;\n\
+             \x20   proxy_ignore_headers X-Accel-Buffering;\n\
              \x20   include {d}/site.conf;\n\
              }}\n"
         );
@@ -271,9 +293,14 @@ fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// nginx on the plain site file, in front of `gateways`, with `timeout` as both proxy
-/// timeouts when given. The `webapp` upstream points at `webapp`, or at an unused port.
-fn plain_nginx(gateways: &[&Gateway], webapp: Option<SocketAddr>, timeout: Option<&str>) -> Nginx {
+/// nginx on the plain site file, in front of `gateways`, with the proxy timeouts of
+/// `timeouts` (per location). The `webapp` upstream points at `webapp`, or at an unused
+/// port.
+fn plain_nginx(
+    gateways: &[&Gateway],
+    webapp: Option<SocketAddr>,
+    timeouts: &[(&str, &str)],
+) -> Nginx {
     let addr = local(free_port());
     let site = Derive {
         listen: vec![addr],
@@ -281,7 +308,7 @@ fn plain_nginx(gateways: &[&Gateway], webapp: Option<SocketAddr>, timeout: Optio
             ("wsrelay", gateways.iter().map(|g| g.addr).collect()),
             ("webapp", vec![webapp.unwrap_or_else(|| local(free_port()))]),
         ],
-        timeout,
+        timeouts,
         tls: None,
     }
     .apply(&shipped(SITE));
@@ -418,7 +445,7 @@ async fn socket_through_nginx_receives_a_redis_publication() {
     let redis = RedisServer::start().await;
     let gw = redis_gateway(&redis, &[]).await;
     let app = webapp().await;
-    let nginx = plain_nginx(&[&gw], Some(app), None);
+    let nginx = plain_nginx(&[&gw], Some(app), &[]);
 
     // A stored message proves the subscription is live before the publication.
     redis.publish("broadcast:chat", b"ready", 60).await;
@@ -473,7 +500,7 @@ async fn gateway_sees_the_client_address_nginx_forwards() {
         ],
         &[],
     );
-    let nginx = plain_nginx(&[&gw], None, None);
+    let nginx = plain_nginx(&[&gw], None, &[]);
     let (two, three): (IpAddr, IpAddr) = ([127, 0, 0, 2].into(), [127, 0, 0, 3].into());
 
     // Every connection reaches the gateway from nginx's 127.0.0.1; the limit of one per
@@ -503,7 +530,7 @@ async fn gateway_sees_the_client_address_nginx_forwards() {
 async fn gateway_pings_keep_a_socket_open_past_nginx_read_timeout() {
     let redis = RedisServer::start().await;
     let gw = redis_gateway(&redis, &[("ping_interval", "0.3")]).await;
-    let nginx = plain_nginx(&[&gw], None, Some("1s"));
+    let nginx = plain_nginx(&[&gw], None, &[("/ws/", "1s")]);
 
     redis.publish("broadcast:quiet", b"ready", 60).await;
     let mut c = Client::connect(&nginx.ws_url("/ws/quiet?subscribe-broadcast")).await;
@@ -518,7 +545,7 @@ async fn gateway_pings_keep_a_socket_open_past_nginx_read_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_pings_nginx_closes_an_idle_socket() {
     let gw = Gateway::start(&[("ping_interval", "0")]);
-    let nginx = plain_nginx(&[&gw], None, Some("1s"));
+    let nginx = plain_nginx(&[&gw], None, &[("/ws/", "1s")]);
 
     let mut c = Client::connect(&nginx.ws_url("/ws/quiet?subscribe-broadcast")).await;
     let ended = tokio::time::timeout(WAIT, async {
@@ -544,7 +571,7 @@ async fn nginx_spreads_sockets_over_two_gateways_on_one_redis() {
     let redis = RedisServer::start().await;
     let a = redis_gateway(&redis, &[]).await;
     let b = redis_gateway(&redis, &[]).await;
-    let nginx = plain_nginx(&[&a, &b], None, None);
+    let nginx = plain_nginx(&[&a, &b], None, &[]);
 
     redis.publish("broadcast:crowd", b"ready", 60).await;
     let mut clients = Vec::new();
@@ -646,7 +673,7 @@ async fn tls_site_carries_wss_and_redirects_plain_http() {
             ("wsrelay", vec![gw.addr]),
             ("webapp", vec![local(free_port())]),
         ],
-        timeout: None,
+        timeouts: &[],
         tls: Some((&cert, &key)),
     }
     .apply(&shipped(TLS_SITE));
@@ -672,4 +699,273 @@ async fn tls_site_carries_wss_and_redirects_plain_http() {
     .await
     .unwrap();
     assert_eq!(text, "over tls");
+}
+
+/// Facilities under `feed/` keep a history, so their messages have ids.
+const HISTORY: &str = "[[facility]]\npattern = \"feed/*\"\nhistory = 5\nhistory_ttl = 600\n";
+
+/// A gateway with the history rules above, on `redis`.
+async fn history_gateway(redis: &RedisServer, settings: &[(&str, &str)]) -> Gateway {
+    let url = redis.url();
+    let mut all = settings.to_vec();
+    all.push(("redis__url", &url));
+    let gw = Gateway::start_with_file(HISTORY, &all);
+    gw.wait_health(200).await;
+    gw
+}
+
+/// `POST path` with `message` as the body; checks the 200 and returns the id of the
+/// message on its first key (`None` on a key without history).
+async fn pub_message(
+    to: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    message: &str,
+) -> Option<String> {
+    let reply = http(to, "POST", path, headers, message).await;
+    assert_eq!(reply.status, 200, "{}\r\n\r\n{}", reply.head, reply.body);
+    let body: Value = serde_json::from_str(&reply.body).unwrap();
+    body["ids"][0].as_str().map(String::from)
+}
+
+/// A long-poll's answer to `GET path`: checks the 200 and its head, returns the array.
+async fn poll(to: SocketAddr, path: &str) -> Vec<Value> {
+    let reply = http(to, "GET", path, &[], "").await;
+    let whole = format!("{}\r\n\r\n{}", reply.head, reply.body);
+    assert_eq!(reply.status, 200, "{whole}");
+    let head = reply.head.to_ascii_lowercase();
+    assert!(head.contains("content-type: application/json"), "{whole}");
+    assert!(head.contains("cache-control: no-store"), "{whole}");
+    serde_json::from_str::<Value>(&reply.body)
+        .unwrap_or_else(|e| panic!("{e}: {whole}"))
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {whole}"))
+        .clone()
+}
+
+/// The `(data, id)` of the message elements of a poll's answer.
+fn poll_messages(elements: &[Value]) -> Vec<(String, String)> {
+    elements
+        .iter()
+        .filter(|e| e["type"] == "message")
+        .map(|e| {
+            let field = |name: &str| e[name].as_str().unwrap_or_default().to_string();
+            (field("data"), field("id"))
+        })
+        .collect()
+}
+
+/// Waits until `key` has `count` subscribers in Redis (gateways subscribe to a key
+/// while one of their sockets or polls listens to it).
+async fn until_subscribers(redis: &RedisServer, key: &str, count: i64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let n = redis.numsub(key).await;
+        if n == count {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{key} has {n} subscribers, expected {count}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the gateways hold `counts` sockets (event streams count; waiting polls
+/// do not).
+async fn until_sockets(gateways: &[&Gateway], counts: &[u64]) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut held = Vec::new();
+        for gw in gateways {
+            held.push(gw.health().await.1["sockets"].as_u64().unwrap_or(0));
+        }
+        if held == counts {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sockets per gateway: {held:?}, expected {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_stream_through_nginx_gets_messages_and_heartbeats() {
+    let redis = RedisServer::start().await;
+    let gw = redis_gateway(&redis, &[("heartbeat_interval", "0.3")]).await;
+    // nginx ends a stream silent for 1 s: only the heartbeats keep this one open.
+    let nginx = plain_nginx(&[&gw], None, &[("/sse/", "1s")]);
+
+    // A page served through nginx opens it, as EventSource does (gzip accepted; the
+    // main configuration would compress event streams).
+    let origin = format!("http://{}", nginx.addr);
+    let headers = [("Origin", origin.as_str()), ("Accept-Encoding", "gzip")];
+    let mut s = EventStream::open(nginx.addr, "/sse/chat?subscribe-broadcast", &headers).await;
+    assert_eq!(s.status, 200, "{}", s.head);
+    assert_eq!(
+        s.header("content-type").as_deref(),
+        Some("text/event-stream")
+    );
+    assert_eq!(s.header("cache-control").as_deref(), Some("no-cache"));
+    // The gateway's own stream: neither compressed nor re-framed in chunks.
+    assert_eq!(s.header("content-encoding"), None, "{}", s.head);
+    assert_eq!(s.header("transfer-encoding"), None, "{}", s.head);
+    s.subscribed().await;
+    redis.publish("broadcast:chat", b"hello via nginx", 0).await;
+    assert_eq!(
+        s.next_message().await.data.as_deref(),
+        Some("hello via nginx")
+    );
+
+    // Heartbeats come when nothing was written for 0.3 s: eight of them in a row
+    // outlast nginx's read timeout, and the stream still carries messages after them.
+    let heartbeat = Event {
+        comment: true,
+        ..Event::default()
+    };
+    for _ in 0..8 {
+        let event = s.next().await.expect("nginx ended the stream");
+        assert_eq!(event, heartbeat);
+    }
+    redis.publish("broadcast:chat", b"still here", 0).await;
+    assert_eq!(s.next_message().await.data.as_deref(), Some("still here"));
+
+    // Another site's page may not open one: the gateway compares the Origin with the
+    // Host nginx passes on. (nginx would keep the connection open after the refusal.)
+    let mut foreign = EventStream::open(
+        nginx.addr,
+        "/sse/chat?subscribe-broadcast",
+        &[("Origin", "http://evil.example"), ("Connection", "close")],
+    )
+    .await;
+    assert_eq!(foreign.status, 403, "{}", foreign.head);
+    let reason = foreign.body().await;
+    assert!(reason.contains("evil.example"), "{reason}");
+}
+
+/// The counterpart of the test above: heartbeats rarer than nginx's read timeout do not
+/// keep a stream open, so the derived timeout is really the /sse/ location's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_ends_an_event_stream_silent_past_its_read_timeout() {
+    // No heartbeat before nginx's 1 s have passed.
+    let gw = Gateway::start(&[("heartbeat_interval", "8")]);
+    let nginx = plain_nginx(&[&gw], None, &[("/sse/", "1s")]);
+
+    let mut s = EventStream::open(nginx.addr, "/sse/quiet?subscribe-broadcast", &[]).await;
+    assert_eq!(s.status, 200, "{}", s.head);
+    s.subscribed().await;
+    assert_eq!(s.next().await, None, "the silent stream was kept open");
+    assert!(
+        nginx.error_log().contains("upstream timed out"),
+        "{}",
+        nginx.error_log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_through_nginx_answers_when_a_message_is_published() {
+    let redis = RedisServer::start().await;
+    // Longer than any wait below, shorter than the harness's.
+    let gw = redis_gateway(&redis, &[("poll_timeout", "8")]).await;
+    let nginx = plain_nginx(&[&gw], None, &[]);
+    let key = "broadcast:news";
+
+    pub_message(nginx.addr, "/pub/news?publish-broadcast", &[], "first").await;
+    // Without `since`, the stored message answers at once; its id names it.
+    let answer = poll(nginx.addr, "/poll/news?subscribe-broadcast").await;
+    let messages = poll_messages(&answer);
+    assert_eq!(messages.len(), 1, "{answer:?}");
+    let (data, seen) = &messages[0];
+    assert_eq!(data, "first");
+
+    // A poll that has seen it waits for the next publication; the gateway subscribing
+    // to the key in Redis says the poll is there.
+    until_subscribers(&redis, key, 0).await;
+    let path = format!("/poll/news?subscribe-broadcast&since=broadcast:{seen}");
+    let addr = nginx.addr;
+    let waiting = tokio::spawn(async move { poll(addr, &path).await });
+    until_subscribers(&redis, key, 1).await;
+    pub_message(nginx.addr, "/pub/news?publish-broadcast", &[], "second").await;
+    let answer = waiting.await.unwrap();
+    let messages = poll_messages(&answer);
+    assert_eq!(messages.len(), 1, "{answer:?}");
+    assert_eq!(messages[0].0, "second");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_through_nginx_answers_empty_after_poll_timeout() {
+    let gw = Gateway::start(&[("poll_timeout", "0.5")]);
+    let nginx = plain_nginx(&[&gw], None, &[]);
+
+    let answer = poll(nginx.addr, "/poll/quiet?subscribe-broadcast").await;
+    assert!(answer.is_empty(), "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publications_through_nginx_reach_streams_and_polls_on_both_gateways() {
+    let redis = RedisServer::start().await;
+    let a = history_gateway(&redis, &[]).await;
+    let b = history_gateway(&redis, &[]).await;
+    let nginx = plain_nginx(&[&a, &b], None, &[]);
+
+    // least_conn sends the second stream to the gateway that holds none.
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let mut s = EventStream::open(nginx.addr, "/sse/feed/crowd?subscribe-broadcast", &[]).await;
+        assert_eq!(s.status, 200, "{}", s.head);
+        s.subscribed().await;
+        streams.push(s);
+    }
+    until_sockets(&[&a, &b], &[1, 1]).await;
+
+    // A page served through nginx publishes: its Origin names the Host nginx passes on.
+    let origin = format!("http://{}", nginx.addr);
+    let page = [("Origin", origin.as_str())];
+    let path = "/pub/feed/crowd?publish-broadcast";
+    let id = pub_message(nginx.addr, path, &page, "to both")
+        .await
+        .expect("an id on a history key");
+    for s in &mut streams {
+        let event = s.next_message().await;
+        assert_eq!(event.data.as_deref(), Some("to both"));
+        assert_eq!(event.id, Some(format!("broadcast:{id}")));
+    }
+    let foreign = http(
+        nginx.addr,
+        "POST",
+        path,
+        &[("Origin", "http://evil.example")],
+        "forged",
+    )
+    .await;
+    assert_eq!(foreign.status, 403, "{}", foreign.body);
+
+    // Any gateway answers any poll: published on B, polled on A and through nginx.
+    let from_b = pub_message(b.addr, path, &[], "from b").await.unwrap();
+    let since = format!("/poll/feed/crowd?subscribe-broadcast&since=broadcast:{id}");
+    let expected = [("from b".to_string(), from_b)];
+    assert_eq!(poll_messages(&poll(a.addr, &since).await), expected);
+    assert_eq!(poll_messages(&poll(nginx.addr, &since).await), expected);
+    for s in &mut streams {
+        assert_eq!(s.next_message().await.data.as_deref(), Some("from b"));
+    }
+}
+
+/// nginx takes a publication as large as the gateway's default `max_message_size`: the
+/// site's `client_max_body_size` is not below it (a new default must be written there
+/// too). One byte more is refused, by nginx or the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_takes_a_publication_of_max_message_size() {
+    let gw = Gateway::start(&[]);
+    let nginx = plain_nginx(&[&gw], None, &[]);
+    let max = wsrelay::config::DEFAULT_MAX_MESSAGE_SIZE;
+
+    let path = "/pub/big?publish-broadcast";
+    let largest = http(nginx.addr, "POST", path, &[], &"x".repeat(max)).await;
+    assert_eq!(largest.status, 200, "{}", largest.body);
+    let over = http(nginx.addr, "POST", path, &[], &"x".repeat(max + 1)).await;
+    assert_eq!(over.status, 413, "{}", over.body);
 }
