@@ -14,7 +14,7 @@
 use base64::Engine;
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::history::StreamId;
+use crate::history::{envelope, StreamId};
 
 /// How long a browser waits before it reconnects on its own (the `retry:` field).
 pub const RETRY_MS: u32 = 2000;
@@ -82,6 +82,26 @@ pub fn response_head(origin: Option<&str>) -> Vec<u8> {
     )
     .into_bytes()
 }
+
+/// The answer to a stream refused for a while (the gateway stopping or full, a store
+/// unavailable, too many connections from the address): `EventSource` gives up for good
+/// on any status but 200, so a page would not come back after a restart. It gets an
+/// empty stream instead, whose `retry:` (random, 2 to 10 s, so that refused browsers do
+/// not return together) makes it reconnect on its own, and a `close` control message
+/// with code 1013 and the refusal's reason.
+pub fn try_again_later(reason: &str) -> Vec<u8> {
+    let retry = 2000 + uuid::Uuid::new_v4().as_u128() % 8000;
+    let mut answer = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
+         connection: close\r\n\r\nretry: {retry}\n\n"
+    )
+    .into_bytes();
+    answer.extend_from_slice(&control(&envelope::close(TRY_AGAIN_LATER, reason)));
+    answer
+}
+
+/// The close code of a stream refused for a while (a WebSocket's "try again later").
+pub const TRY_AGAIN_LATER: u16 = 1013;
 
 /// CORS headers for a request from `origin` that the policy allowed (none without one).
 pub fn cors_headers(origin: Option<&str>) -> String {

@@ -23,6 +23,7 @@ use bytes::BytesMut;
 use tokio::net::TcpStream;
 
 use super::{close_gently, write_bounded, UpgradeContext};
+use crate::event_stream;
 use crate::handshake::{plain_http, Transport};
 use crate::policy::IpSlot;
 use crate::ws::Stream;
@@ -172,7 +173,18 @@ pub async fn serve(
         .await;
     let accepted = match decided {
         Ok(accepted) => accepted,
-        Err(refusal) => return close_gently(tcp, refusal.to_http()).await,
+        Err(refusal) => {
+            let status = refusal.status();
+            let passing = status == StatusCode::SERVICE_UNAVAILABLE
+                || status == StatusCode::TOO_MANY_REQUESTS;
+            let answer = match transport {
+                Transport::EventStream if passing => {
+                    event_stream::try_again_later(&refusal.to_string())
+                }
+                _ => refusal.to_http(),
+            };
+            return close_gently(tcp, answer).await;
+        }
     };
     match transport {
         Transport::Poll => crate::poll::spawn(&context.worker, Stream::Tcp(tcp), accepted),

@@ -408,3 +408,24 @@ async fn a_stream_that_does_not_read_is_closed_as_a_slow_consumer() {
     let close = close.expect("a close event before the end of the stream");
     assert_eq!(close["code"], 4000, "{close}");
 }
+
+/// `EventSource` gives up for good on any status but 200: a refusal that passes (the
+/// gateway full or stopping) is an empty stream that tells it when to come back.
+#[tokio::test]
+async fn a_passing_refusal_tells_an_event_stream_to_come_back() {
+    let gw = Gateway::start(&[("max_sockets", "1")]);
+    let _ws = Client::connect(&gw.ws_url("/ws/full?subscribe-broadcast")).await;
+    let refused = http(gw.addr, "GET", "/ws/full?subscribe-broadcast", &UPGRADE, "").await;
+    assert_eq!(refused.status, 503);
+    let mut sse = EventStream::open(gw.addr, "/sse/full?subscribe-broadcast", &[]).await;
+    assert_eq!(sse.status, 200, "{}", sse.head);
+    let retry = sse.next().await.unwrap().retry.unwrap();
+    assert!((2000..10000).contains(&retry), "{retry}");
+    let close = sse.next_data().await.control().unwrap();
+    assert_eq!(close["code"], 1013, "{close}");
+    assert_eq!(close["reason"], refused.body.as_str());
+    assert!(sse.next().await.is_none(), "the stream ends");
+    // A refusal that does not pass keeps its status: the page must not come back.
+    let mut sse = EventStream::open(gw.addr, "/sse/bad%FF?subscribe-broadcast", &[]).await;
+    assert_eq!(sse.status, 400);
+}
