@@ -107,11 +107,10 @@
  *   on_subscribed(keys)     optional: the subscriptions are live (after each connect,
  *                    before its stored or replayed messages): from here on nothing
  *                    published on `keys` is missed.
- *   These callbacks come whenever the transport carries them: over sse, over poll (no
- *   on_subscribed there, and on_resumed for a connection's first poll only: every poll
- *   resumes), and over a WebSocket whose gateway chose the envelope (offered with
- *   resume, shared, or more than one transport). A gateway that does not choose it is
- *   spoken to as without.
+ *   These callbacks come whenever the transport carries them: over sse, over poll (but
+ *   for on_subscribed and on_resumed: every poll resumes, and the ids say it), and over
+ *   a WebSocket whose gateway chose the envelope (offered with resume, shared, or more
+ *   than one transport). A gateway that does not choose it is spoken to as without.
  *
  * Tabs sharing one connection (an addition):
  *   shared: true     every tab of this origin that opens the same uri with `shared` uses
@@ -153,7 +152,10 @@
  *                    come back in the same second). n goes back to 0 when a connection had
  *                    stayed open 5 s or more, so a gateway that accepts and drops sockets
  *                    at once still sees growing waits. The browser's `online` event
- *                    reconnects at once. The same holds for every transport.
+ *                    reconnects at once. The same holds for every transport; after a
+ *                    close with code 1013 (try again later: the gateway refuses event
+ *                    streams for a while, full or stopping) the wait is 2 to 10 s at
+ *                    least, as the gateway asks.
  *   Heartbeats       with heartbeat_msg set, the helper sends it every 5 s while connected
  *                    and counts it as missed; any frame from the gateway (its answer to a
  *                    heartbeat, its own idle heartbeat, or a message) sets the count back
@@ -194,6 +196,7 @@ var WS4Redis = (function () {
     // Failed attempts in a row before a transport that never worked is left.
     var FALLBACK_AFTER = 2;
     var SILENCE_MS = 10000;
+    var TRY_AGAIN_LATER = 1013;
     // The longest a poll may wait for its answer (the gateway's poll_timeout is 25 s).
     var POLL_LIMIT_MS = 60000;
     // Shared connections without Web Locks: the connected tab's beacon, and how long a
@@ -559,7 +562,10 @@ var WS4Redis = (function () {
                 }
             }
             if (!stopped) {
-                scheduleReconnect();
+                // 1013, "try again later": the gateway refused an event stream for a
+                // while (full, stopping) and asks for a wait of 2 to 10 s, as its
+                // `retry:` tells EventSource; on a socket, Redis is away.
+                scheduleReconnect(evt.code === TRY_AGAIN_LATER ? 2000 + Math.random() * 8000 : 0);
             }
             sink({ type: 'disconnected', event: evt });
         }
@@ -578,8 +584,8 @@ var WS4Redis = (function () {
             });
         }
 
-        function scheduleReconnect() {
-            var wait = backoff(attempt);
+        function scheduleReconnect(least) {
+            var wait = Math.max(least || 0, backoff(attempt));
             attempt += 1;
             reconnectTimer = setTimeout(connect, wait);
         }
@@ -730,14 +736,10 @@ var WS4Redis = (function () {
                     if (!Array.isArray(list)) {
                         throw new Error('the poll answer is not a JSON array');
                     }
-                    // Every poll resumes from `since`: only the first one of an attempt
-                    // is a resume for the page.
-                    var first = !a.proven;
                     proved(a);
                     for (var i = 0; i < list.length && a === conn; i++) {
-                        var m = list[i];
-                        if (m !== null && typeof m === 'object' && (first || m.type !== 'resumed')) {
-                            envelope(a, m);
+                        if (list[i] !== null && typeof list[i] === 'object') {
+                            envelope(a, list[i]);
                         }
                     }
                     if (a === conn) {

@@ -1341,7 +1341,7 @@ const scenarios = [
             assert(seen.streams >= 2, `the helper should have tried SSE twice, opened ${seen.streams} streams`);
             assert(proxy.counts.poll - before.poll >= 1, `no poll went through the proxy: ${JSON.stringify(proxy.counts)}`);
           }
-          // Every poll resumes from `since`; the page hears of a resume once per connection.
+          // Every poll resumes from `since`: the page is not told so for each.
           const resumes = seen.events.filter((e) => e.startsWith('resumed:'));
           assert(resumes.length <= 1, `on_resumed for every poll: ${JSON.stringify(seen.events)}`);
           const connection = seen.events.filter((e) => /^(connected|subscribed)/.test(e));
