@@ -1056,7 +1056,11 @@ var WS4Redis = (function () {
                 pending = [];
                 waiting.forEach(function (message) {
                     if (leading) {
-                        link.send(message);
+                        try {
+                            link.send(message);
+                        } catch (e) {
+                            rethrow(e); // the connection's own queue is full
+                        }
                     } else {
                         post({ t: 'send', from: me, msg: message });
                     }
@@ -1072,23 +1076,12 @@ var WS4Redis = (function () {
                 welcomed = true;
                 post({ t: 'leader', from: me });
                 var live = true;
-                var mine = Link({
-                    transports: cfg.transports,
-                    start: lead.transport,
-                    worked: lead.worked,
-                    wsUrl: cfg.wsUrl,
-                    envelope: cfg.envelope,
-                    resume: true,
-                    sseUrl: cfg.sseUrl,
-                    pollUrl: cfg.pollUrl,
-                    pubUrl: cfg.pubUrl,
-                    publishes: cfg.publishes,
-                    ids: cfg.ids,
-                    heartbeatMsg: cfg.heartbeatMsg,
-                    heartbeatInterval: cfg.heartbeatInterval,
-                    queueLimit: cfg.queueLimit,
-                    silence: cfg.silence
-                }, function (ev) {
+                // Where the previous leader's connection left off.
+                var settings = { start: lead.transport, worked: lead.worked };
+                Object.keys(cfg).forEach(function (name) {
+                    settings[name] = settings[name] || cfg[name];
+                });
+                var mine = Link(settings, function (ev) {
                     if (!live) {
                         return; // a connection this tab gave up (elected twice)
                     }
