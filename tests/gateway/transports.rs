@@ -426,6 +426,6 @@ async fn a_passing_refusal_tells_an_event_stream_to_come_back() {
     assert_eq!(close["reason"], refused.body.as_str());
     assert!(sse.next().await.is_none(), "the stream ends");
     // A refusal that does not pass keeps its status: the page must not come back.
-    let mut sse = EventStream::open(gw.addr, "/sse/bad%FF?subscribe-broadcast", &[]).await;
+    let sse = EventStream::open(gw.addr, "/sse/bad%FF?subscribe-broadcast", &[]).await;
     assert_eq!(sse.status, 400);
 }
