@@ -483,7 +483,7 @@ async fn socket_through_nginx_receives_a_redis_publication() {
     let page = http(nginx.addr, "GET", "/accounts/login/", &[], "").await;
     assert_eq!((page.status, page.body.as_str()), (200, "webapp"));
     // The browser helper comes from the gateway, not from the web application.
-    for path in ["/wsrelay.js", "/wsrelay.mjs"] {
+    for path in ["/wsrelay.js", "/wsrelay.mjs", "/wsrelay.d.ts"] {
         let helper = http(nginx.addr, "GET", path, &[], "").await;
         assert_eq!(helper.status, 200, "{path}");
         assert!(helper.body.contains("WS4Redis"), "{path}: {}", helper.body);
