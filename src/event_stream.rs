@@ -89,11 +89,15 @@ pub fn response_head(origin: Option<&str>) -> Vec<u8> {
 /// empty stream instead, whose `retry:` (random, 2 to 10 s, so that refused browsers do
 /// not return together) makes it reconnect on its own, and a `close` control message
 /// with code 1013 and the refusal's reason.
-pub fn try_again_later(reason: &str) -> Vec<u8> {
+///
+/// `origin`: the request's `Origin` when the policy allows it: a cross-origin page that
+/// cannot read the answer would give up as well.
+pub fn try_again_later(reason: &str, origin: Option<&str>) -> Vec<u8> {
     let retry = 2000 + uuid::Uuid::new_v4().as_u128() % 8000;
     let mut answer = format!(
         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
-         connection: close\r\n\r\nretry: {retry}\n\n"
+         connection: close\r\n{}\r\nretry: {retry}\n\n",
+        cors_headers(origin)
     )
     .into_bytes();
     answer.extend_from_slice(&control(&envelope::close(TRY_AGAIN_LATER, reason)));

@@ -85,6 +85,11 @@ pub enum HandshakeError {
          receives (publish with POST to the pub_url)"
     )]
     PublishOnStream,
+    #[error(
+        "nothing to listen to: name subscribe-broadcast, -user, -group or -session \
+         (user, group and session need a logged-in client)"
+    )]
+    NothingToListen,
     #[error("subscribe flags are for sockets: POST to the pub_url only publishes")]
     SubscribeOnPublish,
     #[error(
@@ -136,6 +141,7 @@ impl HandshakeError {
             Identity(IdentityError::Refused(refusal))
             | Authorize(AuthorizeError::Refused(refusal)) => refusal.status,
             Origin(_) | Policy(_) | TooManySubscriptions(..) => StatusCode::FORBIDDEN,
+            NothingToListen | NothingToPublish => StatusCode::FORBIDDEN,
             CookieTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             PerIpLimit(_) => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::BAD_REQUEST,
@@ -331,15 +337,25 @@ impl Handshaker {
     /// valid facility (`rest` of the path after the transport's prefix).
     fn check_request(&self, head: &RequestHead, rest: &str) -> Result<String, HandshakeError> {
         let policy = &self.policy;
-        let cookie_bytes: usize = head.headers.get_all(header::COOKIE).map(|v| v.len()).sum();
-        if cookie_bytes > policy.max_cookie_bytes {
-            return Err(HandshakeError::CookieTooLarge(policy.max_cookie_bytes));
-        }
         let peer = head.peer_addr.map(|a: SocketAddr| a.ip());
         policy
             .check_origin(head, peer)
             .map_err(HandshakeError::Origin)?;
+        let cookie_bytes: usize = head.headers.get_all(header::COOKIE).map(|v| v.len()).sum();
+        if cookie_bytes > policy.max_cookie_bytes {
+            return Err(HandshakeError::CookieTooLarge(policy.max_cookie_bytes));
+        }
         facility_from_path(rest)
+    }
+
+    /// The request's `Origin`, when it has one and the policy allows it (a page of that
+    /// origin may then read answers: CORS with credentials).
+    pub fn allowed_origin<'h>(&self, head: &'h RequestHead) -> Option<&'h str> {
+        let peer = head.peer_addr.map(|a: SocketAddr| a.ip());
+        self.policy.check_origin(head, peer).ok()?;
+        head.headers
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
     }
 
     /// The flags the client may use and who it is: its query's flags, narrowed by the
@@ -522,6 +538,9 @@ impl Handshaker {
             .headers
             .get(header::ORIGIN)
             .and_then(|o| o.to_str().ok());
+        if transport != Transport::WebSocket && listening.is_empty() {
+            return Err(HandshakeError::NothingToListen);
+        }
         let response = match (transport, key) {
             (Transport::WebSocket, Some(key)) => {
                 switching_protocols(key, chosen_protocol(&head.headers))

@@ -65,8 +65,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, urls: &Handshaker, max_message_si
                 .post(publish_from_page)
                 .route(web::method(actix_web::http::Method::OPTIONS).to(publish_preflight)),
         )
-        .service(web::resource(format!("{}{{facility:.*}}", urls.sse_url)).to(pipelined))
-        .service(web::resource(format!("{}{{facility:.*}}", urls.poll_url)).to(pipelined))
+        .service(web::resource(format!("{}{{facility:.*}}", urls.sse_url)).get(pipelined))
+        .service(web::resource(format!("{}{{facility:.*}}", urls.poll_url)).get(pipelined))
         .service(web::resource("/health").get(health))
         .service(web::resource("/ready").get(ready))
         .service(web::resource("/metrics").get(metrics))

@@ -247,8 +247,12 @@ async fn finish(worker: &Worker, socket: &Rc<Socket>, deadline: crate::wheel::Ti
         if bits & signal::BROKEN != 0 {
             return Poll::Ready(true);
         }
-        if bits & signal::TIMER != 0 && worker.clock.now() >= deadline {
-            return Poll::Ready(false);
+        if bits & signal::TIMER != 0 {
+            if worker.clock.now() >= deadline {
+                return Poll::Ready(false);
+            }
+            // An earlier deadline (setup's) fired: this one is asked for again.
+            worker.schedule(socket, deadline);
         }
         if socket.wants_write() {
             match socket.stream.poll_write_ready(cx) {

@@ -48,8 +48,15 @@ pub enum Form {
 }
 
 impl Form {
+    /// How many forms there are ([`Form::index`] is below it).
+    pub const COUNT: usize = 4;
     /// Forms other than `Plain`, each encoded on first need.
     pub const LAZY: usize = 3;
+
+    /// This form's place among all of them.
+    pub fn index(self) -> usize {
+        self.lazy_index().map_or(0, |i| i + 1)
+    }
 
     /// This form's place among the lazily encoded ones (`None`: `Plain`).
     pub fn lazy_index(self) -> Option<usize> {

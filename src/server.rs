@@ -57,6 +57,8 @@ use self::streams::{Seen, StreamRoutes};
 
 mod streams;
 
+/// Bytes of each request header line kept to read the body's framing.
+const HEADER_PREFIX: usize = 40;
 /// How long a closing HTTP connection may take to flush its last answer.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a refused connection is kept to deliver its answer (see [`close_gently`]).
@@ -115,7 +117,7 @@ impl Listener {
             handshaker: self.handshaker.clone(),
             http: awc::Client::default(),
             timeout: self.handshake_timeout,
-            streams: StreamRoutes::new(&self.handshaker.sse_url, &self.handshaker.poll_url),
+            streams: StreamRoutes::new(&self.handshaker),
         });
         let this = self.clone();
         let accepting = context.clone();
@@ -199,7 +201,7 @@ impl Listener {
                 slot,
                 counted,
                 context.clone(),
-                (self.handshake_timeout, self.request_timeout),
+                RequestClock::new(self.handshake_timeout, self.request_timeout),
             ),
             peer,
         ))
@@ -242,7 +244,9 @@ async fn upgrade(
     framed: Framed<HttpConn, h1::Codec>,
 ) -> Result<(), actix_http::Error> {
     let parts = framed.into_parts();
-    let (mut tcp, slot) = parts.io.into_inner();
+    let Some((mut tcp, slot)) = parts.io.into_inner() else {
+        return Ok(());
+    };
     let decided = context
         .handshaker
         .accept(req.head(), slot, &context.http, Transport::WebSocket)
@@ -335,15 +339,13 @@ impl Drop for Counted {
 }
 
 impl HttpConn {
-    /// `limits`: the request head's and the whole request's.
     fn new(
         stream: TcpStream,
         slot: Option<IpSlot>,
         counted: Counted,
         context: Rc<UpgradeContext>,
-        limits: (Duration, Duration),
+        mut clock: RequestClock,
     ) -> Self {
-        let mut clock = RequestClock::new(limits.0, limits.1);
         // The first head's time runs from the connect.
         clock.start();
         HttpConn {
@@ -356,12 +358,11 @@ impl HttpConn {
         }
     }
 
-    /// The stream and the address's place, for the socket this connection becomes.
-    pub fn into_inner(self) -> (TcpStream, Option<IpSlot>) {
-        let stream = self
-            .stream
-            .expect("an upgrade comes before any stream request");
-        (stream, self.slot)
+    /// The stream and the address's place, for the socket this connection becomes;
+    /// `None` when a stream request took them (the dispatcher then reads the end of the
+    /// connection, and never hands it to the upgrade hook).
+    pub fn into_inner(self) -> Option<(TcpStream, Option<IpSlot>)> {
+        Some((self.stream?, self.slot))
     }
 
     fn stream(&mut self) -> io::Result<&mut TcpStream> {
@@ -390,7 +391,7 @@ impl HttpConn {
                     return Poll::Ready(Ok(()));
                 }
                 // An oversized head is taken too, to be refused with its reason.
-                Seen::NeedMore if head.len() >= streams::MAX_HEAD => {
+                Seen::NeedMore if head.len() >= self.context.streams.max_head => {
                     let head = std::mem::take(head);
                     self.take_stream(head, Transport::EventStream);
                     return Poll::Ready(Ok(()));
@@ -403,10 +404,9 @@ impl HttpConn {
             match Pin::new(stream).poll_read(cx, &mut read) {
                 Poll::Ready(Ok(())) if read.filled().is_empty() => {
                     // The client left mid-head: the dispatcher gets what came.
-                    let Held::Deciding(head) = &mut self.held else {
-                        unreachable!()
-                    };
-                    self.held = Held::Returning(std::mem::take(head));
+                    if let Held::Deciding(head) = std::mem::replace(&mut self.held, Held::Nothing) {
+                        self.held = Held::Returning(head);
+                    }
                     return Poll::Ready(Ok(()));
                 }
                 Poll::Ready(Ok(())) => {
@@ -431,7 +431,8 @@ impl HttpConn {
             return;
         };
         let context = self.context.clone();
-        tokio::task::spawn_local(streams::serve(context, tcp, slot, head, transport));
+        let serving = streams::serve(context.clone(), tcp, slot, head, transport);
+        tokio::task::spawn_local(context.worker.relay.tracker.track_future(serving));
     }
 
     /// A deadline passed: a late request head is answered 408 (if the socket takes it
@@ -469,10 +470,23 @@ enum Phase {
 /// of the connect), a whole request within `policy.request_timeout`, and a write that
 /// finds the kernel buffer full must make progress within `policy.request_timeout`.
 /// Pipelined requests are followed only roughly (bytes behind a head are not parsed).
+///
+/// It also knows where a request's body ends (its `Content-Length`), so that a stream
+/// request is only taken at a real request boundary: a body, even one the client sends
+/// after an early answer, is never read as a request of its own.
 struct RequestClock {
     head_limit: Duration,
     request_limit: Duration,
     phase: Phase,
+    /// The start of the current head line, lower case (enough for the framing headers).
+    line: [u8; HEADER_PREFIX],
+    /// The body length the current head announced.
+    announced: u64,
+    /// Body bytes of the last request not read yet.
+    body_left: u64,
+    /// A body without a length was announced (chunked): where the requests of this
+    /// connection end is not followed any more.
+    unframed: bool,
     /// When the current request began.
     started: Instant,
     /// Since when a write waits for room in the kernel buffer.
@@ -488,6 +502,10 @@ impl RequestClock {
             head_limit,
             request_limit,
             phase: Phase::Idle,
+            line: [0; HEADER_PREFIX],
+            announced: 0,
+            body_left: 0,
+            unframed: false,
             started: Instant::now(),
             write_blocked: None,
             timer: None,
@@ -549,8 +567,15 @@ impl RequestClock {
     }
 
     /// Follows the bytes just read.
-    fn saw(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
+    fn saw(&mut self, mut bytes: &[u8]) {
+        while let Some((&byte, rest)) = bytes.split_first() {
+            if self.body_left > 0 {
+                let n = bytes.len().min(self.body_left as usize);
+                self.body_left -= n as u64;
+                bytes = &bytes[n..];
+                continue;
+            }
+            bytes = rest;
             match self.phase {
                 Phase::Past => return,
                 Phase::Idle => {
@@ -562,6 +587,12 @@ impl RequestClock {
         }
     }
 
+    /// Whether a stream request may be taken from here: the start of a head, with the
+    /// last request's body all read.
+    fn at_boundary(&self) -> bool {
+        self.at_head_start() && self.body_left == 0 && !self.unframed
+    }
+
     fn step(&mut self, byte: u8) {
         let Phase::Head { line_len, lines } = self.phase else {
             return;
@@ -569,18 +600,53 @@ impl RequestClock {
         self.phase = match byte {
             // An empty line after at least one line ends the head (empty lines before
             // the request line are skipped, as RFC 9112 allows).
-            b'\n' if line_len == 0 && lines > 0 => Phase::Past,
+            b'\n' if line_len == 0 && lines > 0 => {
+                self.body_left = std::mem::take(&mut self.announced);
+                Phase::Past
+            }
             b'\n' if line_len == 0 => self.phase,
-            b'\n' => Phase::Head {
-                line_len: 0,
-                lines: lines + 1,
-            },
+            b'\n' => {
+                if lines > 0 {
+                    self.header_line(line_len);
+                }
+                Phase::Head {
+                    line_len: 0,
+                    lines: lines + 1,
+                }
+            }
             b'\r' => self.phase,
-            _ => Phase::Head {
-                line_len: line_len + 1,
-                lines,
-            },
+            _ => {
+                if line_len < HEADER_PREFIX {
+                    self.line[line_len] = byte.to_ascii_lowercase();
+                }
+                Phase::Head {
+                    line_len: line_len + 1,
+                    lines,
+                }
+            }
         };
+    }
+
+    /// A header line of `len` bytes ended: notes the body it announces.
+    fn header_line(&mut self, len: usize) {
+        let line = &self.line[..len.min(HEADER_PREFIX)];
+        if line.starts_with(b"transfer-encoding:") {
+            self.unframed = true;
+        } else if let Some(value) = line.strip_prefix(b"content-length:") {
+            let digits = value.trim_ascii();
+            let whole = len <= HEADER_PREFIX && digits.iter().all(u8::is_ascii_digit);
+            self.announced = match std::str::from_utf8(digits)
+                .ok()
+                .and_then(|d| d.parse().ok())
+            {
+                Some(n) if whole => n,
+                // Not a length the gateway can follow: no stream request after it.
+                _ => {
+                    self.unframed = true;
+                    0
+                }
+            };
+        }
     }
 
     /// A write made progress; once the answer to a request has started, the next bytes
@@ -606,7 +672,8 @@ impl AsyncRead for HttpConn {
             }
         }
         match &mut this.held {
-            // Pending, or the stream was taken (the dispatcher reads the end).
+            // The head is still coming (a taken stream leaves `Nothing`, and the
+            // dispatcher then reads the end of the connection).
             Held::Deciding(_) => return Poll::Pending,
             Held::Returning(bytes) => {
                 let n = bytes.len().min(buf.remaining());
@@ -618,7 +685,7 @@ impl AsyncRead for HttpConn {
             }
             Held::Nothing => {}
         }
-        let at_head_start = this.clock.at_head_start();
+        let at_boundary = this.clock.at_boundary();
         let before = buf.filled().len();
         let Some(stream) = this.stream.as_mut() else {
             return Poll::Ready(Ok(()));
@@ -630,9 +697,7 @@ impl AsyncRead for HttpConn {
                 if this.clock.passed() {
                     return Poll::Ready(Err(this.time_out()));
                 }
-                if at_head_start
-                    && !read.is_empty()
-                    && this.context.streams.see(read) != Seen::Other
+                if at_boundary && !read.is_empty() && this.context.streams.see(read) != Seen::Other
                 {
                     this.held = Held::Deciding(BytesMut::from(read));
                     buf.set_filled(before);
@@ -738,6 +803,28 @@ mod tests {
             Phase::Past
         );
         assert!(matches!(phase_after(&[b"\r\n\r\n"]), Phase::Head { .. }));
+    }
+
+    #[test]
+    fn a_body_is_never_read_as_a_request() {
+        let mut clock = RequestClock::new(Duration::from_secs(1), Duration::from_secs(30));
+        assert!(clock.at_boundary(), "the first request of a connection");
+        clock.saw(b"POST /pub/x HTTP/1.1\r\nContent-Length: 5\r\n\r\nab");
+        // An early answer (a refusal before the body is read).
+        clock.wrote();
+        assert!(!clock.at_boundary(), "three body bytes are still to come");
+        clock.saw(b"cde");
+        assert!(clock.at_boundary());
+        clock.saw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        clock.wrote();
+        assert!(clock.at_boundary(), "a request without a body");
+        clock.saw(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        clock.wrote();
+        assert!(!clock.at_boundary(), "a chunked body is not followed");
+        let mut clock = RequestClock::new(Duration::from_secs(1), Duration::from_secs(30));
+        clock.saw(b"POST / HTTP/1.1\r\ncontent-length:  +1\r\n\r\n");
+        clock.wrote();
+        assert!(!clock.at_boundary(), "a length that cannot be followed");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::outbox::{key_index, KeyIndex};
-use crate::registry::{Publication, Registry};
+use crate::registry::{Form, Publication, Registry};
 use crate::socket::{signal, Socket, NEVER};
 use crate::wheel::{Clock, Tick, Wheel, TICK};
 use crate::ws::frame;
@@ -239,11 +239,11 @@ impl Worker {
                     continue;
                 };
                 // Each form wrapped once per worker, when a socket needs it.
-                let mut wrapped: [Option<Option<Rc<Bytes>>>; 4] = Default::default();
+                let mut wrapped: [Option<Option<Rc<Bytes>>>; Form::COUNT] = Default::default();
                 let payload = publication.payload().len() as u64;
                 for (socket, key) in sockets {
                     let form = socket.form;
-                    let frame = wrapped[form as usize].get_or_insert_with(|| {
+                    let frame = wrapped[form.index()].get_or_insert_with(|| {
                         publication
                             .encoded(form, retention)
                             .map(|frame| Rc::new(frame.clone()))

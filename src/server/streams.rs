@@ -24,18 +24,21 @@ use tokio::net::TcpStream;
 
 use super::{close_gently, write_bounded, UpgradeContext};
 use crate::event_stream;
-use crate::handshake::{plain_http, Transport};
+use crate::handshake::{plain_http, Handshaker, Transport};
 use crate::policy::IpSlot;
 use crate::ws::Stream;
 
-/// The longest request head a stream request may have (cookies included).
-pub const MAX_HEAD: usize = 16 * 1024;
+/// Room in a stream request's head besides its cookies (`policy.max_cookie_bytes`).
+const HEAD_BESIDES_COOKIES: usize = 8 * 1024;
 /// Headers a stream request may have.
 const MAX_HEADERS: usize = 64;
 
 /// The request lines that start a stream request, `GET <prefix>` each.
 pub struct StreamRoutes {
     routes: Vec<(Vec<u8>, Transport)>,
+    /// The longest head a stream request may have: what the cookie limit allows, and
+    /// room for the rest.
+    pub max_head: usize,
 }
 
 /// What the first bytes of a request head say.
@@ -50,13 +53,21 @@ pub enum Seen {
 }
 
 impl StreamRoutes {
-    pub fn new(sse_url: &str, poll_url: &str) -> Self {
+    /// The routes of `handshaker`'s prefixes.
+    pub fn new(handshaker: &Handshaker) -> Self {
+        let mut routes = Self::of(&handshaker.sse_url, &handshaker.poll_url);
+        routes.max_head = handshaker.policy.max_cookie_bytes + HEAD_BESIDES_COOKIES;
+        routes
+    }
+
+    fn of(sse_url: &str, poll_url: &str) -> Self {
         let line = |url: &str| format!("GET {url}").into_bytes();
         StreamRoutes {
             routes: vec![
                 (line(sse_url), Transport::EventStream),
                 (line(poll_url), Transport::Poll),
             ],
+            max_head: HEAD_BESIDES_COOKIES,
         }
     }
 
@@ -75,9 +86,10 @@ impl StreamRoutes {
             }
             undecided |= line.starts_with(head);
         }
-        match undecided {
-            true => Seen::NeedMore,
-            false => Seen::Other,
+        if undecided {
+            Seen::NeedMore
+        } else {
+            Seen::Other
         }
     }
 }
@@ -98,7 +110,7 @@ fn head_len(bytes: &[u8]) -> Option<usize> {
 /// Why a stream request's head could not be read.
 #[derive(Debug, thiserror::Error)]
 enum HeadError {
-    #[error("request head is larger than {MAX_HEAD} bytes")]
+    #[error("request head is too large (policy.max_cookie_bytes and 8 KiB besides)")]
     TooLarge,
     #[error("request has more than {MAX_HEADERS} headers")]
     TooManyHeaders,
@@ -179,7 +191,8 @@ pub async fn serve(
                 || status == StatusCode::TOO_MANY_REQUESTS;
             let answer = match transport {
                 Transport::EventStream if passing => {
-                    event_stream::try_again_later(&refusal.to_string())
+                    let origin = context.handshaker.allowed_origin(&head);
+                    event_stream::try_again_later(&refusal.to_string(), origin)
                 }
                 _ => refusal.to_http(),
             };
@@ -203,7 +216,7 @@ mod tests {
 
     #[test]
     fn only_whole_stream_request_heads_are_taken() {
-        let routes = StreamRoutes::new("/sse/", "/poll/");
+        let routes = StreamRoutes::of("/sse/", "/poll/");
         assert_eq!(routes.see(b"GE"), Seen::NeedMore);
         assert_eq!(routes.see(b"GET /ss"), Seen::NeedMore);
         assert_eq!(

@@ -246,6 +246,9 @@ async fn each_transport_refuses_what_a_websocket_refuses() {
         [[policy.rules]]
         facility = "closed"
         subscribe = []
+        [[policy.rules]]
+        facility = "mine"
+        subscribe = ["user"]
     "#;
     let gw = Gateway::start_with_file(toml, &[("policy__compat", "false")]);
     let foreign = [("Origin", "http://elsewhere.example")];
@@ -292,7 +295,16 @@ async fn each_transport_refuses_what_a_websocket_refuses() {
             "{rest}"
         );
     }
-    // What only a receiving transport refuses.
+    // What only a receiving transport refuses: nothing to listen to, publish flags.
+    for path in ["/poll/open", "/sse/mine?subscribe-user"] {
+        let refused = http(gw.addr, "GET", path, &[], "").await;
+        assert_eq!(refused.status, 403, "{path}");
+        assert!(
+            refused.body.starts_with("nothing to listen to"),
+            "{}",
+            refused.body
+        );
+    }
     let (status, _, raw) = poll(&gw, "/poll/open?subscribe-broadcast&publish-broadcast", &[]).await;
     assert_eq!(status, 400, "{raw}");
     assert!(
@@ -413,12 +425,21 @@ async fn a_stream_that_does_not_read_is_closed_as_a_slow_consumer() {
 /// gateway full or stopping) is an empty stream that tells it when to come back.
 #[tokio::test]
 async fn a_passing_refusal_tells_an_event_stream_to_come_back() {
-    let gw = Gateway::start(&[("max_sockets", "1")]);
+    let gw = Gateway::start(&[
+        ("max_sockets", "1"),
+        ("policy__allowed_origins", "https://app.example"),
+    ]);
     let _ws = Client::connect(&gw.ws_url("/ws/full?subscribe-broadcast")).await;
     let refused = http(gw.addr, "GET", "/ws/full?subscribe-broadcast", &UPGRADE, "").await;
     assert_eq!(refused.status, 503);
-    let mut sse = EventStream::open(gw.addr, "/sse/full?subscribe-broadcast", &[]).await;
+    let allowed = [("Origin", "https://app.example")];
+    let mut sse = EventStream::open(gw.addr, "/sse/full?subscribe-broadcast", &allowed).await;
     assert_eq!(sse.status, 200, "{}", sse.head);
+    // A cross-origin page that could not read it would give up as well.
+    assert_eq!(
+        sse.header("access-control-allow-origin").as_deref(),
+        Some("https://app.example")
+    );
     let retry = sse.next().await.unwrap().retry.unwrap();
     assert!((2000..10000).contains(&retry), "{retry}");
     let close = sse.next_data().await.control().unwrap();
@@ -428,4 +449,36 @@ async fn a_passing_refusal_tells_an_event_stream_to_come_back() {
     // A refusal that does not pass keeps its status: the page must not come back.
     let sse = EventStream::open(gw.addr, "/sse/bad%FF?subscribe-broadcast", &[]).await;
     assert_eq!(sse.status, 400);
+}
+
+/// A request body is never read as a request of its own, even when the gateway answered
+/// before reading it (a refusal): it cannot smuggle in an event stream or a long-poll.
+#[tokio::test]
+async fn a_body_is_not_taken_for_a_stream_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::start(&[]);
+    let inner = format!(
+        "GET /poll/c?subscribe-broadcast HTTP/1.1\r\nHost: {}\r\n\r\n",
+        gw.addr
+    );
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /pub/c?subscribe-broadcast HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n",
+        gw.addr,
+        inner.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tcp.read(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    tcp.write_all(inner.as_bytes()).await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(crate::harness::WAIT, tcp.read_to_end(&mut rest)).await;
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(read.is_ok(), "the connection ends");
+    assert!(
+        !rest.contains("application/json"),
+        "the body was served as a poll: {rest}"
+    );
 }
