@@ -955,3 +955,42 @@ impl EventStream {
         );
     }
 }
+
+impl Gateway {
+    /// An in-process gateway with the TOML configuration `toml` on `backend` (a Redis
+    /// server of its own, returned so that it lives as long as the test wants; ready
+    /// once the gateway reports its link healthy).
+    pub async fn on_backend(
+        backend: crate::Backend,
+        toml: &str,
+        settings: &[(&str, &str)],
+    ) -> (Gateway, Option<RedisServer>) {
+        let redis = match backend {
+            crate::Backend::Redis => Some(RedisServer::start().await),
+            crate::Backend::Memory => None,
+        };
+        let url = redis.as_ref().map(|r| r.url());
+        let mut all = settings.to_vec();
+        if let Some(url) = &url {
+            all.push(("redis__url", url));
+        }
+        let gw = Gateway::start_with_file(toml, &all);
+        if redis.is_some() {
+            gw.wait_health(200).await;
+        }
+        (gw, redis)
+    }
+
+    /// Publishes `message` to the facility's broadcast key through the HTTP API (kept
+    /// for late joiners); returns its id on a facility with history.
+    pub async fn publish_broadcast(&self, facility: &str, message: &str) -> Option<String> {
+        let reply = self
+            .api_publish(serde_json::json!({
+                "facility": facility, "audiences": {"broadcast": true}, "message": message,
+            }))
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let body: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+        body["ids"][0].as_str().map(String::from)
+    }
+}

@@ -2,7 +2,7 @@
 //! envelope subprotocol: on both brokers for what a client sees, on Redis for the
 //! recovery after a lost pub/sub link.
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::harness::{metric, Client, FreezingProxy, Gateway, RedisServer, TempDir, ENVELOPE};
 use crate::{on_both_brokers, Backend};
@@ -14,34 +14,13 @@ history = 5
 history_ttl = 600
 "#;
 
-/// A gateway with the history rules above, on `backend`.
+/// A gateway with the rules above, on `backend`.
 async fn gateway(backend: Backend, settings: &[(&str, &str)]) -> (Gateway, Option<RedisServer>) {
-    let redis = match backend {
-        Backend::Redis => Some(RedisServer::start().await),
-        Backend::Memory => None,
-    };
-    let url = redis.as_ref().map(|r| r.url());
-    let mut all = settings.to_vec();
-    if let Some(url) = &url {
-        all.push(("redis__url", url));
-    }
-    let gw = Gateway::start_with_file(FACILITIES, &all);
-    if redis.is_some() {
-        gw.wait_health(200).await;
-    }
-    (gw, redis)
+    Gateway::on_backend(backend, FACILITIES, settings).await
 }
 
-/// Publishes through the HTTP API; returns the message's id on the broadcast key.
 async fn publish(gw: &Gateway, facility: &str, message: &str) -> Option<String> {
-    let reply = gw
-        .api_publish(json!({
-            "facility": facility, "audiences": {"broadcast": true}, "message": message,
-        }))
-        .await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
-    let body: Value = serde_json::from_str(&reply.body).unwrap();
-    body["ids"][0].as_str().map(String::from)
+    gw.publish_broadcast(facility, message).await
 }
 
 /// An envelope socket, once its subscriptions are live (`subscribed`, its first message).
