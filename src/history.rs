@@ -109,6 +109,17 @@ impl CatchUp {
         }
     }
 
+    /// The newest id the socket that got this catch-up has: what it was handed, or on
+    /// a resume, everything up to the stream's newest entry (a resume that found
+    /// nothing new included: a live publication still on its way with an older id is
+    /// not the client's news).
+    pub fn floor(&self) -> Option<StreamId> {
+        match self {
+            CatchUp::Resumed { newest, .. } => Some(*newest),
+            _ => self.last_id(),
+        }
+    }
+
     /// The newest id the key's history had when it was read.
     pub fn newest(&self) -> Option<StreamId> {
         match self {

@@ -13,6 +13,7 @@
 
 use std::future::poll_fn;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -24,6 +25,7 @@ use crate::handshake::Accepted;
 use crate::history::{CatchUp, StreamId};
 use crate::registry::{fingerprint, Form};
 use crate::socket::{signal, Socket};
+use crate::wheel::Tick;
 use crate::worker::Worker;
 use crate::ws::Stream;
 
@@ -101,22 +103,21 @@ async fn serve(worker: Rc<Worker>, stream: Stream, accepted: Accepted) {
     };
     let caught = caught.map(|caught| forget_seen(caught, &seen));
     let (caught, floors) = started(&relay, &params.subscribe, caught);
+    let known = known_messages(&caught, &seen);
     let confirmed = caught.len() == params.subscribe.len();
     let catch_up = CatchUpFrames::build(&relay, Form::Poll, &caught, confirmed);
     let mut elements: Vec<Bytes> = catch_up.frames;
-    elements.extend(
-        socket
-            .take_held(Some(floors))
-            .into_iter()
-            .map(|f| (*f).clone()),
-    );
-    if elements.is_empty() && !relay.shutdown.is_cancelled() {
+    let mut held = socket.take_held(Some(floors), &known);
+    // Until something the client does not have arrives, the deadline, or the drain.
+    while elements.is_empty() && held.is_empty() && !relay.shutdown.is_cancelled() {
         worker.schedule(&socket, deadline);
-        if !wait_for_messages(&worker, &socket, deadline).await {
-            return;
+        match wait_for_messages(&worker, &socket, deadline).await {
+            Waited::Arrived => held = socket.take_held(None, &known),
+            Waited::Over => break,
+            Waited::Gone => return,
         }
-        elements.extend(socket.take_held(None).into_iter().map(|f| (*f).clone()));
     }
+    elements.extend(held.into_iter().map(|f| (*f).clone()));
     drop(attached);
     relay.metrics.frames_delivered.inc_by(elements.len() as u64);
     answer(&worker, &socket, response, &elements).await;
@@ -130,7 +131,7 @@ async fn wait_setup(
     worker: &Worker,
     socket: &Rc<Socket>,
     params: &SocketParams,
-    deadline: crate::wheel::Tick,
+    deadline: Tick,
 ) -> Option<Option<Vec<CatchUp>>> {
     let mut reading = setup(worker, params);
     worker.schedule(socket, deadline);
@@ -150,24 +151,31 @@ async fn wait_setup(
     .await
 }
 
-/// Waits for the first publication, the deadline or the drain (`true`: answer now),
-/// or the client's leaving (`false`).
-async fn wait_for_messages(
-    worker: &Worker,
-    socket: &Rc<Socket>,
-    deadline: crate::wheel::Tick,
-) -> bool {
+/// How waiting for a long-poll's messages ended.
+enum Waited {
+    /// A publication is held (it may still be one the client has).
+    Arrived,
+    /// The deadline came, the drain began, or the socket fell behind: answer now.
+    Over,
+    /// The client left.
+    Gone,
+}
+
+async fn wait_for_messages(worker: &Worker, socket: &Rc<Socket>, deadline: Tick) -> Waited {
     poll_fn(|cx| {
         let bits = socket.take_signals(cx.waker());
         if bits & signal::BROKEN != 0 || client_gone(socket, cx) {
-            return Poll::Ready(false);
+            return Poll::Ready(Waited::Gone);
         }
-        if bits & (signal::ARRIVED | signal::OVERFLOW | signal::DRAIN) != 0 {
-            return Poll::Ready(true);
+        if bits & (signal::OVERFLOW | signal::DRAIN) != 0 {
+            return Poll::Ready(Waited::Over);
+        }
+        if bits & signal::ARRIVED != 0 {
+            return Poll::Ready(Waited::Arrived);
         }
         if bits & signal::TIMER != 0 {
             if worker.clock.now() >= deadline {
-                return Poll::Ready(true);
+                return Poll::Ready(Waited::Over);
             }
             // An earlier deadline (setup's) fired: the poll's own is asked for again.
             worker.schedule(socket, deadline);
@@ -212,6 +220,24 @@ fn forget_seen(mut caught: Vec<CatchUp>, seen: &[Option<u64>]) -> Vec<CatchUp> {
     caught
 }
 
+/// Per key without history, the message the client will have once answered (named by
+/// its fingerprint): the stored one this answer carries, else the one `since` named. A
+/// live copy of it (published while the poll started, or still on its way to this
+/// worker from before) is not sent again.
+fn known_messages(caught: &[(Arc<str>, CatchUp)], seen: &[Option<u64>]) -> Vec<Option<u64>> {
+    caught
+        .iter()
+        .enumerate()
+        .map(|(i, (_, caught))| match caught {
+            CatchUp::Stored {
+                stored: Some((payload, None)),
+                ..
+            } => Some(fingerprint(payload).1),
+            _ => seen.get(i).copied().flatten(),
+        })
+        .collect()
+}
+
 /// Writes the answer (`[` elements `]`) and closes the connection.
 async fn answer(worker: &Worker, socket: &Rc<Socket>, head: Vec<u8>, elements: &[Bytes]) {
     let body_len = 2 + elements
@@ -239,7 +265,7 @@ async fn answer(worker: &Worker, socket: &Rc<Socket>, head: Vec<u8>, elements: &
 /// Waits until the answer is written, shuts the write side, and waits for the client
 /// to close (at most until `deadline`; a client that has not is then reset, so that it
 /// cannot keep the descriptor).
-async fn finish(worker: &Worker, socket: &Rc<Socket>, deadline: crate::wheel::Tick) {
+async fn finish(worker: &Worker, socket: &Rc<Socket>, deadline: Tick) {
     worker.schedule(socket, deadline);
     let mut shut = false;
     let closed = poll_fn(|cx| loop {

@@ -75,6 +75,9 @@ struct Held {
     frame: Frame,
     key: KeyIndex,
     id: Option<StreamId>,
+    /// On a long-poll's socket, the fingerprint of a publication without an id: what
+    /// names it to the client (see [`crate::poll`]).
+    named: Option<u64>,
 }
 
 pub struct Socket {
@@ -225,7 +228,7 @@ impl Socket {
             }
         }
         if self.has(flag::HELD) {
-            return self.hold(frame, key, publication.id, limit);
+            return self.hold(frame, key, publication, limit);
         }
         let mut pushed = self.out.borrow_mut().push(frame, key, limit);
         if pushed == Err(Full) && !self.has(flag::WANT_WRITE) {
@@ -256,9 +259,12 @@ impl Socket {
         &self,
         frame: &Frame,
         key: KeyIndex,
-        id: Option<StreamId>,
+        publication: &Publication,
         limit: usize,
     ) -> Option<usize> {
+        let id = publication.id;
+        let named = (self.form == Form::Poll && id.is_none() && !publication.is_control())
+            .then(|| fingerprint(publication.payload()).1);
         let mut dropped = 0;
         if !outbox::fits(self.queued(), frame.len(), limit) {
             if self.conflated.is_none() {
@@ -283,6 +289,7 @@ impl Socket {
             frame: frame.clone(),
             key,
             id,
+            named,
         });
         self.held_bytes.set(self.held_bytes.get() + frame.len());
         // A long-poll's socket stays held: what it holds is its answer.
@@ -375,8 +382,9 @@ impl Socket {
     }
 
     /// A long-poll's answer: sets the floors setup found (on the first call) and takes
-    /// the publications held so far, except those setup already handed out.
-    pub fn take_held(&self, floors: Option<Floors>) -> Vec<Frame> {
+    /// the publications held so far, except those the client has: an id up to its
+    /// key's floor, or (on keys without history) the message `known` names per key.
+    pub fn take_held(&self, floors: Option<Floors>, known: &[Option<u64>]) -> Vec<Frame> {
         if let Some(floors) = floors {
             *self.floors.borrow_mut() = floors;
         }
@@ -385,6 +393,10 @@ impl Socket {
             .take()
             .into_iter()
             .filter(|held| !held.id.is_some_and(|id| self.below_floor(held.key, id)))
+            .filter(|held| {
+                let known = known.get(usize::from(held.key)).copied().flatten();
+                held.named.is_none() || held.named != known
+            })
             .map(|held| held.frame)
             .collect()
     }

@@ -38,8 +38,8 @@ pub(crate) fn setup(worker: &Worker, params: &super::SocketParams) -> Setup {
 
 /// Pairs each of `keys` with what setup read for it (nothing when setup gave up),
 /// tells the registry where the socket starts on each key, and returns the pairs and
-/// the socket's floors: per key, the newest id setup handed out (a live publication up
-/// to it is a duplicate).
+/// the socket's floors: per key, the newest id the client has after setup (a live
+/// publication up to it is a duplicate).
 pub(crate) fn started(
     relay: &Relay,
     keys: &[Arc<str>],
@@ -66,7 +66,7 @@ pub(crate) fn started(
             .of(key)
             .map(|_| caught.newest().unwrap_or(StreamId::ZERO));
         relay.registry.seen(key, newest, stored);
-        if let Some(id) = caught.last_id() {
+        if let Some(id) = caught.floor() {
             floors.push((outbox::key_index(i), id));
         }
     }

@@ -461,3 +461,26 @@ async fn a_body_is_not_taken_for_a_stream_request() {
         "the body was served as a poll: {rest}"
     );
 }
+
+/// A long-poll never answers with what the client has: on a key without history, a live
+/// copy of the message its `since` names (still on its way, or published again) is no
+/// news, and the poll waits on.
+async fn a_poll_does_not_repeat_what_the_client_has(backend: Backend) {
+    let (gw, _redis) = gateway(backend, &[("poll_timeout", "0.5")]).await;
+    publish(&gw, "same", "unchanged").await;
+    let (_, answer, _) = poll(&gw, "/poll/same?subscribe-broadcast", &[]).await;
+    let id = answer[0]["id"].as_str().unwrap().to_string();
+    let since = format!("/poll/same?subscribe-broadcast&since=broadcast:{id}");
+    let waiting = poll(&gw, &since, &[]);
+    tokio::pin!(waiting);
+    let answer = loop {
+        publish(&gw, "same", "unchanged").await;
+        tokio::select! {
+            answer = &mut waiting => break answer,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+        }
+    };
+    assert_eq!(answer.1, json!([]), "the client had it: {}", answer.2);
+}
+
+on_both_brokers!(a_poll_does_not_repeat_what_the_client_has);
