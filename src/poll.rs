@@ -107,12 +107,31 @@ async fn serve(worker: Rc<Worker>, stream: Stream, accepted: Accepted) {
     let confirmed = caught.len() == params.subscribe.len();
     let catch_up = CatchUpFrames::build(&relay, Form::Poll, &caught, confirmed);
     let mut elements: Vec<Bytes> = catch_up.frames;
-    let mut held = socket.take_held(Some(floors), &known);
+    // On a key without history only the newest message counts, and the stored one
+    // just read is it: what arrived live meanwhile is older, or the same.
+    let stored: Vec<bool> = caught
+        .iter()
+        .map(|(_, c)| {
+            matches!(
+                c,
+                CatchUp::Stored {
+                    stored: Some((_, None)),
+                    ..
+                }
+            )
+        })
+        .collect();
+    let mut held = socket.take_held(Some(floors), |key, named| {
+        let i = usize::from(key);
+        named.is_none() || (!stored.get(i).copied().unwrap_or(false) && is_news(&known, key, named))
+    });
     // Until something the client does not have arrives, the deadline, or the drain.
     while elements.is_empty() && held.is_empty() && !relay.shutdown.is_cancelled() {
         worker.schedule(&socket, deadline);
         match wait_for_messages(&worker, &socket, deadline).await {
-            Waited::Arrived => held = socket.take_held(None, &known),
+            Waited::Arrived => {
+                held = socket.take_held(None, |key, named| is_news(&known, key, named))
+            }
             Waited::Over => break,
             Waited::Gone => return,
         }
@@ -236,6 +255,12 @@ fn known_messages(caught: &[(Arc<str>, CatchUp)], seen: &[Option<u64>]) -> Vec<O
             _ => seen.get(i).copied().flatten(),
         })
         .collect()
+}
+
+/// Whether a publication of subscribe key `key` without history, named `named`, is not
+/// the message the client has or is about to get (`known`).
+fn is_news(known: &[Option<u64>], key: crate::outbox::KeyIndex, named: Option<u64>) -> bool {
+    named.is_none() || named != known.get(usize::from(key)).copied().flatten()
 }
 
 /// Writes the answer (`[` elements `]`) and closes the connection.

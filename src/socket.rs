@@ -382,9 +382,14 @@ impl Socket {
     }
 
     /// A long-poll's answer: sets the floors setup found (on the first call) and takes
-    /// the publications held so far, except those the client has: an id up to its
-    /// key's floor, or (on keys without history) the message `known` names per key.
-    pub fn take_held(&self, floors: Option<Floors>, known: &[Option<u64>]) -> Vec<Frame> {
+    /// the publications held so far, except those the client has (an id up to its
+    /// key's floor) and those `news` refuses: given a publication's key and, when it
+    /// has no id, its fingerprint.
+    pub fn take_held(
+        &self,
+        floors: Option<Floors>,
+        news: impl Fn(KeyIndex, Option<u64>) -> bool,
+    ) -> Vec<Frame> {
         if let Some(floors) = floors {
             *self.floors.borrow_mut() = floors;
         }
@@ -393,10 +398,7 @@ impl Socket {
             .take()
             .into_iter()
             .filter(|held| !held.id.is_some_and(|id| self.below_floor(held.key, id)))
-            .filter(|held| {
-                let known = known.get(usize::from(held.key)).copied().flatten();
-                held.named.is_none() || held.named != known
-            })
+            .filter(|held| news(held.key, held.named))
             .map(|held| held.frame)
             .collect()
     }
