@@ -773,10 +773,7 @@ async function sharedTabs(browser, redis, ctx, locks, proxied) {
     }
     await context.close();
   } catch (e) {
-    ctx.notes.push(`--- ${gw.name} log (last lines) ---`, ...gw.tail());
-    if (publisher) {
-      ctx.notes.push(`accepted: ${JSON.stringify(publisher.ok)}`, `refused: ${JSON.stringify(publisher.failed)}`);
-    }
+    noteFailure(ctx, [gw], publisher);
     throw e;
   } finally {
     if (publisher) {
@@ -853,6 +850,18 @@ const received = (page, msg) =>
 // ---------------------------------------------------------------------------------------
 // Scenarios. Each gets `env` (browser, redis, gw: Redis-backed gateway, demo: default
 // gateway) and `ctx` (its contexts, diagnostics).
+
+
+// What a failed scenario leaves for the reader: the last log lines of its gateways and,
+// when it had one, what its publisher got accepted and refused.
+function noteFailure(ctx, gateways, publisher) {
+  for (const gw of gateways) {
+    ctx.notes.push(`--- ${gw.name} log (last lines) ---`, ...gw.tail());
+  }
+  if (publisher) {
+    ctx.notes.push(`accepted: ${JSON.stringify(publisher.ok)}`, `refused: ${JSON.stringify(publisher.failed)}`);
+  }
+}
 
 const scenarios = [
   {
@@ -1254,12 +1263,7 @@ const scenarios = [
         assert(JSON.stringify(binary.bytes) === '[255,0,65]', `binary payload: ${JSON.stringify(binary.bytes)}`);
         assert(binary.ids.broadcast === seen.ids.broadcast, `a message without id changed the ids: ${JSON.stringify(binary.ids)}`);
       } catch (e) {
-        for (const gw of gateways) {
-          ctx.notes.push(`--- ${gw.name} log (last lines) ---`, ...gw.tail());
-        }
-        if (publisher) {
-          ctx.notes.push(`accepted: ${JSON.stringify(publisher.ok)}`, `refused: ${JSON.stringify(publisher.failed)}`);
-        }
+        noteFailure(ctx, gateways, publisher);
         throw e;
       } finally {
         if (publisher) {
@@ -1349,7 +1353,7 @@ const scenarios = [
           await page.context().close();
         }
       } catch (e) {
-        ctx.notes.push(`--- ${gw.name} log (last lines) ---`, ...gw.tail());
+        noteFailure(ctx, [gw]);
         throw e;
       } finally {
         if (proxy) {
@@ -1419,12 +1423,7 @@ const scenarios = [
         assert(notices.length === 0, `nothing was lost, yet the page was told: ${JSON.stringify(notices)}`);
         assert(/^\d+-\d+$/.test(seen.ids.broadcast || ''), `get_last_ids(): ${JSON.stringify(seen.ids)}`);
       } catch (e) {
-        for (const gw of setup.gateways) {
-          ctx.notes.push(`--- ${gw.name} log (last lines) ---`, ...gw.tail());
-        }
-        if (publisher) {
-          ctx.notes.push(`accepted: ${JSON.stringify(publisher.ok)}`, `refused: ${JSON.stringify(publisher.failed)}`);
-        }
+        noteFailure(ctx, setup.gateways, publisher);
         throw e;
       } finally {
         if (publisher) {
@@ -1487,7 +1486,7 @@ const scenarios = [
           `messages: ${JSON.stringify(seen.messages)}`,
         );
       } catch (e) {
-        ctx.notes.push(`--- ${gw.name} log (last lines) ---`, ...gw.tail());
+        noteFailure(ctx, [gw]);
         throw e;
       } finally {
         if (proxy) {
