@@ -13,7 +13,6 @@
 
 use std::future::poll_fn;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -101,29 +100,27 @@ async fn serve(worker: Rc<Worker>, stream: Stream, accepted: Accepted) {
         Some(caught) => caught,
         None => return,
     };
-    let caught = caught.map(|caught| forget_seen(caught, &seen));
+    let mut caught = caught;
+    let sent = caught
+        .as_mut()
+        .map_or_else(Vec::new, |c| stored_to_send(c, &seen));
+    // Per key, the message the client will have once answered: the stored one this
+    // answer carries, else the one `since` named. A live copy of it (published while
+    // the poll started, or still on its way to this worker) is not sent again.
+    let known: Vec<Option<u64>> = sent
+        .iter()
+        .enumerate()
+        .map(|(i, sent)| sent.or(seen.get(i).copied().flatten()))
+        .collect();
     let (caught, floors) = started(&relay, &params.subscribe, caught);
-    let known = known_messages(&caught, &seen);
     let confirmed = caught.len() == params.subscribe.len();
     let catch_up = CatchUpFrames::build(&relay, Form::Poll, &caught, confirmed);
     let mut elements: Vec<Bytes> = catch_up.frames;
-    // On a key without history only the newest message counts, and the stored one
-    // just read is it: what arrived live meanwhile is older, or the same.
-    let stored: Vec<bool> = caught
-        .iter()
-        .map(|(_, c)| {
-            matches!(
-                c,
-                CatchUp::Stored {
-                    stored: Some((_, None)),
-                    ..
-                }
-            )
-        })
-        .collect();
+    // On a key without history only the newest message counts, and a stored one just
+    // read is it: what arrived live meanwhile is older, or the same.
     let mut held = socket.take_held(Some(floors), |key, named| {
-        let i = usize::from(key);
-        named.is_none() || (!stored.get(i).copied().unwrap_or(false) && is_news(&known, key, named))
+        let sending = sent.get(usize::from(key)).is_some_and(Option::is_some);
+        named.is_none() || (!sending && is_news(&known, key, named))
     });
     // Until something the client does not have arrives, the deadline, or the drain.
     while elements.is_empty() && held.is_empty() && !relay.shutdown.is_cancelled() {
@@ -162,12 +159,26 @@ async fn wait_setup(
         if bits & signal::BROKEN != 0 || client_gone(socket, cx) {
             return Poll::Ready(None);
         }
-        if bits & signal::TIMER != 0 && worker.clock.now() >= deadline {
+        if deadline_came(worker, socket, bits, deadline) {
             return Poll::Ready(Some(None));
         }
         Poll::Pending
     })
     .await
+}
+
+/// Whether `deadline` has come, given the signals just taken. The wheel only ever moves
+/// a socket's entry earlier, so when an earlier entry (setup's) fired instead, this
+/// deadline is asked for again.
+fn deadline_came(worker: &Worker, socket: &Rc<Socket>, bits: u8, deadline: Tick) -> bool {
+    if bits & signal::TIMER == 0 {
+        return false;
+    }
+    if worker.clock.now() >= deadline {
+        return true;
+    }
+    worker.schedule(socket, deadline);
+    false
 }
 
 /// How waiting for a long-poll's messages ended.
@@ -192,12 +203,8 @@ async fn wait_for_messages(worker: &Worker, socket: &Rc<Socket>, deadline: Tick)
         if bits & signal::ARRIVED != 0 {
             return Poll::Ready(Waited::Arrived);
         }
-        if bits & signal::TIMER != 0 {
-            if worker.clock.now() >= deadline {
-                return Poll::Ready(Waited::Over);
-            }
-            // An earlier deadline (setup's) fired: the poll's own is asked for again.
-            worker.schedule(socket, deadline);
+        if deadline_came(worker, socket, bits, deadline) {
+            return Poll::Ready(Waited::Over);
         }
         Poll::Pending
     })
@@ -224,35 +231,26 @@ fn client_gone(socket: &Socket, cx: &mut std::task::Context<'_>) -> bool {
     false
 }
 
-/// Stored messages on keys without history that the client has already seen
-/// (`since=<label>:~<hex>`) are not sent again.
-fn forget_seen(mut caught: Vec<CatchUp>, seen: &[Option<u64>]) -> Vec<CatchUp> {
-    for (caught, seen) in caught.iter_mut().zip(seen) {
-        if let CatchUp::Stored { stored, .. } = caught {
-            let same =
-                matches!(stored, Some((payload, None)) if Some(fingerprint(payload).1) == *seen);
-            if same {
-                *stored = None;
-            }
-        }
-    }
+/// On keys without history: drops the stored message the client has already seen
+/// (`since=<label>:~<hex>` names it), and returns per key the fingerprint of the stored
+/// message this answer carries (`None`: none, or a key with history).
+fn stored_to_send(caught: &mut [CatchUp], seen: &[Option<u64>]) -> Vec<Option<u64>> {
     caught
-}
-
-/// Per key without history, the message the client will have once answered (named by
-/// its fingerprint): the stored one this answer carries, else the one `since` named. A
-/// live copy of it (published while the poll started, or still on its way to this
-/// worker from before) is not sent again.
-fn known_messages(caught: &[(Arc<str>, CatchUp)], seen: &[Option<u64>]) -> Vec<Option<u64>> {
-    caught
-        .iter()
+        .iter_mut()
         .enumerate()
-        .map(|(i, (_, caught))| match caught {
-            CatchUp::Stored {
-                stored: Some((payload, None)),
-                ..
-            } => Some(fingerprint(payload).1),
-            _ => seen.get(i).copied().flatten(),
+        .map(|(i, caught)| {
+            let CatchUp::Stored { stored, .. } = caught else {
+                return None;
+            };
+            let Some((payload, None)) = stored else {
+                return None;
+            };
+            let named = fingerprint(payload).1;
+            if Some(named) == seen.get(i).copied().flatten() {
+                *stored = None;
+                return None;
+            }
+            Some(named)
         })
         .collect()
 }
@@ -298,12 +296,8 @@ async fn finish(worker: &Worker, socket: &Rc<Socket>, deadline: Tick) {
         if bits & signal::BROKEN != 0 {
             return Poll::Ready(true);
         }
-        if bits & signal::TIMER != 0 {
-            if worker.clock.now() >= deadline {
-                return Poll::Ready(false);
-            }
-            // An earlier deadline (setup's) fired: this one is asked for again.
-            worker.schedule(socket, deadline);
+        if deadline_came(worker, socket, bits, deadline) {
+            return Poll::Ready(false);
         }
         if socket.wants_write() {
             match socket.stream.poll_write_ready(cx) {
