@@ -75,9 +75,14 @@ fn data_lines(out: &mut BytesMut, text: &str) {
 /// The answer's head and the stream's first bytes. `origin`: the request's `Origin`
 /// when the policy allowed it, echoed for CORS with credentials.
 pub fn response_head(origin: Option<&str>) -> Vec<u8> {
+    head(origin, RETRY_MS.into())
+}
+
+/// An event stream's head, then `retry:` (ms) as its first bytes.
+fn head(origin: Option<&str>, retry: u128) -> Vec<u8> {
     format!(
         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
-         x-accel-buffering: no\r\nconnection: close\r\n{}\r\nretry: {RETRY_MS}\n\n",
+         x-accel-buffering: no\r\nconnection: close\r\n{}\r\nretry: {retry}\n\n",
         cors_headers(origin)
     )
     .into_bytes()
@@ -94,12 +99,7 @@ pub fn response_head(origin: Option<&str>) -> Vec<u8> {
 /// cannot read the answer would give up as well.
 pub fn try_again_later(reason: &str, origin: Option<&str>) -> Vec<u8> {
     let retry = 2000 + uuid::Uuid::new_v4().as_u128() % 8000;
-    let mut answer = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
-         connection: close\r\n{}\r\nretry: {retry}\n\n",
-        cors_headers(origin)
-    )
-    .into_bytes();
+    let mut answer = head(origin, retry);
     answer.extend_from_slice(&control(&envelope::close(TRY_AGAIN_LATER, reason)));
     answer
 }
