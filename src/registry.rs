@@ -77,6 +77,34 @@ impl Form {
     pub fn has_controls(self) -> bool {
         self != Form::Plain
     }
+
+    /// A message as sockets of this form receive it, on the key named `label`;
+    /// `stored` marks a late joiner's stored message.
+    pub fn message(self, label: &str, id: Option<StreamId>, payload: &[u8], stored: bool) -> Bytes {
+        match self {
+            Form::Plain => frame::encode_message(payload),
+            Form::Envelope => {
+                let text = envelope::message(label, id, payload, stored);
+                frame::encode(frame::OP_TEXT, text.as_bytes())
+            }
+            Form::Event => event_stream::message(id.map(|id| (label, id)), payload),
+            Form::Poll => {
+                let id = crate::poll::message_id(id, payload);
+                envelope::message(label, Some(id), payload, stored).into()
+            }
+        }
+    }
+
+    /// A control message of the envelope (its JSON) as sockets of this form receive it
+    /// (`None`: plain sockets get none).
+    pub fn control(self, text: &str) -> Option<Bytes> {
+        match self {
+            Form::Plain => None,
+            Form::Envelope => Some(frame::encode(frame::OP_TEXT, text.as_bytes())),
+            Form::Event => Some(event_stream::control(text)),
+            Form::Poll => Some(Bytes::copy_from_slice(text.as_bytes())),
+        }
+    }
 }
 
 /// A publication encoded once per form, shared by every socket it goes to.
@@ -143,26 +171,12 @@ impl Publication {
         }
     }
 
+    /// A lazily encoded form (never `Plain`: that one is `frame`).
     fn encode(&self, form: Form, retention: &Retention) -> Bytes {
-        if let Some(text) = &self.control {
-            return match form {
-                Form::Event => event_stream::control(text),
-                Form::Poll => Bytes::copy_from_slice(text.as_bytes()),
-                _ => frame::encode(frame::OP_TEXT, text.as_bytes()),
-            };
-        }
-        let label = retention.label(&self.key);
-        let payload = self.payload();
-        match form {
-            Form::Event => event_stream::message(self.id.map(|id| (&*label, id)), payload),
-            Form::Poll => {
-                let id = crate::poll::message_id(self.id, payload);
-                envelope::message(&label, Some(id), payload, false).into()
-            }
-            _ => {
-                let text = envelope::message(&label, self.id, payload, false);
-                frame::encode(frame::OP_TEXT, text.as_bytes())
-            }
+        match &self.control {
+            // Only reached for forms that get control messages.
+            Some(text) => form.control(text).unwrap_or_default(),
+            None => form.message(&retention.label(&self.key), self.id, self.payload(), false),
         }
     }
 }

@@ -7,13 +7,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::Setup;
-use crate::event_stream;
 use crate::history::{self, envelope, CatchUp, StreamId};
 use crate::outbox;
 use crate::registry::Form;
 use crate::socket::Floors;
 use crate::worker::{Relay, Worker};
-use crate::ws::frame::{self, encode};
 
 /// Registers the subscriptions' confirmation and then reads what each key gives a
 /// starting socket: its stored message, or what it missed since `last-id`.
@@ -208,29 +206,16 @@ impl<'r> CatchUpFrames<'r> {
         if Some(&payload[..]) == heartbeat || payload.len() > config.max_publication_size {
             return;
         }
-        self.frames.push(match self.form {
-            Form::Plain => frame::encode_message(payload),
-            Form::Envelope => {
-                let text = envelope::message(label, id, payload, stored);
-                encode(frame::OP_TEXT, text.as_bytes())
-            }
-            Form::Event => event_stream::message(id.map(|id| (label, id)), payload),
-            Form::Poll => {
-                let id = crate::poll::message_id(id, payload);
-                envelope::message(label, Some(id), payload, stored).into()
-            }
-        });
+        self.frames
+            .push(self.form.message(label, id, payload, stored));
         self.sizes.push(payload.len());
         self.controls.push(false);
     }
 
     /// A control message: not for plain sockets.
     fn control(&mut self, text: String) {
-        let frame = match self.form {
-            Form::Plain => return,
-            Form::Envelope => encode(frame::OP_TEXT, text.as_bytes()),
-            Form::Event => event_stream::control(&text),
-            Form::Poll => text.into(),
+        let Some(frame) = self.form.control(&text) else {
+            return;
         };
         self.frames.push(frame);
         self.sizes.push(0);
