@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 from django.test import override_settings
+from redis.crc import key_slot
 
-from wsrelay import SELF, KeySpace, validate_name
+from wsrelay import SELF, KeySpace, config, validate_name
 from wsrelay.publisher import RedisMessage, RedisPublisher
 
 
@@ -22,6 +23,49 @@ def test_key_layout_matches_the_gateway() -> None:
     assert keys.identity("k2x8") == "site:wsrelay:identity:k2x8"
     assert KeySpace(None).broadcast("chat") == "broadcast:chat"
     assert KeySpace("").broadcast("chat") == "broadcast:chat"
+
+
+def test_history_and_id_channel_share_the_slot_of_their_key() -> None:
+    """The whole key, prefix included, is the hash tag: in a Redis Cluster one script
+    appends to the stream and publishes on the id channel and the key."""
+    keys = KeySpace("site")
+    key = keys.user("jane", "chat")
+    assert keys.history(key) == "site:wsrelay:history:{site:user:jane:chat}"
+    assert keys.id_channel(key) == "site:wsrelay:id:{site:user:jane:chat}"
+    assert KeySpace(None).history("broadcast:f") == "wsrelay:history:{broadcast:f}"
+    for k in (key, keys.broadcast("a/b"), KeySpace(None).session("k2x8", "x")):
+        assert key_slot(keys.history(k).encode()) == key_slot(k.encode())
+        assert key_slot(keys.id_channel(k).encode()) == key_slot(k.encode())
+
+
+def test_one_topology_at_a_time() -> None:
+    """As the gateway's redis.url / redis.cluster / redis.sentinel: at most one, and
+    WSRELAY_REDIS_PUBSUB with a cluster only. Checked before any connection is made."""
+    cluster = ["redis://127.0.0.1:1"]
+    sentinel = {"master": "m", "nodes": ["redis://127.0.0.1:1"]}
+    with (
+        override_settings(WSRELAY_REDIS_CLUSTER=cluster),
+        pytest.raises(ValueError, match="not url and cluster"),
+    ):
+        config.get_connection()
+    with (
+        override_settings(WSRELAY_REDIS_URL=None, WSRELAY_REDIS_PUBSUB="sharded"),
+        pytest.raises(ValueError, match="applies to a Redis Cluster only"),
+    ):
+        config.get_connection()
+    with (
+        override_settings(WSRELAY_REDIS_URL=None, WSRELAY_REDIS_SENTINEL={"master": "m"}),
+        pytest.raises(ValueError, match="at least one sentinel"),
+    ):
+        config.get_connection()
+    with pytest.raises(ValueError, match="not cluster and sentinel"):
+        config.connect(cluster=cluster, sentinel=sentinel)
+    with pytest.raises(ValueError, match="unknown Sentinel settings"):
+        config.connect(sentinel={**sentinel, "mater": "x"})
+    with override_settings(WSRELAY_REDIS_PUBSUB="fan-out"), pytest.raises(ValueError):
+        config.pubsub()
+    with pytest.raises(ValueError, match="Redis Cluster connection only"):
+        RedisPublisher(facility="f", connection=NoConnection(), pubsub="classic")  # type: ignore[arg-type]
 
 
 def test_publisher_keys_in_ws4redis_order() -> None:

@@ -12,6 +12,13 @@ session     ``{p}session:{session_key}:{facility}``
 
 ``{p}`` is ``{prefix}:`` when a prefix is set (``WS4REDIS_PREFIX`` and the
 gateway's ``redis.prefix``), empty otherwise.
+
+A facility with history adds, for each key, a stream ``{p}wsrelay:history:{<key>}``
+and an id channel ``{p}wsrelay:id:{<key>}``, where ``<key>`` is the whole key
+(prefix included) in braces: a Redis Cluster hash tag, so that the stream and the
+id channel live on the key's own slot and one script can touch all three. The
+audience keys themselves need no tag (each is independent), and no name may
+contain braces, so the tag is always the whole key.
 """
 
 from __future__ import annotations
@@ -111,12 +118,14 @@ class KeySpace:
         return f"{self.prefix}wsrelay:identity:{session_key}"
 
     def history(self, key: str) -> str:
-        """The stream that keeps ``key``'s history (a facility with history)."""
-        return f"{self.prefix}wsrelay:history:{key[len(self.prefix):]}"
+        """The stream that keeps ``key``'s history (a facility with history); ``key``
+        is the whole key, and its hash tag puts the stream on the key's slot."""
+        return f"{self.prefix}wsrelay:history:{{{key}}}"
 
     def id_channel(self, key: str) -> str:
-        """Where a publication's id is announced, just before it goes out on ``key``."""
-        return f"{self.prefix}wsrelay:id:{key[len(self.prefix):]}"
+        """Where a publication's id is announced, just before it goes out on ``key``
+        (on the key's slot too, for ``SPUBLISH`` from the same script)."""
+        return f"{self.prefix}wsrelay:id:{{{key}}}"
 
     def __repr__(self) -> str:
         return f"KeySpace({self.prefix[:-1]!r})" if self.prefix else "KeySpace(None)"

@@ -3,7 +3,9 @@
 A drop-in for ``ws4redis.publisher``: the same constructor, the same keys, the
 same settings. Publishing is ``SET key message EX expire`` (when ``expire > 0``)
 and ``PUBLISH key message`` for every key, in one MULTI/EXEC transaction, as
-the gateway's own publisher does::
+the gateway's own publisher does. In a Redis Cluster a transaction cannot span
+slots, so each key is written by a script of its own (atomic for that key), with
+``SPUBLISH`` (sharded pub/sub, the default) or ``PUBLISH`` (classic)::
 
     from wsrelay.publisher import SELF, RedisMessage, RedisPublisher
 
@@ -22,7 +24,7 @@ import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
-import redis
+from redis.cluster import RedisCluster
 
 from wsrelay import config
 from wsrelay.keys import SELF, KeySpace, validate_name
@@ -142,7 +144,9 @@ def _expand(kind: str, names: Names, request: HttpRequest | None, own: Any) -> l
 # package checks it): XADD, trim with XDEL
 # (so that the stream remembers the newest id it lost), EXPIRE, SET when expire > 0,
 # the id announced on the key's id channel, then PUBLISH of the payload on the key.
-# KEYS: the key, its stream. ARGV: payload, expire, history, history_ttl, id channel.
+# KEYS: the key, its stream. ARGV: payload, expire, history, history_ttl, id channel,
+# the publish command (PUBLISH, or SPUBLISH for sharded pub/sub in a Redis Cluster:
+# the stream and the id channel carry the key as hash tag, so all share its slot).
 _PUBLISH_WITH_HISTORY = """\
 local id = redis.call('XADD', KEYS[2], '*', 'd', ARGV[1])
 local gone = {}
@@ -167,9 +171,19 @@ redis.call('EXPIRE', KEYS[2], ARGV[4])
 if tonumber(ARGV[2]) > 0 then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 end
-redis.call('PUBLISH', ARGV[5], id)
-redis.call('PUBLISH', KEYS[1], ARGV[1])
+redis.call(ARGV[6], ARGV[5], id)
+redis.call(ARGV[6], KEYS[1], ARGV[1])
 return id
+"""
+
+# One key of a publication in a Redis Cluster, where MULTI/EXEC cannot span the slots
+# of several keys: SET when expire > 0, then the publish command, atomically.
+# KEYS: the key. ARGV: payload, expire, PUBLISH or SPUBLISH.
+_PUBLISH_ONE = """\
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
+redis.call(ARGV[3], KEYS[1], ARGV[1])
 """
 
 
@@ -196,10 +210,14 @@ class RedisPublisher:
     ``broadcast``: everybody on the facility. ``users``, ``groups``, ``sessions``:
     lists of user names, group names and session keys; ``SELF`` in a list stands
     for the ``request``'s user, its groups, or its session key (and is skipped
-    when the request has none). ``connection``: a ``redis.Redis`` client
-    (default: one from the settings). ``prefix``: the key prefix (default
-    ``WSRELAY_PREFIX`` / ``WS4REDIS_PREFIX``). Every name is checked against the
-    gateway's rules: a name it could never subscribe raises ``ValueError``.
+    when the request has none). ``connection``: a ``redis.Redis`` client (also a
+    Sentinel master's) or a ``redis.cluster.RedisCluster`` (default: one from the
+    settings, see :mod:`wsrelay.config`). ``prefix``: the key prefix (default
+    ``WSRELAY_PREFIX`` / ``WS4REDIS_PREFIX``). ``pubsub``: with a Redis Cluster,
+    ``"sharded"`` (``SPUBLISH``) or ``"classic"`` (``PUBLISH``), as the gateway's
+    ``redis.pubsub`` (default ``WSRELAY_REDIS_PUBSUB``, else sharded). Every name is
+    checked against the gateway's rules: a name it could never subscribe raises
+    ``ValueError``.
     """
 
     def __init__(
@@ -210,11 +228,20 @@ class RedisPublisher:
         groups: Names = None,
         sessions: Names = None,
         request: HttpRequest | None = None,
-        connection: redis.Redis | None = None,
+        connection: config.Client | None = None,
         *,
         prefix: str | None = None,
+        pubsub: config.PubSub | None = None,
     ) -> None:
         self._connection = connection if connection is not None else config.get_connection()
+        self._cluster = isinstance(self._connection, RedisCluster)
+        if pubsub is not None and not self._cluster:
+            raise ValueError("pubsub= applies to a Redis Cluster connection only")
+        #: The command that publishes: SPUBLISH for sharded pub/sub in a cluster.
+        self._publish = "PUBLISH"
+        if self._cluster:
+            mode = config.check_pubsub(pubsub) if pubsub is not None else config.pubsub()
+            self._publish = "SPUBLISH" if mode == "sharded" else "PUBLISH"
         self._keys = KeySpace(prefix if prefix is not None else config.redis_prefix())
         self._expire = config.expire()
         self.facility = facility
@@ -240,15 +267,16 @@ class RedisPublisher:
         self.last_ids: list[str | None] = []
 
     @property
-    def connection(self) -> redis.Redis:
+    def connection(self) -> config.Client:
         return self._connection
 
     def publish_message(
         self, message: RedisMessage | str | bytes, expire: int | None = None
     ) -> list[str]:
-        """Publishes ``message`` to every key in one MULTI/EXEC transaction and keeps
-        it ``expire`` seconds for late joiners (default ``WSRELAY_EXPIRE``; 0: not
-        kept). Returns the keys published to."""
+        """Publishes ``message`` to every key in one MULTI/EXEC transaction (in a
+        Redis Cluster: atomically per key) and keeps it ``expire`` seconds for late
+        joiners (default ``WSRELAY_EXPIRE``; 0: not kept). Returns the keys
+        published to."""
         if message is None:
             raise ValueError("message is None (a heartbeat is never published)")
         payload = bytes(message) if isinstance(message, bytes) else RedisMessage(message)
@@ -258,11 +286,16 @@ class RedisPublisher:
             raise ValueError("expire must be 0 or more seconds")
         if not self.keys:
             return []
-        pipe = self._connection.pipeline(transaction=True)
+        # In a cluster, a pipeline without MULTI: it sends each node its keys' scripts
+        # at once, and each script is atomic on its own key.
+        pipe = self._connection.pipeline(transaction=not self._cluster)
         for key in self.keys:
             if self._history is not None:
                 length, ttl = self._history
-                pipe.eval(
+                # EVAL as a plain command: a cluster pipeline routes it by its keys
+                # (its own eval() is something else).
+                pipe.execute_command(
+                    "EVAL",
                     _PUBLISH_WITH_HISTORY,
                     2,
                     key,
@@ -272,11 +305,14 @@ class RedisPublisher:
                     length,
                     ttl,
                     self._keys.id_channel(key),
+                    self._publish,
                 )
-                continue
-            if expire > 0:
-                pipe.set(key, payload, ex=expire)
-            pipe.publish(key, payload)
+            elif self._cluster:
+                pipe.execute_command("EVAL", _PUBLISH_ONE, 1, key, payload, expire, self._publish)
+            else:
+                if expire > 0:
+                    pipe.set(key, payload, ex=expire)
+                pipe.publish(key, payload)
         replies = pipe.execute()
         if self._history is not None:
             self.last_ids = [r.decode() if isinstance(r, bytes) else str(r) for r in replies]
@@ -346,7 +382,7 @@ def set_identity(
     groups: Iterable[str] = (),
     ttl: int = 14 * 86400,
     *,
-    connection: redis.Redis | None = None,
+    connection: config.Client | None = None,
     prefix: str | None = None,
 ) -> None:
     """Writes the identity record the gateway reads with ``identity.source =
@@ -363,7 +399,7 @@ def set_identity(
 
 
 def clear_identity(
-    session_key: str, *, connection: redis.Redis | None = None, prefix: str | None = None
+    session_key: str, *, connection: config.Client | None = None, prefix: str | None = None
 ) -> None:
     """Removes the identity record of ``session_key`` (at logout)."""
     keys = KeySpace(prefix if prefix is not None else config.redis_prefix())

@@ -1,6 +1,8 @@
 """``manage.py wsrelay_check``: is the gateway reachable, on the same Redis and prefix?
 
-1. connects to Redis (``WSRELAY_REDIS_URL`` / ``WS4REDIS_CONNECTION``) and PINGs it;
+1. connects to Redis (``WSRELAY_REDIS_URL`` / ``WS4REDIS_CONNECTION``, or the cluster
+   or Sentinel master of ``WSRELAY_REDIS_CLUSTER`` / ``WSRELAY_REDIS_SENTINEL``) and
+   PINGs it;
 2. asks the gateway's ``/ready`` (``WSRELAY_GATEWAY_URL`` or ``--gateway``);
 3. opens a socket on ``/ws/<facility>?subscribe-broadcast``, publishes a probe with
    :class:`~wsrelay.publisher.RedisPublisher` (not stored) and waits for it on the
@@ -45,11 +47,8 @@ class Command(BaseCommand):
 
         conn = config.get_connection()
         prefix = config.redis_prefix()
-        where = conn.connection_pool.connection_kwargs
-        target = (
-            where.get("path") or f"{where.get('host')}:{where.get('port')}/{where.get('db', 0)}"
-        )
         try:
+            target = config.describe(conn)
             conn.ping()
         except Exception as e:
             raise CommandError(f"redis: cannot reach {target}: {e}") from e
