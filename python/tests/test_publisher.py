@@ -249,7 +249,8 @@ def test_a_facility_with_history_gets_ids_and_resumes(
     publisher.publish_message("second", expire=0)
     (second,) = publisher.last_ids
     assert first is not None and second is not None and first != second
-    stream = r.xrange(f"{prefix}wsrelay:history:broadcast:{name}")
+    # The whole key is the stream's hash tag (its slot in a Redis Cluster).
+    stream = r.xrange(f"{prefix}wsrelay:history:{{{prefix}broadcast:{name}}}")
     assert [(i.decode(), f[b"d"]) for i, f in stream] == [(first, b"first"), (second, b"second")]
     ws = sockets.connect(f"/ws/{name}?subscribe-broadcast&last-id=broadcast:{first}")
     assert ws.recv() == "second"
