@@ -133,4 +133,4 @@ def test_wheel_builds(tmp_path: Path) -> None:
     metadata = next(n for n in names if n.endswith("METADATA"))
     text = zipfile.ZipFile(wheel).read(metadata).decode()
     assert "Requires-Python: >=3.10" in text
-    assert "Requires-Dist: redis>=4" in text
+    assert "Requires-Dist: redis>=4.1" in text
