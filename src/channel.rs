@@ -200,27 +200,26 @@ impl KeySpace {
         })
     }
 
-    /// The stream that keeps `key`'s history.
+    /// The stream that keeps `key`'s history. The whole key is its hash tag, so that in
+    /// a Redis Cluster the stream, the id channel and the key share one slot (one
+    /// script touches all three); names hold no braces, so the tag is the key exactly.
     pub fn history(&self, key: &str) -> String {
-        self.internal(&format!("history:{}", self.unprefixed(key)))
+        self.internal(&format!("history:{{{key}}}"))
     }
 
     /// The channel on which a publication's id is announced, right before the
     /// publication itself goes out on `key` (see [`crate::broker::redis`]).
     pub fn id_channel(&self, key: &str) -> String {
-        self.internal(&format!("id:{}", self.unprefixed(key)))
+        self.internal(&format!("id:{{{key}}}"))
     }
 
     /// The key whose ids `channel` announces, if it is an id channel.
     pub fn key_of_id_channel(&self, channel: &str) -> Option<String> {
-        let rest = channel
+        let key = channel
             .strip_prefix(self.prefix.as_str())?
-            .strip_prefix("wsrelay:id:")?;
-        Some(format!("{}{rest}", self.prefix))
-    }
-
-    fn unprefixed<'k>(&self, key: &'k str) -> &'k str {
-        key.strip_prefix(self.prefix.as_str()).unwrap_or(key)
+            .strip_prefix("wsrelay:id:{")?
+            .strip_suffix('}')?;
+        Some(key.to_string())
     }
 }
 
@@ -406,7 +405,10 @@ mod tests {
             assert_eq!(space.parse(&key).unwrap().facility, "a");
             let ids = space.id_channel(&key);
             assert_eq!(space.key_of_id_channel(&ids).as_deref(), Some(&*key));
-            assert!(space.history(&key).contains("wsrelay:history:broadcast:a"));
+            assert_eq!(
+                space.history(&key),
+                space.internal(&format!("history:{{{key}}}"))
+            );
             assert_eq!(space.parse(&space.internal("probe:x")), None);
             assert_eq!(space.key_of_id_channel(&key), None);
         }

@@ -127,12 +127,55 @@ pub struct IdentityConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// Absent: the embedded in-memory broker serves this process alone.
+    /// One Redis. Absent, with neither `cluster` nor `sentinel`: the embedded in-memory
+    /// broker serves this process alone.
     pub url: Option<String>,
+    /// Redis Cluster: seed nodes (any of them; the rest is discovered).
+    #[serde(default)]
+    pub cluster: Vec<String>,
+    /// How publications travel in a cluster; default [`PubSub::Sharded`].
+    pub pubsub: Option<PubSub>,
+    /// A master watched by Redis Sentinel.
+    pub sentinel: Option<SentinelConfig>,
     pub prefix: Option<String>,
     pub expire: u64,
     pub reconnect_max: f64,
     pub probe_interval: f64,
+}
+
+/// How publications travel in a Redis Cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PubSub {
+    /// `SPUBLISH`/`SSUBSCRIBE`: each key's publications stay on the shard that owns its
+    /// slot; the load divides over the masters.
+    Sharded,
+    /// `PUBLISH`/`SUBSCRIBE` on one node: every publication is broadcast to every node.
+    /// For publishers that can only `PUBLISH` (ws4redis's own); does not scale.
+    Classic,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelConfig {
+    /// The master's name in the sentinels' configuration.
+    pub master: String,
+    /// The sentinels: `redis://host:26379`, …
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    /// The master's database number (default 0).
+    #[serde(default)]
+    pub db: i64,
+    /// The master's password, if it has one.
+    pub password: Option<Secret>,
+}
+
+/// Which Redis the gateway uses, from `redis.url`, `redis.cluster` or `redis.sentinel`.
+#[derive(Debug, Clone)]
+pub enum Topology {
+    Single(String),
+    Cluster { seeds: Vec<String>, pubsub: PubSub },
+    Sentinel(SentinelConfig),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -239,7 +282,9 @@ impl Config {
     }
 
     /// Settings that are lists; in the environment, their items are comma-separated.
-    const LISTS: [&'static str; 5] = [
+    const LISTS: [&'static str; 7] = [
+        "redis.cluster",
+        "redis.sentinel.nodes",
         "identity.django.secret_key_fallbacks",
         "policy.allowed_origins",
         "policy.trusted_proxies",
@@ -472,19 +517,7 @@ impl Config {
                 return bad("publish_token", "must be at least 16 characters");
             }
         }
-        if let Some(url) = &self.redis.url {
-            if let Err(e) = redis::Client::open(url.as_str()) {
-                // Neither the value shown nor the redis crate's text has the password.
-                return bad(
-                    "redis.url",
-                    &format!(
-                        "{:?} is not a Redis URL ({e}); accepted: redis://[[user]:password@]host[:port][/db], \
-                         rediss://… (TLS), redis+unix:///path/to/socket[?db=N] or unix:///path/to/socket",
-                        redis_url_without_password(url)
-                    ),
-                );
-            }
-        }
+        self.validate_redis()?;
         if let Some(p) = &self.redis.prefix {
             if p.contains(|c: char| {
                 c == ':' || c.is_whitespace() || c.is_control() || "*?[]".contains(c)
@@ -582,7 +615,7 @@ impl Config {
     }
 
     pub fn demo_enabled(&self) -> bool {
-        self.demo.unwrap_or(self.redis.url.is_none())
+        self.demo.unwrap_or(self.topology().is_none())
     }
 
     /// The access policy in force: the configured one, plus, with the demo on, a rule
@@ -603,6 +636,74 @@ impl Config {
         seconds(self.drain_window)
     }
 
+    /// The Redis the gateway uses; `None`: the embedded broker.
+    pub fn topology(&self) -> Option<Topology> {
+        let redis = &self.redis;
+        if let Some(sentinel) = &redis.sentinel {
+            return Some(Topology::Sentinel(sentinel.clone()));
+        }
+        if !redis.cluster.is_empty() {
+            return Some(Topology::Cluster {
+                seeds: redis.cluster.clone(),
+                pubsub: redis.pubsub.unwrap_or(PubSub::Sharded),
+            });
+        }
+        redis.url.clone().map(Topology::Single)
+    }
+
+    /// At most one topology; every URL parses; `pubsub` only with a cluster.
+    fn validate_redis(&self) -> Result<(), ConfigError> {
+        let bad = |name, why: &str| Err(ConfigError::Invalid(name, why.to_string()));
+        let redis = &self.redis;
+        let given = [
+            redis.url.is_some(),
+            !redis.cluster.is_empty(),
+            redis.sentinel.is_some(),
+        ];
+        if given.iter().filter(|&&g| g).count() > 1 {
+            return bad(
+                "redis",
+                "set one of redis.url (one Redis), redis.cluster (Redis Cluster seeds) \
+                 and redis.sentinel (a master watched by Sentinel), not several",
+            );
+        }
+        if redis.pubsub.is_some() && redis.cluster.is_empty() {
+            return bad(
+                "redis.pubsub",
+                "only applies to a Redis Cluster (redis.cluster); one Redis and Sentinel \
+                 always use classic pub/sub",
+            );
+        }
+        let urls = redis.url.iter().map(|u| ("redis.url", u));
+        let seeds = redis.cluster.iter().map(|u| ("redis.cluster", u));
+        let sentinels = redis
+            .sentinel
+            .iter()
+            .flat_map(|s| s.nodes.iter().map(|u| ("redis.sentinel.nodes", u)));
+        for (setting, url) in urls.chain(seeds).chain(sentinels) {
+            if let Err(e) = redis::Client::open(url.as_str()) {
+                // Neither the value shown nor the redis crate's text has the password.
+                return bad(
+                    setting,
+                    &format!(
+                        "{:?} is not a Redis URL ({e}); accepted: redis://[[user]:password@]host[:port][/db], \
+                         rediss://… (TLS), redis+unix:///path/to/socket[?db=N] or unix:///path/to/socket",
+                        redis_url_without_password(url)
+                    ),
+                );
+            }
+        }
+        if let Some(sentinel) = &redis.sentinel {
+            if sentinel.master.is_empty() {
+                return bad("redis.sentinel.master", "must name the master");
+            }
+            if sentinel.nodes.is_empty() {
+                return bad("redis.sentinel.nodes", "must list at least one sentinel");
+            }
+        }
+        Ok(())
+    }
+
     pub fn reconnect_max(&self) -> Duration {
         seconds(self.redis.reconnect_max)
     }
@@ -613,8 +714,25 @@ impl Config {
 
     /// A one-line summary for the start-up log; never shows secrets.
     pub fn summary(&self) -> String {
-        let broker = match &self.redis.url {
-            Some(url) => redis_url_without_password(url),
+        let broker = match self.topology() {
+            Some(Topology::Single(url)) => redis_url_without_password(&url),
+            Some(Topology::Cluster { seeds, pubsub }) => format!(
+                "redis-cluster({}, {pubsub:?} pub/sub)",
+                seeds
+                    .iter()
+                    .map(|s| redis_url_without_password(s))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            Some(Topology::Sentinel(s)) => format!(
+                "redis-sentinel(master {:?} via {})",
+                s.master,
+                s.nodes
+                    .iter()
+                    .map(|s| redis_url_without_password(s))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
             None => "embedded in-memory broker".into(),
         };
         format!(

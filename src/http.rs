@@ -52,6 +52,7 @@ impl HttpState {
             "delivered": m.frames_delivered.get(),
             "slow_consumer_closes": m.slow_consumer_closes.get(),
             "counters": m.counters_json(),
+            "redis_nodes": self.broker.nodes(),
         })
     }
 }

@@ -104,7 +104,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::authorize::Authorizer;
-use crate::broker::redis::{LinkSettings, Subscriber};
+use crate::broker::redis::{LinkSettings, SubscriberTask};
 use crate::broker::{Broker, Inlet, MemoryBroker, RedisBroker};
 use crate::channel::KeySpace;
 use crate::config::{Config, IdentitySource};
@@ -142,7 +142,7 @@ struct Parts {
     http: web::Data<HttpState>,
     assets: web::Data<assets::Assets>,
     /// The Redis subscriber task, to spawn (none with the embedded broker).
-    subscriber: Option<Subscriber>,
+    subscriber: Option<SubscriberTask>,
     /// Cancelled after the drain: stops the Redis subscriber.
     broker_stop: CancellationToken,
 }
@@ -249,7 +249,8 @@ impl Parts {
         // The broker keeps relaying during the drain; it stops after the last socket.
         let broker_stop = CancellationToken::new();
         let metrics = Arc::new(Metrics::new());
-        let (changes, changes_rx) = match config.redis.url {
+        let topology = config.topology();
+        let (changes, changes_rx) = match topology {
             Some(_) => {
                 let (tx, rx) = mpsc::unbounded_channel();
                 (Some(tx), Some(rx))
@@ -264,16 +265,15 @@ impl Parts {
         ));
         let facilities = Arc::new(Facilities::new(config.facility.clone()));
         let retention = Retention::new(facilities.clone(), keys.clone());
-        let (broker, subscriber) = match (&config.redis.url, changes_rx) {
-            (Some(url), Some(rx)) => {
+        let (broker, subscriber) = match (topology, changes_rx) {
+            (Some(topology), Some(rx)) => {
                 let link = LinkSettings {
-                    url: url.clone(),
                     keys: keys.clone(),
                     reconnect_max: config.reconnect_max(),
                     probe_interval: config.probe_interval(),
                 };
                 let (broker, subscriber) =
-                    RedisBroker::new(link, retention, inlet, rx, broker_stop.clone())
+                    RedisBroker::new(topology, link, retention, inlet, rx, broker_stop.clone())
                         .map_err(io::Error::other)?;
                 (Broker::Redis(broker), Some(subscriber))
             }

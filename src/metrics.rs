@@ -42,8 +42,16 @@ pub struct Metrics {
     pub conflated: IntCounter,
     /// Redis pub/sub links lost (each is followed by a reconnect).
     pub redis_reconnects: IntCounter,
-    /// 1 while the Redis pub/sub link is up.
+    /// 1 while the Redis pub/sub link is up (every link, in a sharded cluster).
     pub redis_connected: IntGauge,
+    /// Per Redis node the gateway holds a pub/sub link to (label `node`, `host:port`):
+    /// 1 while it is up, the keys subscribed there, and its losses.
+    pub redis_node_connected: IntGaugeVec,
+    pub redis_node_subscribed_keys: IntGaugeVec,
+    pub redis_node_reconnects: IntCounterVec,
+    /// Keys subscribed again on another node, by reason: `moved` (their slot migrated),
+    /// `failover` (their node went away or Sentinel named another master).
+    pub redis_resubscribes: IntCounterVec,
     /// What recoveries after a lost link did, by outcome: `replayed` (messages read
     /// back from history), `reset` (history keys whose gap could not be filled), `gap`
     /// (keys without history that may have missed messages).
@@ -98,6 +106,21 @@ impl Metrics {
         registry
             .register(Box::new(sockets_by_transport.clone()))
             .unwrap();
+        let gauge_vec = |name: &str, help: &str, label: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &[label]).unwrap();
+            registry.register(Box::new(g.clone())).unwrap();
+            g
+        };
+        let redis_node_connected = gauge_vec(
+            "wsrelay_redis_node_connected",
+            "1 while the pub/sub link to this Redis node is up",
+            "node",
+        );
+        let redis_node_subscribed_keys = gauge_vec(
+            "wsrelay_redis_node_subscribed_keys",
+            "Keys subscribed on this Redis node",
+            "node",
+        );
         let polls = IntGauge::new("wsrelay_polls", "Long-polls open").unwrap();
         registry.register(Box::new(polls.clone())).unwrap();
         let buckets = vec![
@@ -175,6 +198,18 @@ impl Metrics {
             redis_connected: gauge(
                 "wsrelay_redis_connected",
                 "1 while the Redis pub/sub link is up",
+            ),
+            redis_node_connected,
+            redis_node_subscribed_keys,
+            redis_node_reconnects: counter_vec(
+                "wsrelay_redis_node_reconnects_total",
+                "Pub/sub links to this Redis node lost",
+                "node",
+            ),
+            redis_resubscribes: counter_vec(
+                "wsrelay_redis_resubscribes_total",
+                "Keys subscribed again on another Redis node, by reason (moved, failover)",
+                "reason",
             ),
             publish_api: counter_vec(
                 "wsrelay_publish_api_requests_total",

@@ -21,6 +21,6 @@ redis.call('EXPIRE', KEYS[2], ARGV[4])
 if tonumber(ARGV[2]) > 0 then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 end
-redis.call('PUBLISH', ARGV[5], id)
-redis.call('PUBLISH', KEYS[1], ARGV[1])
+redis.call(ARGV[6], ARGV[5], id)
+redis.call(ARGV[6], KEYS[1], ARGV[1])
 return id

@@ -26,7 +26,8 @@
 //! ```
 
 use bytes::Bytes;
-use redis::aio::ConnectionManager;
+use crate::broker::redis::commands::{Commands, SentinelMaster};
+use crate::config::{PubSub, SentinelConfig};
 
 use crate::channel::{validate_name, Audience, KeySpace, NameError, NameKind, DEFAULT_EXPIRE};
 use crate::facility::{Facilities, FacilityRule};
@@ -118,62 +119,76 @@ impl Recipients {
 /// channel, then the payload published on the key, byte for byte as ws4redis
 /// publishes it. Returns the id.
 ///
-/// KEYS: the key, its stream. ARGV: payload, expire, history, history_ttl, id channel.
+/// KEYS: the key, its stream. ARGV: payload, expire, history, history_ttl, id channel,
+/// the publish command (`PUBLISH`, or `SPUBLISH` on a sharded cluster: the stream and
+/// the id channel share the key's slot, see [`KeySpace::history`]).
 /// The Python package runs the same file's text (its tests check that it is the same).
 const PUBLISH_WITH_HISTORY: &str = include_str!("publish_with_history.lua");
 
-/// Publishes `payload` on every key as one MULTI/EXEC transaction, so a reader never
-/// sees a stored value older than a publication: on a key without history, `SETEX`
-/// (when `expire > 0`) and `PUBLISH`, as ws4redis does; on a key whose facility keeps
-/// history (`retention`), the script above. Returns each key's id (`None`: no history).
+/// Publishes `payload` on every key as one MULTI/EXEC transaction (one per slot in a
+/// Redis Cluster), so a reader never sees a stored value older than a publication: on
+/// a key without history, `SETEX` (when `expire > 0`) and `PUBLISH` (`SPUBLISH` on a
+/// sharded cluster), as ws4redis does; on a key whose facility keeps history
+/// (`retention`), the script above. Returns each key's id (`None`: no history).
 pub async fn publish_keys(
-    conn: &mut ConnectionManager,
+    commands: &Commands,
     retention: &Retention,
     keys: &[&str],
     payload: &[u8],
     expire: u64,
 ) -> redis::RedisResult<Vec<Option<StreamId>>> {
-    let targets: Vec<Option<history::Target>> = keys.iter().map(|k| retention.target(k)).collect();
-    let mut pipe = redis::pipe();
-    pipe.atomic();
-    for (key, target) in keys.iter().zip(&targets) {
-        match target {
-            None => {
-                if expire > 0 {
-                    pipe.set_ex(key, payload, expire).ignore();
+    let publish = commands.publish_command();
+    let names: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+    commands
+        .per_group(keys.len(), &names, |mut conn, members| {
+            let targets: Vec<Option<history::Target>> =
+                members.iter().map(|&i| retention.target(keys[i])).collect();
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for (&i, target) in members.iter().zip(&targets) {
+                let key = keys[i];
+                match target {
+                    None => {
+                        if expire > 0 {
+                            pipe.set_ex(key, payload, expire).ignore();
+                        }
+                        pipe.cmd(publish).arg(key).arg(payload).ignore();
+                    }
+                    Some(h) => {
+                        pipe.cmd("EVAL")
+                            .arg(PUBLISH_WITH_HISTORY)
+                            .arg(2)
+                            .arg(key)
+                            .arg(&h.stream)
+                            .arg(payload)
+                            .arg(expire)
+                            .arg(h.bounds.len)
+                            .arg(h.bounds.ttl)
+                            .arg(&h.id_channel)
+                            .arg(publish);
+                    }
                 }
-                pipe.publish(key, payload).ignore();
             }
-            Some(h) => {
-                pipe.cmd("EVAL")
-                    .arg(PUBLISH_WITH_HISTORY)
-                    .arg(2)
-                    .arg(key)
-                    .arg(&h.stream)
-                    .arg(payload)
-                    .arg(expire)
-                    .arg(h.bounds.len)
-                    .arg(h.bounds.ttl)
-                    .arg(&h.id_channel);
+            async move {
+                // The transaction's answer lists the ids of the history keys, in order.
+                let ids: Vec<String> = pipe.query_async(&mut conn).await?;
+                let mut ids = ids.into_iter();
+                Ok(targets
+                    .iter()
+                    .map(|t| {
+                        t.as_ref()?;
+                        ids.next().and_then(|id| id.parse().ok())
+                    })
+                    .collect())
             }
-        }
-    }
-    // The transaction's answer lists the ids of the history keys, in order.
-    let ids: Vec<String> = pipe.query_async(conn).await?;
-    let mut ids = ids.into_iter();
-    Ok(targets
-        .iter()
-        .map(|t| {
-            t.as_ref()?;
-            ids.next().and_then(|id| id.parse().ok())
         })
-        .collect())
+        .await
 }
 
 /// Publishes to wsrelay (and ws4redis) subscribers through Redis.
 #[derive(Clone)]
 pub struct RedisPublisher {
-    conn: ConnectionManager,
+    commands: Commands,
     /// The key prefix, and which facilities keep history.
     retention: Retention,
     expire: u64,
@@ -183,11 +198,46 @@ impl RedisPublisher {
     /// Connects to `url`; `prefix` must match the gateway's `redis.prefix`.
     pub async fn connect(url: &str, prefix: Option<&str>) -> Result<Self, PublishError> {
         let conn = redis::Client::open(url)?.get_connection_manager().await?;
-        Ok(RedisPublisher {
-            conn,
+        Ok(Self::with_commands(Commands::Single(conn), prefix))
+    }
+
+    /// Connects to a Redis Cluster through any of its nodes (`seeds`); `pubsub` must
+    /// match the gateway's `redis.pubsub` (sharded publications are `SPUBLISH`).
+    pub async fn connect_cluster(
+        seeds: &[&str],
+        prefix: Option<&str>,
+        pubsub: PubSub,
+    ) -> Result<Self, PublishError> {
+        let seeds: Vec<String> = seeds.iter().map(|s| s.to_string()).collect();
+        let commands = Commands::cluster(&seeds, pubsub)?;
+        commands.conn().await?;
+        Ok(Self::with_commands(commands, prefix))
+    }
+
+    /// Publishes to the master that the sentinels at `nodes` name `master`, and
+    /// follows it through failovers.
+    pub async fn connect_sentinel(
+        master: &str,
+        nodes: &[&str],
+        prefix: Option<&str>,
+    ) -> Result<Self, PublishError> {
+        let config = SentinelConfig {
+            master: master.to_string(),
+            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            db: 0,
+            password: None,
+        };
+        let commands = Commands::Sentinel(std::sync::Arc::new(SentinelMaster::new(&config)?));
+        commands.conn().await?;
+        Ok(Self::with_commands(commands, prefix))
+    }
+
+    fn with_commands(commands: Commands, prefix: Option<&str>) -> Self {
+        RedisPublisher {
+            commands,
             retention: Retention::new(Default::default(), KeySpace::new(prefix)),
             expire: DEFAULT_EXPIRE,
-        })
+        }
     }
 
     /// The gateway's `[[facility]]` rules: publications on a facility with history are
@@ -217,8 +267,7 @@ impl RedisPublisher {
         let keys = to.keys(self.retention.keys());
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let expire = expire.unwrap_or(self.expire);
-        let mut conn = self.conn.clone();
-        let ids = publish_keys(&mut conn, &self.retention, &keys, message.as_ref(), expire);
+        let ids = publish_keys(&self.commands, &self.retention, &keys, message.as_ref(), expire);
         Ok(ids.await?)
     }
 
@@ -230,10 +279,8 @@ impl RedisPublisher {
     ) -> Result<Option<Bytes>, PublishError> {
         validate_name(NameKind::Facility, facility)?;
         let key = self.retention.keys().key(audience, facility);
-        let value: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(key)
-            .query_async(&mut self.conn.clone())
-            .await?;
+        let get = redis::cmd("GET").arg(key).clone();
+        let value: Option<Vec<u8>> = self.query(&get).await?;
         Ok(value.map(Bytes::from))
     }
 
@@ -258,13 +305,13 @@ impl RedisPublisher {
             .retention
             .keys()
             .internal(&format!("identity:{session_key}"));
-        redis::cmd("SET")
+        let set = redis::cmd("SET")
             .arg(key)
             .arg(record)
             .arg("EX")
             .arg(ttl.max(1))
-            .query_async::<()>(&mut self.conn.clone())
-            .await?;
+            .clone();
+        self.query::<()>(&set).await?;
         Ok(())
     }
 
@@ -275,11 +322,14 @@ impl RedisPublisher {
             .retention
             .keys()
             .internal(&format!("identity:{session_key}"));
-        redis::cmd("DEL")
-            .arg(key)
-            .query_async::<()>(&mut self.conn.clone())
-            .await?;
+        self.query::<()>(redis::cmd("DEL").arg(key)).await?;
         Ok(())
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        self.commands
+            .run(|mut conn| async move { cmd.query_async(&mut conn).await })
+            .await
     }
 }
 

@@ -100,6 +100,15 @@ impl Broker {
         }
     }
 
+    /// The Redis nodes holding this process's pub/sub links (none on the embedded
+    /// broker).
+    pub fn nodes(&self) -> Vec<redis::NodeStatus> {
+        match self {
+            Broker::Redis(b) => b.nodes(),
+            Broker::Memory(_) => Vec::new(),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Broker::Redis(_) => "redis",

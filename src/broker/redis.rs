@@ -1,15 +1,20 @@
-//! The Redis broker: one multiplexed command connection and one pub/sub connection per
-//! process.
+//! The Redis broker, on one Redis, a Redis Cluster, or a master watched by Sentinel.
 //!
-//! [`Subscriber`] owns the pub/sub connection. It applies the registry's change log in
-//! order (coalescing a burst of changes into one SUBSCRIBE and one UNSUBSCRIBE), hands
-//! every message to the registry without waiting on any socket, and watches the link:
-//! when the connection drops, or when a probe published on a service channel does not
-//! come back in time (a connection that died silently), it reconnects with capped
-//! exponential backoff and subscribes every key the registry still holds. Sockets stay
-//! open meanwhile; `/health` reports the outage.
+//! Commands (publications, stored messages, history reads) go through [`Commands`],
+//! which splits a batch by slot in a cluster and follows Sentinel's master. Pub/sub has
+//! two shapes:
+//! - [`Subscriber`]: one classic pub/sub link (one Redis, Sentinel's master, or any one
+//!   node of a cluster in `classic` mode, where every node sees every `PUBLISH`);
+//! - [`sharded::ShardedSubscriber`]: one link per master of a cluster, each key
+//!   subscribed (`SSUBSCRIBE`) on the master that owns its slot.
+//!
+//! Both apply the registry's change log in order (coalescing a burst of changes), hand
+//! every message to the registry without waiting on any socket, watch their links
+//! (a probe, or a `PING` per node), reconnect with capped exponential backoff, and
+//! recover what live keys missed (see [`relay::Relay::recover`]). Sockets stay open
+//! meanwhile; `/health` reports the outage, per node.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,14 +26,21 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
-use self::history_read::catch_up;
+use self::commands::{Commands, SentinelMaster};
+use self::relay::{PendingId, Relay};
 use super::{BrokerError, Inlet};
 use crate::channel::KeySpace;
-use crate::history::{envelope, CatchUp, Retention, StreamId};
+use crate::config::{PubSub, Topology};
+use crate::history::{CatchUp, Retention, StreamId};
+use crate::metrics::Metrics;
 use crate::publisher::publish_keys;
 use crate::registry::{Change, Registry};
 
+pub mod commands;
 mod history_read;
+mod relay;
+pub mod sharded;
+pub mod slots;
 
 /// The first pause after a failed connect; doubled up to `redis.reconnect_max`.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -61,25 +73,129 @@ async fn timed_out(addr: &redis::ConnectionAddr) -> String {
     }
 }
 
-/// Whether the pub/sub link is up, shared by the subscriber and `/health`.
+/// One Redis node the gateway holds a pub/sub link to, for `/health`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeStatus {
+    pub node: String,
+    pub connected: bool,
+    pub subscribed_keys: usize,
+    pub reconnects: u64,
+}
+
+/// Whether pub/sub works, and the state of each node's link, shared by the subscriber
+/// and `/health`; every change is mirrored in the per-node metrics.
+struct Link {
+    state: Mutex<LinkState>,
+    metrics: Arc<Metrics>,
+}
+
 #[derive(Debug)]
-struct Link(Mutex<Result<(), String>>);
+struct LinkState {
+    up: Result<(), String>,
+    nodes: BTreeMap<String, NodeStatus>,
+}
 
 impl Link {
-    fn set(&self, state: Result<(), String>) {
+    fn new(metrics: Arc<Metrics>) -> Link {
+        Link {
+            state: Mutex::new(LinkState {
+                up: Err("connecting to redis".into()),
+                nodes: BTreeMap::new(),
+            }),
+            metrics,
+        }
+    }
+
+    fn set(&self, up: Result<(), String>) {
+        self.metrics.redis_connected.set(i64::from(up.is_ok()));
         // unwrap: nothing panics while the link state is locked.
-        *self.0.lock().unwrap() = state;
+        self.state.lock().unwrap().up = up;
     }
 
     fn get(&self) -> Result<(), String> {
         // unwrap: see `set`.
-        self.0.lock().unwrap().clone()
+        self.state.lock().unwrap().up.clone()
+    }
+
+    fn nodes(&self) -> Vec<NodeStatus> {
+        // unwrap: see `set`.
+        self.state.lock().unwrap().nodes.values().cloned().collect()
+    }
+
+    /// The link to `node` is up with `keys` keys subscribed.
+    fn node_up(&self, node: &str, keys: usize) {
+        self.metrics
+            .redis_node_connected
+            .with_label_values(&[node])
+            .set(1);
+        self.node_keys(node, keys);
+        // unwrap: see `set`.
+        let mut state = self.state.lock().unwrap();
+        state.nodes.entry(node.to_string()).or_insert_with(|| NodeStatus {
+            node: node.to_string(),
+            connected: true,
+            subscribed_keys: keys,
+            reconnects: 0,
+        });
+        if let Some(status) = state.nodes.get_mut(node) {
+            status.connected = true;
+            status.subscribed_keys = keys;
+        }
+    }
+
+    fn node_keys(&self, node: &str, keys: usize) {
+        self.metrics
+            .redis_node_subscribed_keys
+            .with_label_values(&[node])
+            .set(keys as i64);
+        // unwrap: see `set`.
+        if let Some(status) = self.state.lock().unwrap().nodes.get_mut(node) {
+            status.subscribed_keys = keys;
+        }
+    }
+
+    /// The link to `node` was lost (it is counted) or given up (the node left).
+    fn node_down(&self, node: &str, lost: bool) {
+        self.metrics
+            .redis_node_connected
+            .with_label_values(&[node])
+            .set(0);
+        if lost {
+            self.metrics
+                .redis_node_reconnects
+                .with_label_values(&[node])
+                .inc();
+        }
+        // unwrap: see `set`.
+        if let Some(status) = self.state.lock().unwrap().nodes.get_mut(node) {
+            status.connected = false;
+            status.reconnects += u64::from(lost);
+        }
+    }
+
+    /// `node` is no longer used (not a master any more): it leaves `/health` and the
+    /// metrics.
+    fn forget_node(&self, node: &str) {
+        let m = &self.metrics;
+        let _ = m.redis_node_connected.remove_label_values(&[node]);
+        let _ = m.redis_node_subscribed_keys.remove_label_values(&[node]);
+        // unwrap: see `set`.
+        self.state.lock().unwrap().nodes.remove(node);
+    }
+}
+
+/// `host:port` (or the socket's path) of a client's server.
+fn node_name(client: &redis::Client) -> String {
+    match client.get_connection_info().addr() {
+        redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
+        redis::ConnectionAddr::TcpTls { host, port, .. } => format!("{host}:{port}"),
+        other => other.to_string(),
     }
 }
 
 /// The handle used by connections and the HTTP API.
 pub struct RedisBroker {
-    commands: ConnectionManager,
+    commands: Commands,
     link: Arc<Link>,
     retention: Retention,
 }
@@ -87,7 +203,6 @@ pub struct RedisBroker {
 /// How the pub/sub link is kept (from `redis.*` settings).
 #[derive(Debug, Clone)]
 pub struct LinkSettings {
-    pub url: String,
     /// The key prefix, for the probe channel's name.
     pub keys: KeySpace,
     /// Longest pause between reconnect attempts.
@@ -96,26 +211,76 @@ pub struct LinkSettings {
     pub probe_interval: Duration,
 }
 
+/// The background task that keeps pub/sub, for the topology.
+pub enum SubscriberTask {
+    Classic(Box<Subscriber>),
+    Sharded(Box<sharded::ShardedSubscriber>),
+}
+
+impl SubscriberTask {
+    pub async fn run(self) {
+        match self {
+            SubscriberTask::Classic(s) => s.run().await,
+            SubscriberTask::Sharded(s) => s.run().await,
+        }
+    }
+}
+
 impl RedisBroker {
     /// Creates the broker and its subscriber task (to be spawned once). Nothing connects
     /// yet, so the gateway starts even when Redis is down.
     pub fn new(
+        topology: Topology,
         settings: LinkSettings,
         retention: Retention,
         inlet: Arc<Inlet>,
         changes: mpsc::UnboundedReceiver<Change>,
         shutdown: CancellationToken,
-    ) -> redis::RedisResult<(RedisBroker, Subscriber)> {
-        let client = redis::Client::open(settings.url.as_str())?;
-        let commands = command_connection(&client)?;
-        let link = Arc::new(Link(Mutex::new(Err("connecting to redis".into()))));
+    ) -> redis::RedisResult<(RedisBroker, SubscriberTask)> {
+        let link = Arc::new(Link::new(inlet.registry().metrics.clone()));
+        let relay = Relay::new(inlet, retention.clone());
+        let (commands, source) = match &topology {
+            Topology::Single(url) => {
+                let client = redis::Client::open(url.as_str())?;
+                let commands = Commands::single(&client)?;
+                (commands, Source::nodes(vec![client]))
+            }
+            Topology::Cluster { seeds, pubsub } => {
+                let commands = Commands::cluster(seeds, *pubsub)?;
+                let clients = seeds
+                    .iter()
+                    .map(|s| redis::Client::open(s.as_str()))
+                    .collect::<redis::RedisResult<Vec<_>>>()?;
+                if *pubsub == PubSub::Sharded {
+                    let subscriber = sharded::ShardedSubscriber::new(
+                        clients,
+                        commands.clone(),
+                        relay,
+                        changes,
+                        link.clone(),
+                        settings,
+                        shutdown,
+                    );
+                    let broker = RedisBroker {
+                        commands,
+                        link,
+                        retention,
+                    };
+                    return Ok((broker, SubscriberTask::Sharded(Box::new(subscriber))));
+                }
+                (commands, Source::nodes(clients))
+            }
+            Topology::Sentinel(config) => {
+                let master = Arc::new(SentinelMaster::new(config)?);
+                (Commands::Sentinel(master.clone()), Source::Sentinel(master))
+            }
+        };
         let probe_channel = settings
             .keys
             .internal(&format!("probe:{}", uuid::Uuid::new_v4()));
         let subscriber = Subscriber {
-            client,
-            registry: inlet.registry().clone(),
-            inlet,
+            source,
+            relay,
             changes,
             commands: commands.clone(),
             link: link.clone(),
@@ -124,16 +289,16 @@ impl RedisBroker {
             reconnect_max: settings.reconnect_max,
             probe_interval: settings.probe_interval,
             shutdown,
-            retention: retention.clone(),
             pending_id: None,
             was_up: false,
+            subscribed: 0,
         };
         let broker = RedisBroker {
             commands,
             link,
             retention,
         };
-        Ok((broker, subscriber))
+        Ok((broker, SubscriberTask::Classic(Box::new(subscriber))))
     }
 
     pub fn retention(&self) -> &Retention {
@@ -147,8 +312,7 @@ impl RedisBroker {
         expire: u64,
     ) -> Result<Vec<Option<StreamId>>, BrokerError> {
         let keys: Vec<&str> = keys.iter().map(|k| &**k).collect();
-        let mut conn = self.commands.clone();
-        publish_keys(&mut conn, &self.retention, &keys, payload, expire)
+        publish_keys(&self.commands, &self.retention, &keys, payload, expire)
             .await
             .map_err(unavailable)
     }
@@ -159,11 +323,14 @@ impl RedisBroker {
         after: &[Option<StreamId>],
         budget: usize,
     ) -> Result<Vec<CatchUp>, BrokerError> {
-        let mut conn = self.commands.clone();
-        match catch_up(&mut conn, &self.retention, keys, after, budget).await {
+        let read = history_read::catch_up(&self.commands, &self.retention, keys, after, budget);
+        match read.await {
             // The first command after Redis came back fails on the old connection, and
             // the manager reconnects: a read is safe to repeat once.
-            Err(_) => catch_up(&mut conn, &self.retention, keys, after, budget).await,
+            Err(_) => {
+                history_read::catch_up(&self.commands, &self.retention, keys, after, budget)
+                    .await
+            }
             done => done,
         }
     }
@@ -172,10 +339,16 @@ impl RedisBroker {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.commands.clone();
-        let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
-            .arg(keys.iter().map(|k| &**k).collect::<Vec<_>>())
-            .query_async(&mut conn)
+        let names: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+        let values: Vec<Option<Vec<u8>>> = self
+            .commands
+            .per_group(keys.len(), &names, |mut conn, members| {
+                let mut mget = redis::cmd("MGET");
+                for i in members {
+                    mget.arg(&*keys[i]);
+                }
+                async move { mget.query_async(&mut conn).await }
+            })
             .await
             .map_err(unavailable)?;
         Ok(values.into_iter().map(|v| v.map(Bytes::from)).collect())
@@ -183,6 +356,11 @@ impl RedisBroker {
 
     pub fn health(&self) -> Result<(), String> {
         self.link.get()
+    }
+
+    /// The nodes holding this process's pub/sub links.
+    pub fn nodes(&self) -> Vec<NodeStatus> {
+        self.link.nodes()
     }
 }
 
@@ -202,13 +380,65 @@ fn unavailable(e: redis::RedisError) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
-/// The background task that owns the pub/sub connection.
+/// Where the classic link connects: one Redis, or any node of a classic cluster (the
+/// next one after a failed connect), or the master Sentinel names now.
+enum Source {
+    Nodes {
+        clients: Vec<redis::Client>,
+        next: usize,
+    },
+    Sentinel(Arc<SentinelMaster>),
+}
+
+impl Source {
+    fn nodes(clients: Vec<redis::Client>) -> Source {
+        Source::Nodes { clients, next: 0 }
+    }
+
+    async fn pick(&mut self) -> Result<redis::Client, String> {
+        match self {
+            Source::Nodes { clients, next } => Ok(clients[*next % clients.len()].clone()),
+            Source::Sentinel(master) => {
+                let (addr, client) = master
+                    .resolve()
+                    .await
+                    .map_err(|e| format!("sentinel: {e}"))?;
+                master.adopt(&addr, &client).map_err(|e| e.to_string())?;
+                Ok(client)
+            }
+        }
+    }
+
+    fn failed(&mut self) {
+        if let Source::Nodes { next, .. } = self {
+            *next += 1;
+        }
+    }
+
+    /// Reads of a recovery: on a connection just made to the node that has the data
+    /// (the command connection may still be the one that failed with the link), or
+    /// through the cluster's own routing.
+    async fn reader(&self, client: &redis::Client, commands: &Commands) -> Result<Commands, String> {
+        if matches!(commands, Commands::Cluster(_)) {
+            return Ok(commands.clone());
+        }
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(OP_TIMEOUT))
+            .set_response_timeout(Some(OP_TIMEOUT));
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| format!("recovery read: {e}"))?;
+        Ok(Commands::Direct(conn))
+    }
+}
+
+/// The background task that owns the classic pub/sub connection.
 pub struct Subscriber {
-    client: redis::Client,
-    registry: Arc<Registry>,
-    inlet: Arc<Inlet>,
+    source: Source,
+    relay: Relay,
     changes: mpsc::UnboundedReceiver<Change>,
-    commands: ConnectionManager,
+    commands: Commands,
     link: Arc<Link>,
     probe_channel: String,
     reconnect_max: Duration,
@@ -217,16 +447,19 @@ pub struct Subscriber {
     /// Barriers that arrived while the link was down or failing; answered once a later
     /// connect has subscribed every live key.
     waiting: Vec<oneshot::Sender<bool>>,
-    /// Which keys keep history (their id channels are subscribed with them).
-    retention: Retention,
-    /// The id just announced for the next publication on a key (see
-    /// [`Subscriber::relay`]).
-    pending_id: Option<(String, StreamId)>,
+    /// The id just announced for the next publication on a key.
+    pending_id: PendingId,
     /// Whether a link was up before: a reconnect then recovers what was missed.
     was_up: bool,
+    /// Keys subscribed on the link now.
+    subscribed: usize,
 }
 
 impl Subscriber {
+    fn registry(&self) -> &Arc<Registry> {
+        &self.relay.registry
+    }
+
     /// Runs until shutdown: connect, serve, and on any failure wait and reconnect.
     pub async fn run(mut self) {
         let mut backoff = MIN_BACKOFF;
@@ -236,6 +469,7 @@ impl Subscriber {
                 Ok(()) => return,
                 Err(Failure::Connect(reason)) => {
                     failures += 1;
+                    self.source.failed();
                     if failures == 1 {
                         warn!(
                             "redis: cannot connect ({reason}); retrying, backoff up to {:?}",
@@ -248,14 +482,13 @@ impl Subscriber {
                 }
                 Err(Failure::Lost(reason)) => {
                     warn!("redis: pub/sub link lost ({reason}); sockets stay open, reconnecting");
-                    self.registry.metrics.redis_reconnects.inc();
+                    self.registry().metrics.redis_reconnects.inc();
                     failures = 0;
                     backoff = MIN_BACKOFF;
                     reason
                 }
             };
             self.link.set(Err(format!("redis unavailable: {reason}")));
-            self.registry.metrics.redis_connected.set(0);
             self.wait_disconnected(backoff).await;
             backoff = (backoff * 2).min(self.reconnect_max);
         }
@@ -285,9 +518,11 @@ impl Subscriber {
 
     /// Connects, resubscribes every live key, then relays until the link fails.
     async fn serve(&mut self) -> Result<(), Failure> {
-        let connected = timeout(OP_TIMEOUT, self.client.get_async_pubsub()).await;
+        let client = self.source.pick().await.map_err(Failure::Connect)?;
+        let node = node_name(&client);
+        let connected = timeout(OP_TIMEOUT, client.get_async_pubsub()).await;
         let Ok(pubsub) = connected else {
-            let addr = self.client.get_connection_info().addr();
+            let addr = client.get_connection_info().addr();
             return Err(Failure::Connect(timed_out(addr).await));
         };
         let pubsub = pubsub.map_err(|e| Failure::Connect(e.to_string()))?;
@@ -299,19 +534,39 @@ impl Subscriber {
                 self.waiting.push(done);
             }
         }
-        let keys: Vec<Arc<str>> = self.registry.keys();
-        let mut channels = self.channels(&keys);
+        let keys: Vec<Arc<str>> = self.registry().keys();
+        let mut channels = self.relay.channels(&keys);
         channels.push(Arc::from(self.probe_channel.as_str()));
         in_chunks(&mut sink, true, &channels)
             .await
             .map_err(Failure::Connect)?;
-        info!("redis: pub/sub connected, {} keys subscribed", keys.len());
+        info!("redis: pub/sub connected to {node}, {} keys subscribed", keys.len());
+        self.subscribed = keys.len();
+        self.link.node_up(&node, keys.len());
+        let served = self.relay_until_lost(&client, &node, &mut sink, &mut stream).await;
+        if served.is_err() {
+            self.link.node_down(&node, true);
+        }
+        served
+    }
+
+    async fn relay_until_lost(
+        &mut self,
+        client: &redis::Client,
+        node: &str,
+        sink: &mut PubSubSink,
+        stream: &mut redis::aio::PubSubStream,
+    ) -> Result<(), Failure> {
         self.pending_id = None;
         if std::mem::replace(&mut self.was_up, true) {
-            self.recover().await.map_err(Failure::Lost)?;
+            let reader = self.source.reader(client, &self.commands).await;
+            let cursors = self.registry().cursors();
+            self.relay
+                .recover(&reader.map_err(Failure::Lost)?, &cursors)
+                .await
+                .map_err(Failure::Lost)?;
         }
         self.link.set(Ok(()));
-        self.registry.metrics.redis_connected.set(1);
         for done in self.waiting.drain(..) {
             let _ = done.send(true);
         }
@@ -322,6 +577,8 @@ impl Subscriber {
         // When the unanswered probe was sent. Any message received since proves the
         // link alive, so a busy link is never taken for a dead one.
         let mut probe_sent: Option<Instant> = None;
+        // With Sentinel: the master it names, when that is not this link's node.
+        let (moved_tx, mut moved) = mpsc::channel::<String>(1);
         loop {
             // Changes before messages: they are rare and cheap, and new sockets wait on
             // them; a stream of publications must not starve them.
@@ -330,213 +587,78 @@ impl Subscriber {
                 _ = self.shutdown.cancelled() => return Ok(()),
                 change = self.changes.recv() => {
                     let Some(change) = change else { return Ok(()) };
-                    self.apply(&mut sink, change).await.map_err(Failure::Lost)?;
+                    self.apply(sink, change).await.map_err(Failure::Lost)?;
+                    self.link.node_keys(node, self.subscribed);
                 }
                 message = stream.next() => {
                     let Some(message) = message else {
                         return Err(Failure::Lost("connection closed".into()));
                     };
                     probe_sent = None;
-                    self.relay(message.get_channel_name(), message.get_payload_bytes()).await;
-                }
-                _ = probe.tick() => match probe_sent {
-                    Some(sent) if sent.elapsed() >= self.probe_interval => {
-                        let waited = self.probe_interval;
-                        return Err(Failure::Lost(format!("probe not received within {waited:?}")));
+                    let channel = message.get_channel_name();
+                    if channel != self.probe_channel {
+                        let payload = message.get_payload_bytes();
+                        self.relay.relay(&mut self.pending_id, channel, payload).await;
                     }
-                    Some(_) => {}
-                    None => {
-                        probe_sent = Some(Instant::now());
-                        self.send_probe();
+                }
+                Some(master) = moved.recv() => {
+                    self.registry().metrics.redis_resubscribes
+                        .with_label_values(&["failover"])
+                        .inc_by(self.subscribed as u64);
+                    return Err(Failure::Lost(format!("sentinel names {master} as master now")));
+                }
+                _ = probe.tick() => {
+                    self.check_master(node, &moved_tx);
+                    match probe_sent {
+                        Some(sent) if sent.elapsed() >= self.probe_interval => {
+                            let waited = self.probe_interval;
+                            return Err(Failure::Lost(format!("probe not received within {waited:?}")));
+                        }
+                        Some(_) => {}
+                        None => {
+                            probe_sent = Some(Instant::now());
+                            self.send_probe();
+                        }
                     }
                 },
             }
         }
     }
 
-    /// Relays one message of the link. A publication on a key with history comes right
-    /// behind its id, announced on the key's id channel by the same server-side script
-    /// (nothing else can come between the two on this connection); a publication
-    /// without an announced id (a plain `PUBLISH`) is relayed without one.
-    async fn relay(&mut self, channel: &str, payload: &[u8]) {
-        if channel == self.probe_channel {
+    /// With Sentinel: asks, aside, which master the sentinels name; another one than
+    /// this link's node is sent on `moved` (the link is then replaced and recovered).
+    fn check_master(&self, node: &str, moved: &mpsc::Sender<String>) {
+        let Source::Sentinel(master) = &self.source else {
             return;
-        }
-        if let Some(key) = self.retention.keys().key_of_id_channel(channel) {
-            let id = std::str::from_utf8(payload)
-                .ok()
-                .and_then(|p| p.parse().ok());
-            self.pending_id = id.map(|id| (key, id));
-            return;
-        }
-        let id = match self.pending_id.take() {
-            Some((key, id)) if key == channel => Some(id),
-            _ => None,
         };
-        self.inlet.deliver(channel, payload, id).await;
-    }
-
-    /// The channels that carry `keys`: each key, and before it its id channel when it
-    /// keeps history.
-    fn channels(&self, keys: &[Arc<str>]) -> Vec<Arc<str>> {
-        let mut channels = Vec::with_capacity(keys.len());
-        for key in keys {
-            if self.retention.of(key).is_some() {
-                channels.push(Arc::from(self.retention.keys().id_channel(key)));
-            }
-            channels.push(key.clone());
-        }
-        channels
-    }
-
-    /// After a lost link came back: what every live key missed, before anything live.
-    /// A key with history gets the entries after the last id relayed on it (or a
-    /// `reset` and its stored message when they are not all there); a key without
-    /// history gets its stored message when it is not the last one relayed, and its
-    /// envelope sockets a `gap`. Live publications that the read already brought are
-    /// dropped as duplicates by the registry. A read that fails is an error: the link
-    /// is replaced and the recovery tried again, rather than skipped.
-    async fn recover(&mut self) -> Result<(), String> {
-        let cursors = self.registry.cursors();
-        if cursors.is_empty() {
-            return Ok(());
-        }
-        // On a connection of its own, just made: the command connection may still be
-        // the one that failed with the link, waiting to time out.
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(OP_TIMEOUT))
-            .set_response_timeout(Some(OP_TIMEOUT));
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(|e| format!("recovery read: {e}"))?;
-        let metrics = self.registry.metrics.clone();
-        let mut replayed = 0u64;
-        for chunk in cursors.chunks(RECOVERY_CHUNK) {
-            let keys: Vec<Arc<str>> = chunk.iter().map(|(k, _)| k.clone()).collect();
-            let after: Vec<Option<StreamId>> = chunk
-                .iter()
-                .map(|(k, c)| self.retention.of(k).and(*c))
-                .collect();
-            let caught_up = catch_up(&mut conn, &self.retention, &keys, &after, usize::MAX)
-                .await
-                .map_err(|e| format!("recovery read: {e}"))?;
-            for (key, caught) in keys.iter().zip(caught_up) {
-                replayed += self.recover_key(key, caught).await;
-            }
-        }
-        metrics
-            .recovery
-            .with_label_values(&["replayed"])
-            .inc_by(replayed);
-        info!(
-            "redis: recovered {} keys after reconnecting, {replayed} missed messages replayed",
-            cursors.len()
-        );
-        Ok(())
-    }
-
-    /// Relays what one key missed (see [`Subscriber::recover`]); returns how many
-    /// entries were replayed.
-    async fn recover_key(&self, key: &Arc<str>, caught: CatchUp) -> u64 {
-        let metrics = &self.registry.metrics;
-        let label = self.retention.label(key);
-        let history = self.retention.of(key).is_some();
-        match caught {
-            CatchUp::Resumed { entries, .. } => {
-                let replayed = entries.len() as u64;
-                for (id, payload) in entries {
-                    self.inlet.deliver(key, &payload, Some(id)).await;
+        let (master, node, moved) = (master.clone(), node.to_string(), moved.clone());
+        tokio::spawn(async move {
+            match master.resolve().await {
+                Ok((addr, client)) if addr != node => {
+                    if master.adopt(&addr, &client).is_ok() {
+                        let _ = moved.try_send(addr);
+                    }
                 }
-                replayed
+                Ok(_) => {}
+                Err(e) => debug!("redis: asking the sentinels failed: {e}"),
             }
-            // A history key whose position is not known (no socket finished its setup,
-            // nothing was relayed) reads as a key without one: its stored message.
-            CatchUp::Reset {
-                reason,
-                stored,
-                newest,
-            } => {
-                self.registry.restart_ids(key, newest);
-                self.reset(key, &label, reason, stored).await;
-                0
-            }
-            CatchUp::Stored { stored, .. } if history => {
-                self.reset(key, &label, "position unknown", stored).await;
-                0
-            }
-            CatchUp::Stored { stored, .. } => {
-                metrics.recovery.with_label_values(&["gap"]).inc();
-                let text = envelope::gap(&label, "the link to redis was lost");
-                self.registry.dispatch_control(key, &text).await;
-                if let Some((payload, _)) = stored {
-                    self.registry.dispatch_recovered(key, &payload).await;
-                }
-                0
-            }
-        }
-    }
-
-    /// What a history key missed cannot be replayed: `reset`, then its stored message
-    /// if it is the stream's newest entry (an older stored message, from a publication
-    /// not kept, would arrive as if new).
-    async fn reset(
-        &self,
-        key: &Arc<str>,
-        label: &str,
-        reason: &str,
-        stored: Option<(Bytes, Option<StreamId>)>,
-    ) {
-        self.registry
-            .metrics
-            .recovery
-            .with_label_values(&["reset"])
-            .inc();
-        self.registry
-            .dispatch_control(key, &envelope::reset(label, reason))
-            .await;
-        if let Some((payload, Some(id))) = stored {
-            self.inlet.deliver(key, &payload, Some(id)).await;
-        }
+        });
     }
 
     /// Applies `first` and every change already queued behind it, as one SUBSCRIBE and
     /// one UNSUBSCRIBE: the registry alternates transitions per key, so the last change
     /// of a key is its state.
     async fn apply(&mut self, sink: &mut PubSubSink, first: Change) -> Result<(), String> {
-        let mut wanted: HashMap<Arc<str>, bool> = HashMap::new();
-        let mut barriers = Vec::new();
-        let mut next = Some(first);
-        while let Some(change) = next {
-            match change {
-                Change::Subscribe(key) => {
-                    wanted.insert(key, true);
-                }
-                Change::Unsubscribe(key) => {
-                    wanted.insert(key, false);
-                }
-                Change::Barrier(done) => barriers.push(done),
-            }
-            next = self.changes.try_recv().ok();
-        }
-        let wanted_as = |on: bool| -> Vec<Arc<str>> {
-            wanted
-                .iter()
-                .filter(|&(_, &w)| w == on)
-                .map(|(k, _)| k.clone())
-                .collect()
-        };
-        let (on, off) = (
-            self.channels(&wanted_as(true)),
-            self.channels(&wanted_as(false)),
-        );
+        let (on, off, barriers) = coalesce(first, &mut self.changes);
+        let (on_keys, off_keys) = (on.len(), off.len());
+        let (on, off) = (self.relay.channels(&on), self.relay.channels(&off));
         let applied = match in_chunks(sink, true, &on).await {
             Ok(()) => in_chunks(sink, false, &off).await,
             failed => failed,
         };
         match applied {
             Ok(()) => {
+                self.subscribed = (self.subscribed + on_keys).saturating_sub(off_keys);
                 for done in barriers {
                     let _ = done.send(true);
                 }
@@ -550,19 +672,59 @@ impl Subscriber {
     /// Publishes a probe through the command connection; the pub/sub connection must
     /// receive it before the next tick. Runs aside so a slow reply never stalls relaying.
     fn send_probe(&self) {
-        let mut conn = self.commands.clone();
+        let commands = self.commands.clone();
         let channel = self.probe_channel.clone();
         tokio::spawn(async move {
-            let sent: redis::RedisResult<()> = redis::cmd("PUBLISH")
-                .arg(channel)
-                .arg("probe")
-                .query_async(&mut conn)
+            let sent: redis::RedisResult<()> = commands
+                .run(|mut conn| {
+                    let channel = channel.clone();
+                    async move {
+                        redis::cmd("PUBLISH")
+                            .arg(channel)
+                            .arg("probe")
+                            .query_async(&mut conn)
+                            .await
+                    }
+                })
                 .await;
             if let Err(e) = sent {
                 debug!("redis: probe publish failed: {e}");
             }
         });
     }
+}
+
+/// A burst of registry changes, coalesced: the keys to subscribe, the keys to
+/// unsubscribe, and the barriers to answer once both are applied.
+type Coalesced = (Vec<Arc<str>>, Vec<Arc<str>>, Vec<oneshot::Sender<bool>>);
+
+/// Takes `first` and every change already queued behind it (the last change of a key
+/// is its state: the registry alternates transitions per key).
+fn coalesce(first: Change, changes: &mut mpsc::UnboundedReceiver<Change>) -> Coalesced {
+    let mut wanted: HashMap<Arc<str>, bool> = HashMap::new();
+    let mut barriers = Vec::new();
+    let mut next = Some(first);
+    while let Some(change) = next {
+        match change {
+            Change::Subscribe(key) => {
+                wanted.insert(key, true);
+            }
+            Change::Unsubscribe(key) => {
+                wanted.insert(key, false);
+            }
+            Change::Barrier(done) => barriers.push(done),
+        }
+        next = changes.try_recv().ok();
+    }
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for (key, want) in wanted {
+        if want {
+            on.push(key);
+        } else {
+            off.push(key);
+        }
+    }
+    (on, off, barriers)
 }
 
 /// SUBSCRIBE (or UNSUBSCRIBE) `keys`, [`CHUNK`] channels per command, each confirmed.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::commands::Commands;
 use super::unavailable;
 use crate::broker::BrokerError;
 use crate::facility::History;
@@ -62,10 +63,11 @@ end
 return {stored, 1, deleted, generated, first, entries, 0}
 ";
 
-/// What each key gives (see [`crate::broker::Broker::catch_up`]), in one round trip:
-/// `GET` for a key without history, [`READ_HISTORY`] for one with.
+/// What each key gives (see [`crate::broker::Broker::catch_up`]), in one round trip
+/// per slot group (one in all outside a cluster): `GET` for a key without history,
+/// [`READ_HISTORY`] for one with.
 pub async fn catch_up(
-    conn: &mut impl redis::aio::ConnectionLike,
+    commands: &Commands,
     retention: &Retention,
     keys: &[Arc<str>],
     after: &[Option<StreamId>],
@@ -76,29 +78,33 @@ pub async fn catch_up(
     }
     let after = |i: usize| after.get(i).copied().flatten();
     let bounds: Vec<Option<History>> = keys.iter().map(|k| retention.of(k)).collect();
-    let mut pipe = redis::pipe();
-    for (i, key) in keys.iter().enumerate() {
-        match bounds[i] {
-            Some(bounds) => {
-                let from = after(i).map_or_else(String::new, |id| id.to_string());
-                pipe.cmd("EVAL")
-                    .arg(READ_HISTORY)
-                    .arg(2)
-                    .arg(retention.keys().history(key))
-                    .arg(&**key)
-                    .arg(from)
-                    .arg(bounds.len + 1)
-                    .arg(budget);
+    let names: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+    let replies = commands
+        .per_group(keys.len(), &names, |mut conn, members| {
+            let mut pipe = redis::pipe();
+            for i in members {
+                let key = &keys[i];
+                match bounds[i] {
+                    Some(bounds) => {
+                        let from = after(i).map_or_else(String::new, |id| id.to_string());
+                        pipe.cmd("EVAL")
+                            .arg(READ_HISTORY)
+                            .arg(2)
+                            .arg(retention.keys().history(key))
+                            .arg(&**key)
+                            .arg(from)
+                            .arg(bounds.len + 1)
+                            .arg(budget);
+                    }
+                    None => {
+                        pipe.get(&**key);
+                    }
+                }
             }
-            None => {
-                pipe.get(&**key);
-            }
-        }
-    }
-    let replies: Vec<redis::Value> = pipe.query_async(conn).await.map_err(unavailable)?;
-    if replies.len() != keys.len() {
-        return Err(bad_reply("one reply per key"));
-    }
+            async move { pipe.query_async::<Vec<redis::Value>>(&mut conn).await }
+        })
+        .await
+        .map_err(unavailable)?;
     replies
         .into_iter()
         .enumerate()
