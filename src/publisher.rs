@@ -125,6 +125,16 @@ impl Recipients {
 /// The Python package runs the same file's text (its tests check that it is the same).
 const PUBLISH_WITH_HISTORY: &str = include_str!("publish_with_history.lua");
 
+/// In a cluster, a key without history is published by this script, one command that
+/// does what ws4redis's transaction does (`SET … EX` when `expire > 0`, then the
+/// publish command). KEYS: the key. ARGV: payload, expire, publish command.
+const SET_AND_PUBLISH: &str = r"
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
+redis.call(ARGV[3], KEYS[1], ARGV[1])
+";
+
 /// Publishes `payload` on every key as one MULTI/EXEC transaction (one per slot in a
 /// Redis Cluster), so a reader never sees a stored value older than a publication: on
 /// a key without history, `SETEX` (when `expire > 0`) and `PUBLISH` (`SPUBLISH` on a
@@ -138,51 +148,63 @@ pub async fn publish_keys(
     expire: u64,
 ) -> redis::RedisResult<Vec<Option<StreamId>>> {
     let publish = commands.publish_command();
-    let names: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
-    commands
-        .per_group(keys.len(), &names, |mut conn, members| {
-            let targets: Vec<Option<history::Target>> =
-                members.iter().map(|&i| retention.target(keys[i])).collect();
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            for (&i, target) in members.iter().zip(&targets) {
-                let key = keys[i];
-                match target {
-                    None => {
-                        if expire > 0 {
-                            pipe.set_ex(key, payload, expire).ignore();
-                        }
-                        pipe.cmd(publish).arg(key).arg(payload).ignore();
+    let cluster = commands.is_cluster();
+    let targets: Vec<Option<history::Target>> = keys.iter().map(|k| retention.target(k)).collect();
+    let build = |members: &[usize]| {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for &i in members {
+            let key = keys[i];
+            match &targets[i] {
+                // One command per key in a cluster: the script does what the
+                // transaction does.
+                None if cluster => {
+                    pipe.cmd("EVAL")
+                        .arg(SET_AND_PUBLISH)
+                        .arg(1)
+                        .arg(key)
+                        .arg(payload)
+                        .arg(expire)
+                        .arg(publish);
+                }
+                None => {
+                    if expire > 0 {
+                        pipe.set_ex(key, payload, expire).ignore();
                     }
-                    Some(h) => {
-                        pipe.cmd("EVAL")
-                            .arg(PUBLISH_WITH_HISTORY)
-                            .arg(2)
-                            .arg(key)
-                            .arg(&h.stream)
-                            .arg(payload)
-                            .arg(expire)
-                            .arg(h.bounds.len)
-                            .arg(h.bounds.ttl)
-                            .arg(&h.id_channel)
-                            .arg(publish);
-                    }
+                    pipe.cmd(publish).arg(key).arg(payload).ignore();
+                }
+                Some(h) => {
+                    pipe.cmd("EVAL")
+                        .arg(PUBLISH_WITH_HISTORY)
+                        .arg(2)
+                        .arg(key)
+                        .arg(&h.stream)
+                        .arg(payload)
+                        .arg(expire)
+                        .arg(h.bounds.len)
+                        .arg(h.bounds.ttl)
+                        .arg(&h.id_channel)
+                        .arg(publish);
                 }
             }
-            async move {
-                // The transaction's answer lists the ids of the history keys, in order.
-                let ids: Vec<String> = pipe.query_async(&mut conn).await?;
-                let mut ids = ids.into_iter();
-                Ok(targets
-                    .iter()
-                    .map(|t| {
-                        t.as_ref()?;
-                        ids.next().and_then(|id| id.parse().ok())
-                    })
-                    .collect())
-            }
-        })
-        .await
+        }
+        pipe
+    };
+    // The answers: one per key in a cluster; else the transaction's, which list the ids
+    // of the history keys, in order.
+    let decode = |members: &[usize], values: Vec<redis::Value>| {
+        let mut values = values.into_iter();
+        Ok(members
+            .iter()
+            .map(|&i| {
+                let value = if cluster { values.next() } else { None };
+                targets[i].as_ref()?;
+                let value = value.or_else(|| values.next())?;
+                redis::from_redis_value::<String>(value).ok()?.parse().ok()
+            })
+            .collect())
+    };
+    commands.batch(keys.len(), build, decode).await
 }
 
 /// Publishes to wsrelay (and ws4redis) subscribers through Redis.

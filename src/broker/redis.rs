@@ -128,6 +128,11 @@ impl Link {
             .redis_node_connected
             .with_label_values(&[node])
             .set(1);
+        // Shown from the start, at 0.
+        self.metrics
+            .redis_node_reconnects
+            .with_label_values(&[node])
+            .inc_by(0);
         self.node_keys(node, keys);
         // unwrap: see `set`.
         let mut state = self.state.lock().unwrap();
@@ -339,16 +344,24 @@ impl RedisBroker {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let names: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
-        let values: Vec<Option<Vec<u8>>> = self
+        let build = |members: &[usize]| {
+            let mut mget = redis::cmd("MGET");
+            for &i in members {
+                mget.arg(&*keys[i]);
+            }
+            let mut pipe = redis::pipe();
+            pipe.add_command(mget);
+            pipe
+        };
+        // A pipeline of one MGET answers one array.
+        let decode = |_: &[usize], values: Vec<redis::Value>| {
+            let values = values.into_iter().next().unwrap_or(redis::Value::Nil);
+            redis::from_redis_value::<Vec<Option<Vec<u8>>>>(values)
+                .map_err(|e| redis::RedisError::from((redis::ErrorKind::Client, "MGET", e.to_string())))
+        };
+        let values = self
             .commands
-            .per_group(keys.len(), &names, |mut conn, members| {
-                let mut mget = redis::cmd("MGET");
-                for i in members {
-                    mget.arg(&*keys[i]);
-                }
-                async move { mget.query_async(&mut conn).await }
-            })
+            .batch(keys.len(), build, decode)
             .await
             .map_err(unavailable)?;
         Ok(values.into_iter().map(|v| v.map(Bytes::from)).collect())

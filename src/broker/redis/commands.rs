@@ -1,9 +1,11 @@
 //! The command side of the Redis broker, whatever the topology: one Redis, a Redis
 //! Cluster, or the master that Sentinel names.
 //!
-//! Callers hand a batch of keys; in a cluster the batch is split by slot (a transaction
-//! or a pipeline cannot span slots) and the groups run concurrently, so a publication
-//! to several keys is atomic per key there, not across keys. With Sentinel, an error
+//! Callers hand a batch of keys; outside a cluster it is one pipeline (a transaction
+//! for a publication), in a cluster one command per key, concurrently (a transaction
+//! cannot span slots, and the cluster connection only follows `MOVED` for single
+//! commands), so a publication to several keys is atomic per key there, not across
+//! keys. With Sentinel, an error
 //! that says the master is gone or demoted (a broken link, `READONLY`) makes the next
 //! command ask the sentinels again.
 
@@ -17,7 +19,6 @@ use redis::cluster_async::ClusterConnection;
 use tokio::sync::OnceCell;
 use tokio::time::timeout;
 
-use super::slots::slot;
 use super::OP_TIMEOUT;
 use crate::config::{PubSub, SentinelConfig};
 
@@ -100,21 +101,8 @@ impl Commands {
         }
     }
 
-    /// Indexes of `keys` grouped so that each group can share one transaction or
-    /// pipeline: by slot in a cluster, else all together. Order within a group is kept.
-    pub fn groups<K: AsRef<[u8]>>(&self, keys: &[K]) -> Vec<Vec<usize>> {
-        if !matches!(self, Commands::Cluster(_)) {
-            return vec![(0..keys.len()).collect()];
-        }
-        let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
-        for (i, key) in keys.iter().enumerate() {
-            let s = slot(key.as_ref());
-            match groups.iter_mut().find(|(g, _)| *g == s) {
-                Some((_, members)) => members.push(i),
-                None => groups.push((s, vec![i])),
-            }
-        }
-        groups.into_iter().map(|(_, members)| members).collect()
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Commands::Cluster(_))
     }
 
     /// A connection to run commands on.
@@ -128,8 +116,9 @@ impl Commands {
     }
 
     /// Runs `op` on a connection; with Sentinel, an answer that says the master moved
-    /// makes the next command ask the sentinels, and a refused write (`READONLY`: it
-    /// was not applied) is tried once more on the new master.
+    /// makes the next command ask the sentinels, and a refused write (`READONLY`, or
+    /// `NOREPLICAS` from a master fenced by `min-replicas-to-write`: it was not applied)
+    /// is tried once more on the master the sentinels name then.
     pub async fn run<T, F, Fut>(&self, op: F) -> redis::RedisResult<T>
     where
         F: Fn(Conn) -> Fut,
@@ -142,7 +131,7 @@ impl Commands {
         match result {
             Err(e) if master_moved(&e) => {
                 s.forget();
-                if e.code() == Some("READONLY") {
+                if matches!(e.code(), Some("READONLY" | "NOREPLICAS")) {
                     return op(self.conn().await?).await;
                 }
                 Err(e)
@@ -151,35 +140,50 @@ impl Commands {
         }
     }
 
-    /// Runs `op` on each group of `keys` (see [`Commands::groups`]) concurrently; the
-    /// answers come back in the order of `keys`.
-    pub async fn per_group<T, F, Fut>(&self, count: usize, keys: &[&[u8]], op: F) -> redis::RedisResult<Vec<T>>
+    /// Runs a batch over `count` keys: outside a cluster, `build(all indexes)` as one
+    /// pipeline (one round trip; atomic if the pipeline says so); in a cluster, each key
+    /// on its own, concurrently, `build(&[i])` holding exactly one command (the cluster
+    /// connection follows `MOVED`/`ASK` and learns the new slot map only for single
+    /// commands). `decode` turns each pipeline's answers into one `T` per key.
+    pub async fn batch<T, B, D>(&self, count: usize, build: B, decode: D) -> redis::RedisResult<Vec<T>>
     where
-        F: Fn(Conn, Vec<usize>) -> Fut,
-        Fut: Future<Output = redis::RedisResult<Vec<T>>>,
+        B: Fn(&[usize]) -> redis::Pipeline,
+        D: Fn(&[usize], Vec<redis::Value>) -> redis::RedisResult<Vec<T>>,
     {
-        debug_assert_eq!(count, keys.len());
-        let groups = self.groups(keys);
+        let groups: Vec<Vec<usize>> = if self.is_cluster() {
+            (0..count).map(|i| vec![i]).collect()
+        } else {
+            vec![(0..count).collect()]
+        };
+        let cluster = self.is_cluster();
         let answers = try_join_all(groups.iter().map(|members| {
-            let op = &op;
-            let members = members.clone();
-            self.run(move |conn| op(conn, members.clone()))
+            let pipe = build(members);
+            self.run(move |mut conn| {
+                let pipe = pipe.clone();
+                async move {
+                    match pipe.cmd_iter().next() {
+                        Some(cmd) if cluster => {
+                            let value: redis::Value = cmd.query_async(&mut conn).await?;
+                            Ok(vec![value])
+                        }
+                        _ => pipe.query_async::<Vec<redis::Value>>(&mut conn).await,
+                    }
+                }
+            })
         }))
         .await?;
-        let mut ordered: Vec<Option<T>> = (0..count).map(|_| None).collect();
-        for (members, answers) in groups.into_iter().zip(answers) {
-            if answers.len() != members.len() {
-                return Err(redis::RedisError::from((
-                    redis::ErrorKind::Client,
-                    "one answer per key",
-                )));
-            }
-            for (i, answer) in members.into_iter().zip(answers) {
-                ordered[i] = Some(answer);
-            }
+        let mut all = Vec::with_capacity(count);
+        for (members, values) in groups.iter().zip(answers) {
+            all.extend(decode(members, values)?);
         }
-        // Every index is in exactly one group.
-        Ok(ordered.into_iter().flatten().collect())
+        // Groups are in key order (one group, or one per key in order).
+        if all.len() != count {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "one answer per key",
+            )));
+        }
+        Ok(all)
     }
 }
 
@@ -214,7 +218,13 @@ pub struct SentinelMaster {
     sentinels: Vec<redis::Client>,
     config: SentinelConfig,
     current: Mutex<Option<(String, ConnectionManager)>>,
+    /// When the sentinels were last asked (see [`SentinelMaster::conn`]).
+    asked: Mutex<Option<tokio::time::Instant>>,
 }
+
+/// How often a busy command side asks the sentinels whether the master changed: a
+/// failover that demotes the old master gracefully gives no error to notice.
+const RECHECK: Duration = Duration::from_secs(1);
 
 impl SentinelMaster {
     pub fn new(config: &SentinelConfig) -> redis::RedisResult<SentinelMaster> {
@@ -227,6 +237,7 @@ impl SentinelMaster {
             sentinels,
             config: config.clone(),
             current: Mutex::new(None),
+            asked: Mutex::new(None),
         })
     }
 
@@ -298,7 +309,8 @@ impl SentinelMaster {
         Ok(())
     }
 
-    async fn conn(&self) -> redis::RedisResult<ConnectionManager> {
+    async fn conn(self: &Arc<Self>) -> redis::RedisResult<ConnectionManager> {
+        self.recheck();
         // unwrap: see `current_addr`. The lock is not held across the await below.
         if let Some((_, conn)) = self.current.lock().unwrap().as_ref() {
             return Ok(conn.clone());
@@ -312,11 +324,32 @@ impl SentinelMaster {
     }
 }
 
+impl SentinelMaster {
+    /// At most every [`RECHECK`], asks the sentinels aside and follows a new master.
+    fn recheck(self: &Arc<Self>) {
+        let now = tokio::time::Instant::now();
+        {
+            // unwrap: nothing panics while `asked` is locked.
+            let mut asked = self.asked.lock().unwrap();
+            if asked.is_some_and(|at| now.duration_since(at) < RECHECK) {
+                return;
+            }
+            *asked = Some(now);
+        }
+        let master = self.clone();
+        tokio::spawn(async move {
+            if let Ok((addr, client)) = master.resolve().await {
+                let _ = master.adopt(&addr, &client);
+            }
+        });
+    }
+}
+
 /// An error after which the master should be asked for again.
 fn master_moved(e: &redis::RedisError) -> bool {
     e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_timeout()
-        || e.code() == Some("READONLY")
+        || matches!(e.code(), Some("READONLY" | "NOREPLICAS"))
 }

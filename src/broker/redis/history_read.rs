@@ -64,7 +64,7 @@ return {stored, 1, deleted, generated, first, entries, 0}
 ";
 
 /// What each key gives (see [`crate::broker::Broker::catch_up`]), in one round trip
-/// per slot group (one in all outside a cluster): `GET` for a key without history,
+/// (one per key in a cluster): `GET` for a key without history,
 /// [`READ_HISTORY`] for one with.
 pub async fn catch_up(
     commands: &Commands,
@@ -78,31 +78,31 @@ pub async fn catch_up(
     }
     let after = |i: usize| after.get(i).copied().flatten();
     let bounds: Vec<Option<History>> = keys.iter().map(|k| retention.of(k)).collect();
-    let names: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
-    let replies = commands
-        .per_group(keys.len(), &names, |mut conn, members| {
-            let mut pipe = redis::pipe();
-            for i in members {
-                let key = &keys[i];
-                match bounds[i] {
-                    Some(bounds) => {
-                        let from = after(i).map_or_else(String::new, |id| id.to_string());
-                        pipe.cmd("EVAL")
-                            .arg(READ_HISTORY)
-                            .arg(2)
-                            .arg(retention.keys().history(key))
-                            .arg(&**key)
-                            .arg(from)
-                            .arg(bounds.len + 1)
-                            .arg(budget);
-                    }
-                    None => {
-                        pipe.get(&**key);
-                    }
+    let build = |members: &[usize]| {
+        let mut pipe = redis::pipe();
+        for &i in members {
+            let key = &keys[i];
+            match bounds[i] {
+                Some(bounds) => {
+                    let from = after(i).map_or_else(String::new, |id| id.to_string());
+                    pipe.cmd("EVAL")
+                        .arg(READ_HISTORY)
+                        .arg(2)
+                        .arg(retention.keys().history(key))
+                        .arg(&**key)
+                        .arg(from)
+                        .arg(bounds.len + 1)
+                        .arg(budget);
+                }
+                None => {
+                    pipe.get(&**key);
                 }
             }
-            async move { pipe.query_async::<Vec<redis::Value>>(&mut conn).await }
-        })
+        }
+        pipe
+    };
+    let replies = commands
+        .batch(keys.len(), build, |_, values| Ok(values))
         .await
         .map_err(unavailable)?;
     replies
