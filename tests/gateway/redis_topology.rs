@@ -485,7 +485,7 @@ impl RedisCluster {
     async fn view(&self) -> Vec<NodeLine> {
         let mut last = String::new();
         for port in self.live_ports() {
-            match query::<String>(port, &redis::cmd("CLUSTER").arg("NODES")).await {
+            match query::<String>(port, redis::cmd("CLUSTER").arg("NODES")).await {
                 Ok(text) => return parse_nodes(&text),
                 Err(e) => last = e.to_string(),
             }
@@ -569,13 +569,13 @@ impl RedisCluster {
             async move {
                 let mut agreed = None;
                 for &port in live {
-                    let info: String = query(port, &redis::cmd("CLUSTER").arg("INFO"))
+                    let info: String = query(port, redis::cmd("CLUSTER").arg("INFO"))
                         .await
                         .map_err(|e| format!("{port}: {e}"))?;
                     if !info.contains("cluster_state:ok") {
                         return Err(format!("{port}: cluster_state not ok"));
                     }
-                    let text: String = query(port, &redis::cmd("CLUSTER").arg("NODES"))
+                    let text: String = query(port, redis::cmd("CLUSTER").arg("NODES"))
                         .await
                         .map_err(|e| format!("{port}: {e}"))?;
                     let view = parse_nodes(&text);
@@ -612,7 +612,7 @@ impl RedisCluster {
             let live = &live;
             async move {
                 for &port in live {
-                    let info: String = query(port, &redis::cmd("CLUSTER").arg("INFO"))
+                    let info: String = query(port, redis::cmd("CLUSTER").arg("INFO"))
                         .await
                         .map_err(|e| format!("{port}: {e}"))?;
                     if !info.contains("cluster_state:ok")
@@ -623,7 +623,7 @@ impl RedisCluster {
                             info.lines().take(3).collect::<Vec<_>>().join(" ")
                         ));
                     }
-                    let text: String = query(port, &redis::cmd("CLUSTER").arg("NODES"))
+                    let text: String = query(port, redis::cmd("CLUSTER").arg("NODES"))
                         .await
                         .map_err(|e| format!("{port}: {e}"))?;
                     let view = parse_nodes(&text);
@@ -638,7 +638,7 @@ impl RedisCluster {
                     }
                     let me = view.iter().find(|n| n.is("myself")).ok_or("no myself")?;
                     if me.is("slave") {
-                        let info: String = query(port, &redis::cmd("INFO").arg("replication"))
+                        let info: String = query(port, redis::cmd("INFO").arg("replication"))
                             .await
                             .map_err(|e| format!("{port}: {e}"))?;
                         if !info.contains("master_link_status:up") {
@@ -718,7 +718,7 @@ impl RedisCluster {
                 let live = &live;
                 async move {
                     for &port in live {
-                        let text: String = query(port, &redis::cmd("CLUSTER").arg("NODES"))
+                        let text: String = query(port, redis::cmd("CLUSTER").arg("NODES"))
                             .await
                             .map_err(|e| e.to_string())?;
                         let owner = parse_nodes(&text)
@@ -839,6 +839,18 @@ impl RedisSentinel {
             args,
             dir.join(format!("redis-{replica_port}.log")),
         );
+        // The sentinels find the replica in the master's INFO, which they read every 10 s:
+        // start them once the replica is there, so that the first read finds it.
+        until("the replica is in sync", || async move {
+            let info: String = query(replica_port, redis::cmd("INFO").arg("replication"))
+                .await
+                .map_err(|e| e.to_string())?;
+            match info.contains("master_link_status:up") {
+                true => Ok(()),
+                false => Err("not in sync".into()),
+            }
+        })
+        .await;
         let sentinels = (0..3)
             .map(|_| {
                 let port = free_port();
@@ -873,7 +885,7 @@ impl RedisSentinel {
             || {
                 let sentinel_ports = &sentinel_ports;
                 async move {
-                    let info: String = query(replica_port, &redis::cmd("INFO").arg("replication"))
+                    let info: String = query(replica_port, redis::cmd("INFO").arg("replication"))
                         .await
                         .map_err(|e| e.to_string())?;
                     if !info.contains("master_link_status:up") {
