@@ -528,6 +528,14 @@ fn numbered<'m>(data: &'m str, tags: &[&str]) -> Option<(&'m str, u64)> {
     })
 }
 
+/// The first and last few of `names`.
+fn summary(names: &[&str]) -> String {
+    match names.len() {
+        0..=12 => names.join(" "),
+        n => format!("{} … {}", names[..6].join(" "), names[n - 6..].join(" ")),
+    }
+}
+
 /// Checks every socket against the log: each acknowledged publication arrived once,
 /// with the id it was acknowledged with; a failed one at most once; each publisher's
 /// messages in the order it made them; ids rising; the socket open; no gap or reset.
@@ -573,17 +581,29 @@ fn check(sockets: &[Arc<Mutex<Seen>>], log: &Log, tags: &[&str]) {
                 last_id = Some(id);
             }
         }
+        let (mut lost, mut repeated) = (Vec::new(), Vec::new());
         for (data, outcome) in &log.attempts {
             let n = count.get(data.as_str()).copied().unwrap_or(0);
             match outcome {
-                Outcome::Acked(_) if n != 1 => {
-                    problems.push(format!("socket {i}: acknowledged {data} arrived {n} times"))
-                }
-                Outcome::Failed(_) if n > 1 => {
-                    problems.push(format!("socket {i}: failed {data} arrived {n} times"))
-                }
+                Outcome::Acked(_) if n == 0 => lost.push(data.as_str()),
+                Outcome::Acked(_) if n > 1 => repeated.push(data.as_str()),
+                Outcome::Failed(_) if n > 1 => repeated.push(data.as_str()),
                 _ => {}
             }
+        }
+        if !lost.is_empty() {
+            problems.push(format!(
+                "socket {i}: {} acknowledged publications never arrived: {}",
+                lost.len(),
+                summary(&lost)
+            ));
+        }
+        if !repeated.is_empty() {
+            problems.push(format!(
+                "socket {i}: {} publications arrived more than once: {}",
+                repeated.len(),
+                summary(&repeated)
+            ));
         }
     }
     let failed: Vec<String> = log
@@ -600,7 +620,7 @@ fn check(sockets: &[Arc<Mutex<Seen>>], log: &Log, tags: &[&str]) {
         failed.len(),
         &failed[..failed.len().min(10)]
     );
-    problems.truncate(20);
+    problems.truncate(30);
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
