@@ -9,7 +9,9 @@
 //! `Origin` and the limits; `authorize` the authorization callback under each identity
 //! source; `operations` systemd units, readiness, metrics and drains;
 //! `nginx` the shipped nginx site in front of one and two gateways; `demo` the demo
-//! page's publish route.
+//! page's publish route; `redis_topology` the Redis Cluster and Sentinel sets the tests
+//! start, and `scaling` the gateway on them (sharded and classic pub/sub, failovers,
+//! resharding, two gateways on one cluster).
 
 mod access;
 mod authorize;
@@ -30,6 +32,8 @@ mod on_redis;
 mod operations;
 mod outage;
 mod python;
+mod redis_topology;
+mod scaling;
 mod transports;
 mod wire;
 
