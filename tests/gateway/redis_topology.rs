@@ -142,6 +142,17 @@ where
 // ---------------------------------------------------------------------------------------
 // Processes
 
+/// A free port whose cluster bus port (the port + 10000) is free too.
+fn cluster_port() -> u16 {
+    for _ in 0..100 {
+        let port = free_port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port with a free cluster bus port");
+}
+
 /// A `redis-server` of a topology, started with `args`, logging to `log`.
 struct Server {
     port: u16,
@@ -362,7 +373,7 @@ impl RedisCluster {
         let dir = TempDir::new("cluster");
         let servers: Vec<Server> = (0..6)
             .map(|_| {
-                let port = free_port();
+                let port = cluster_port();
                 let d = dir.to_string_lossy().into_owned();
                 let args = vec![
                     "--bind".into(),
@@ -381,6 +392,10 @@ impl RedisCluster {
                     "no".into(),
                     // A replica's first sync starts at once (the default waits 5 s).
                     "--repl-diskless-sync-delay".into(),
+                    "0".into(),
+                    // A replica may be promoted however long ago it last heard from its
+                    // master (a restarted node would otherwise never be).
+                    "--cluster-replica-validity-factor".into(),
                     "0".into(),
                     "--dir".into(),
                     d,
@@ -818,6 +833,13 @@ impl RedisSentinel {
                 "no".into(),
                 "--repl-diskless-sync-delay".into(),
                 "0".into(),
+                // Fencing, as the README recommends for Sentinel: a master that lost its
+                // replica (promoted away from it) refuses writes instead of taking ones
+                // that the failover throws away.
+                "--min-replicas-to-write".into(),
+                "1".into(),
+                "--min-replicas-max-lag".into(),
+                "2".into(),
                 "--dir".into(),
                 d.clone(),
             ]

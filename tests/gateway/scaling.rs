@@ -87,10 +87,10 @@ async fn cluster_publisher(
 ) -> Result<RedisPublisher, PublishError> {
     let seeds: Vec<&str> = seeds.iter().map(String::as_str).collect();
     let pubsub = match mode {
-        Mode::Sharded => wsrelay::config::PubSub::Sharded, // needs core
-        Mode::Classic => wsrelay::config::PubSub::Classic, // needs core
+        Mode::Sharded => wsrelay::config::PubSub::Sharded,
+        Mode::Classic => wsrelay::config::PubSub::Classic,
     };
-    let publisher = RedisPublisher::connect_cluster(&seeds, prefix, pubsub).await?; // needs core
+    let publisher = RedisPublisher::connect_cluster(&seeds, prefix, pubsub).await?;
     Ok(publisher.with_facilities(rules()))
 }
 
@@ -101,7 +101,7 @@ async fn sentinel_publisher(
     prefix: Option<&str>,
 ) -> Result<RedisPublisher, PublishError> {
     let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
-    let publisher = RedisPublisher::connect_sentinel(master, &nodes, prefix).await?; // needs core
+    let publisher = RedisPublisher::connect_sentinel(master, &nodes, prefix).await?;
     Ok(publisher.with_facilities(rules()))
 }
 
