@@ -2,13 +2,15 @@
 //! pytest suite runs in the Django virtual environment (`target/django-venv`, see
 //! `django_site`), with a gateway in this process on a Redis of its own, both with a key
 //! prefix, so the Python `RedisPublisher` is checked to write exactly the keys the
-//! gateway reads.
+//! gateway reads; and with the shared Redis Cluster and a Sentinel set of its own, for
+//! the publisher's other topologies.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::harness::{Gateway, RedisServer, TempDir, TOKEN};
+use crate::redis_topology::{RedisCluster, RedisSentinel};
 
 /// The whole pytest run; it takes a few seconds.
 const PYTEST_LIMIT: Duration = Duration::from_secs(300);
@@ -26,6 +28,10 @@ async fn pytest_suite() {
         &[("redis__url", &url), ("redis__prefix", PREFIX)],
     );
     gw.wait_health(200).await;
+    // The publisher's cluster and Sentinel tests (python/tests/test_cluster.py,
+    // test_sentinel.py) publish on these and read back with Redis's own pub/sub.
+    let cluster = RedisCluster::shared().await;
+    let sentinel = RedisSentinel::start().await;
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = TempDir::new("pytest");
@@ -48,6 +54,9 @@ async fn pytest_suite() {
         .env("WSRELAY_TEST_GATEWAY", gw.addr.to_string())
         .env("WSRELAY_TEST_TOKEN", TOKEN)
         .env("WSRELAY_TEST_PREFIX", PREFIX)
+        .env("WSRELAY_TEST_CLUSTER_SEEDS", cluster.seeds())
+        .env("WSRELAY_TEST_SENTINEL_NODES", sentinel.nodes())
+        .env("WSRELAY_TEST_SENTINEL_MASTER", sentinel.master_name())
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(std::fs::File::create(out.join("stderr.log")).unwrap())
