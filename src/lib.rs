@@ -28,8 +28,9 @@
 //!   frames, bounded in bytes.
 //! - [`worker`]: one per worker thread: its sockets' fan-out and timing [`wheel`].
 //! - [`registry`]: key → workers, and the ordered log of subscription changes.
-//! - [`broker`]: Redis (one pub/sub + one command connection per process) or the
-//!   embedded in-memory broker.
+//! - [`broker`]: Redis (one Redis, Sentinel's master, or a Redis Cluster: one command
+//!   side, and one pub/sub link per process, or per master with sharded pub/sub) or
+//!   the embedded in-memory broker.
 //! - [`publisher`]: [`RedisPublisher`], for Rust web applications that publish.
 //! - [`ratelog`]: log lines rate-limited per reason (refused sockets, mistyped flags).
 //! - [`metrics`]: Prometheus metrics at `/metrics`, summarised by `/health`.
@@ -40,11 +41,16 @@
 //! # Data path
 //!
 //! ```text
-//! Redis ──(one pub/sub connection)──► broker::redis::Subscriber ──► broker::Inlet
-//!   keys, and the id channels of keys      pairs each history id with its payload;
-//!   with history                           after a lost link, replays what every
-//!                                          live key missed (history::CatchUp)
-//!                                          (max_publication_size, heartbeat filter)
+//! Redis ──(pub/sub: one link per process, ──► broker::redis::Subscriber (classic),
+//!   or one per master of a sharded cluster)     or sharded::ShardedSubscriber
+//!   keys, and the id channels of keys           relay::Relay pairs each history id with
+//!   with history                                its payload; after a lost link or a moved
+//!                                               key, replays what it missed
+//!                                               (history::CatchUp)
+//!                                                       │
+//!                                                       ▼
+//!                                          broker::Inlet (max_publication_size,
+//!                                          heartbeat filter)
 //!                                                       │ key, payload, id
 //!                                                       ▼
 //!                              Registry::dispatch: ids already relayed dropped;

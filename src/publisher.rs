@@ -25,9 +25,9 @@
 //! # }
 //! ```
 
-use bytes::Bytes;
 use crate::broker::redis::commands::{Commands, SentinelMaster};
 use crate::config::{PubSub, SentinelConfig};
+use bytes::Bytes;
 
 use crate::channel::{validate_name, Audience, KeySpace, NameError, NameKind, DEFAULT_EXPIRE};
 use crate::facility::{Facilities, FacilityRule};
@@ -289,7 +289,13 @@ impl RedisPublisher {
         let keys = to.keys(self.retention.keys());
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let expire = expire.unwrap_or(self.expire);
-        let ids = publish_keys(&self.commands, &self.retention, &keys, message.as_ref(), expire);
+        let ids = publish_keys(
+            &self.commands,
+            &self.retention,
+            &keys,
+            message.as_ref(),
+            expire,
+        );
         Ok(ids.await?)
     }
 

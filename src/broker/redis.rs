@@ -136,12 +136,15 @@ impl Link {
         self.node_keys(node, keys);
         // unwrap: see `set`.
         let mut state = self.state.lock().unwrap();
-        state.nodes.entry(node.to_string()).or_insert_with(|| NodeStatus {
-            node: node.to_string(),
-            connected: true,
-            subscribed_keys: keys,
-            reconnects: 0,
-        });
+        state
+            .nodes
+            .entry(node.to_string())
+            .or_insert_with(|| NodeStatus {
+                node: node.to_string(),
+                connected: true,
+                subscribed_keys: keys,
+                reconnects: 0,
+            });
         if let Some(status) = state.nodes.get_mut(node) {
             status.connected = true;
             status.subscribed_keys = keys;
@@ -333,8 +336,7 @@ impl RedisBroker {
             // The first command after Redis came back fails on the old connection, and
             // the manager reconnects: a read is safe to repeat once.
             Err(_) => {
-                history_read::catch_up(&self.commands, &self.retention, keys, after, budget)
-                    .await
+                history_read::catch_up(&self.commands, &self.retention, keys, after, budget).await
             }
             done => done,
         }
@@ -356,8 +358,9 @@ impl RedisBroker {
         // A pipeline of one MGET answers one array.
         let decode = |_: &[usize], values: Vec<redis::Value>| {
             let values = values.into_iter().next().unwrap_or(redis::Value::Nil);
-            redis::from_redis_value::<Vec<Option<Vec<u8>>>>(values)
-                .map_err(|e| redis::RedisError::from((redis::ErrorKind::Client, "MGET", e.to_string())))
+            redis::from_redis_value::<Vec<Option<Vec<u8>>>>(values).map_err(|e| {
+                redis::RedisError::from((redis::ErrorKind::Client, "MGET", e.to_string()))
+            })
         };
         let values = self
             .commands
@@ -431,7 +434,11 @@ impl Source {
     /// Reads of a recovery: on a connection just made to the node that has the data
     /// (the command connection may still be the one that failed with the link), or
     /// through the cluster's own routing.
-    async fn reader(&self, client: &redis::Client, commands: &Commands) -> Result<Commands, String> {
+    async fn reader(
+        &self,
+        client: &redis::Client,
+        commands: &Commands,
+    ) -> Result<Commands, String> {
         if matches!(commands, Commands::Cluster(_)) {
             return Ok(commands.clone());
         }
@@ -553,10 +560,15 @@ impl Subscriber {
         in_chunks(&mut sink, true, &channels)
             .await
             .map_err(Failure::Connect)?;
-        info!("redis: pub/sub connected to {node}, {} keys subscribed", keys.len());
+        info!(
+            "redis: pub/sub connected to {node}, {} keys subscribed",
+            keys.len()
+        );
         self.subscribed = keys.len();
         self.link.node_up(&node, keys.len());
-        let served = self.relay_until_lost(&client, &node, &mut sink, &mut stream).await;
+        let served = self
+            .relay_until_lost(&client, &node, &mut sink, &mut stream)
+            .await;
         if served.is_err() {
             self.link.node_down(&node, true);
         }

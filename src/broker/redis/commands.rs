@@ -31,7 +31,10 @@ pub enum Conn {
 }
 
 impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
         match self {
             Conn::Manager(c) => c.req_packed_command(cmd),
             Conn::Direct(c) => c.req_packed_command(cmd),
@@ -145,7 +148,12 @@ impl Commands {
     /// on its own, concurrently, `build(&[i])` holding exactly one command (the cluster
     /// connection follows `MOVED`/`ASK` and learns the new slot map only for single
     /// commands). `decode` turns each pipeline's answers into one `T` per key.
-    pub async fn batch<T, B, D>(&self, count: usize, build: B, decode: D) -> redis::RedisResult<Vec<T>>
+    pub async fn batch<T, B, D>(
+        &self,
+        count: usize,
+        build: B,
+        decode: D,
+    ) -> redis::RedisResult<Vec<T>>
     where
         B: Fn(&[usize]) -> redis::Pipeline,
         D: Fn(&[usize], Vec<redis::Value>) -> redis::RedisResult<Vec<T>>,
@@ -261,7 +269,9 @@ impl SentinelMaster {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)));
-        let mut conn = sentinel.get_multiplexed_async_connection_with_config(&config).await?;
+        let mut conn = sentinel
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
         let (host, port): (String, u16) = redis::cmd("SENTINEL")
             .arg("get-master-addr-by-name")
             .arg(&self.config.master)
@@ -271,11 +281,16 @@ impl SentinelMaster {
         let url = format!("redis://{host}:{port}/{}", self.config.db);
         let mut info = redis::IntoConnectionInfo::into_connection_info(url.as_str())?;
         if let Some(password) = &self.config.password {
-            let settings = info.redis_settings().clone().set_password(password.expose());
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_password(password.expose());
             info = info.set_redis_settings(settings);
         }
         let client = redis::Client::open(info)?;
-        let mut master = client.get_multiplexed_async_connection_with_config(&config).await?;
+        let mut master = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
         let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut master).await?;
         match role.first() {
             Some(redis::Value::BulkString(r)) if r == b"master" => Ok((addr, client)),
@@ -289,7 +304,11 @@ impl SentinelMaster {
     /// The address of the current master, if one is known.
     pub fn current_addr(&self) -> Option<String> {
         // unwrap: nothing panics while `current` is locked.
-        self.current.lock().unwrap().as_ref().map(|(a, _)| a.clone())
+        self.current
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|(a, _)| a.clone())
     }
 
     /// Forgets the master: the next command asks the sentinels.

@@ -161,7 +161,8 @@ impl ShardedSubscriber {
                 }
                 outcome => {
                     if let Err(reason) = outcome {
-                        self.link.set(Err(format!("redis cluster unavailable: {reason}")));
+                        self.link
+                            .set(Err(format!("redis cluster unavailable: {reason}")));
                         debug!("redis: cluster not reconciled: {reason}");
                     }
                     retry_at = Instant::now() + backoff;
@@ -256,7 +257,10 @@ impl ShardedSubscriber {
                 .redis_resubscribes
                 .with_label_values(&[reason.label()])
                 .inc_by(*n);
-            info!("redis: {n} keys subscribed again on their new master ({})", reason.label());
+            info!(
+                "redis: {n} keys subscribed again on their new master ({})",
+                reason.label()
+            );
         }
         if self.to_recover.is_empty() {
             return Ok(());
@@ -301,7 +305,10 @@ impl ShardedSubscriber {
             let config = redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(2)))
                 .set_response_timeout(Some(OP_TIMEOUT));
-            match seed.get_multiplexed_async_connection_with_config(&config).await {
+            match seed
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+            {
                 Ok(mut conn) => match slots_of(&mut conn).await {
                     Ok(map) => return Ok(map),
                     Err(e) => last = e,
@@ -391,7 +398,9 @@ impl ShardedSubscriber {
                         }
                     }
                     // The map was stale: the next reconcile reads it again.
-                    Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::Moved) => {
+                    Err(e)
+                        if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::Moved) =>
+                    {
                         moved.push(key.clone())
                     }
                     Err(e) => return Err(e.to_string()),
