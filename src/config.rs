@@ -877,6 +877,44 @@ mod tests {
     }
 
     #[test]
+    fn one_redis_topology_is_chosen() {
+        let c = load(&[(
+            "WSRELAY__REDIS__CLUSTER",
+            "redis://127.0.0.1:7000, redis://127.0.0.1:7001",
+        )])
+        .unwrap();
+        match c.topology() {
+            Some(Topology::Cluster { seeds, pubsub }) => {
+                assert_eq!(seeds, ["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"]);
+                assert_eq!(pubsub, PubSub::Sharded);
+            }
+            other => panic!("not a cluster: {other:?}"),
+        }
+        assert!(!c.demo_enabled());
+        let c = load(&[
+            ("WSRELAY__REDIS__SENTINEL__MASTER", "mymaster"),
+            ("WSRELAY__REDIS__SENTINEL__NODES", "redis://127.0.0.1:26379"),
+        ])
+        .unwrap();
+        assert!(matches!(c.topology(), Some(Topology::Sentinel(s)) if s.master == "mymaster"));
+        let refused = |vars: &[(&str, &str)]| load(vars).unwrap_err().to_string();
+        let both = refused(&[
+            ("WSRELAY__REDIS__URL", "redis://127.0.0.1/0"),
+            ("WSRELAY__REDIS__CLUSTER", "redis://127.0.0.1:7000"),
+        ]);
+        assert!(both.contains("not several"), "{both}");
+        let pubsub = refused(&[
+            ("WSRELAY__REDIS__URL", "redis://127.0.0.1/0"),
+            ("WSRELAY__REDIS__PUBSUB", "classic"),
+        ]);
+        assert!(pubsub.starts_with("setting `redis.pubsub`"), "{pubsub}");
+        let seed = refused(&[("WSRELAY__REDIS__CLUSTER", "http://x")]);
+        assert!(seed.starts_with("setting `redis.cluster`"), "{seed}");
+        let no_nodes = refused(&[("WSRELAY__REDIS__SENTINEL__MASTER", "m")]);
+        assert!(no_nodes.contains("redis.sentinel.nodes"), "{no_nodes}");
+    }
+
+    #[test]
     fn a_redis_url_that_does_not_parse_is_shown_without_its_password() {
         let err = load(&[("WSRELAY__REDIS__URL", "redis://:sekrit@host:port/0")])
             .unwrap_err()
