@@ -460,7 +460,7 @@ fn stop_process(pid: u32, signal: c_int, mut exited: impl FnMut() -> bool) {
 /// it ends. `PR_SET_PDEATHSIG` is set in the child after it changed user (a change of user
 /// clears it) and fires when the *thread* that forked the child ends, not the process, so
 /// every server is forked by one thread that lives as long as the process.
-fn spawn_tied(mut cmd: Command, signal: c_int) -> io::Result<Child> {
+pub(crate) fn spawn_tied(mut cmd: Command, signal: c_int) -> io::Result<Child> {
     type Request = (Command, mpsc::Sender<io::Result<Child>>);
     static FORKER: OnceLock<mpsc::Sender<Request>> = OnceLock::new();
     let parent = std::process::id();

@@ -14,12 +14,10 @@
 //!
 //! Every wait is bounded; a bound that runs out fails the test. Nothing asserts on timings.
 
-use std::ffi::c_int;
 use std::io;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::time::{sleep, timeout, Instant};
@@ -185,8 +183,8 @@ impl Server {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null());
-        let child =
-            spawn_tied(cmd, libc::SIGKILL).expect("redis-server must be installed (see .ci/run)");
+        let child = crate::databases::spawn_tied(cmd, libc::SIGKILL)
+            .expect("redis-server must be installed (see .ci/run)");
         self.child = Some(child);
     }
 
@@ -224,45 +222,6 @@ impl Drop for Server {
         }
         self.kill();
     }
-}
-
-/// Starts `cmd` so that the kernel sends it `signal` when this test process ends.
-/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child ends (a test's runtime
-/// thread ends with the test), so every server is forked by one thread that lives as long
-/// as the process.
-fn spawn_tied(mut cmd: Command, signal: c_int) -> io::Result<Child> {
-    type Request = (Command, mpsc::Sender<io::Result<Child>>);
-    static FORKER: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
-    let parent = std::process::id();
-    // SAFETY: the closure runs in the child between fork and exec and calls only prctl and
-    // getppid, which are async-signal-safe, and allocates nothing on success.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The test process may have ended before prctl: then nothing would signal us.
-            if libc::getppid() as u32 != parent {
-                return Err(io::Error::other("the test process ended"));
-            }
-            Ok(())
-        });
-    }
-    let forker = FORKER.get_or_init(|| {
-        let (requests, incoming) = mpsc::channel::<Request>();
-        std::thread::Builder::new()
-            .name("redis-forker".into())
-            .spawn(move || {
-                for (mut cmd, reply) in incoming {
-                    let _ = reply.send(cmd.spawn());
-                }
-            })
-            .unwrap();
-        Mutex::new(requests)
-    });
-    let (reply, answer) = mpsc::channel();
-    forker.lock().unwrap().send((cmd, reply)).unwrap();
-    answer.recv().unwrap()
 }
 
 /// The shared cluster's servers and directory: killed and removed when the process exits
