@@ -539,6 +539,30 @@ fn summary(names: &[&str]) -> String {
 /// Checks every socket against the log: each acknowledged publication arrived once,
 /// with the id it was acknowledged with; a failed one at most once; each publisher's
 /// messages in the order it made them; ids rising; the socket open; no gap or reset.
+/// After a disruption: both loops (the Rust publisher's, tagged "r", and the API's,
+/// "a") get 10 more acknowledgements, stop; an "end" marker reaches every socket; then
+/// every acknowledged publication must have arrived once, in order.
+async fn settle(
+    gw: &Gateway,
+    facility: &str,
+    sockets: &[Arc<Mutex<Seen>>],
+    log: &SharedLog,
+    loops: [Loop; 2],
+) {
+    let (r, a) = {
+        let log = log.lock().unwrap();
+        (log.acked("r"), log.acked("a"))
+    };
+    wait_acked(log, "r", r, 10).await;
+    wait_acked(log, "a", a, 10).await;
+    for publishing in loops {
+        publishing.stop().await;
+    }
+    api_publish_eventually(gw.addr, facility, "end").await;
+    wait_all_have(sockets, "end").await;
+    check(sockets, &log.lock().unwrap(), &["r", "a"]);
+}
+
 fn check(sockets: &[Arc<Mutex<Seen>>], log: &Log, tags: &[&str]) {
     let outcomes: HashMap<&str, &Outcome> =
         log.attempts.iter().map(|(m, o)| (m.as_str(), o)).collect();
@@ -905,17 +929,7 @@ async fn resharding_loses_nothing() {
     wait_acked(&log, "a", 0, 5).await;
     cluster.move_slot(slot, &to).await;
     eprintln!("slot {slot} moved from {} to {}", from.addr(), to.addr());
-    let (r, a) = {
-        let log = log.lock().unwrap();
-        (log.acked("r"), log.acked("a"))
-    };
-    wait_acked(&log, "r", r, 10).await;
-    wait_acked(&log, "a", a, 10).await;
-    rust.stop().await;
-    api.stop().await;
-    api_publish_eventually(gw.addr, facility, "end").await;
-    wait_all_have(&sockets, "end").await;
-    check(&sockets, &log.lock().unwrap(), &["r", "a"]);
+    settle(&gw, facility, &sockets, &log, [rust, api]).await;
     wait_metric_positive(&gw, "wsrelay_redis_resubscribes_total{reason=\"moved\"}").await;
     wait_node_connected(&gw, &to, 1).await;
 }
@@ -950,17 +964,7 @@ async fn sentinel_failover_loses_nothing() {
     );
     // Until a sentinel converts it, the old master still takes writes: go on until then.
     set.wait_settled().await;
-    let (r, a) = {
-        let log = log.lock().unwrap();
-        (log.acked("r"), log.acked("a"))
-    };
-    wait_acked(&log, "r", r, 10).await;
-    wait_acked(&log, "a", a, 10).await;
-    rust.stop().await;
-    api.stop().await;
-    api_publish_eventually(gw.addr, facility, "end").await;
-    wait_all_have(&sockets, "end").await;
-    check(&sockets, &log.lock().unwrap(), &["r", "a"]);
+    settle(&gw, facility, &sockets, &log, [rust, api]).await;
     gw.wait_health(200).await;
 }
 
