@@ -718,20 +718,12 @@ impl Config {
             Some(Topology::Single(url)) => redis_url_without_password(&url),
             Some(Topology::Cluster { seeds, pubsub }) => format!(
                 "redis-cluster({}, {pubsub:?} pub/sub)",
-                seeds
-                    .iter()
-                    .map(|s| redis_url_without_password(s))
-                    .collect::<Vec<_>>()
-                    .join(",")
+                urls_without_passwords(&seeds)
             ),
             Some(Topology::Sentinel(s)) => format!(
                 "redis-sentinel(master {:?} via {})",
                 s.master,
-                s.nodes
-                    .iter()
-                    .map(|s| redis_url_without_password(s))
-                    .collect::<Vec<_>>()
-                    .join(",")
+                urls_without_passwords(&s.nodes)
             ),
             None => "embedded in-memory broker".into(),
         };
@@ -746,6 +738,12 @@ impl Config {
             if self.publish_token.is_some() { "on" } else { "off" },
         )
     }
+}
+
+/// Several URLs, comma-separated, each without its password.
+fn urls_without_passwords(urls: &[String]) -> String {
+    let shown: Vec<String> = urls.iter().map(|u| redis_url_without_password(u)).collect();
+    shown.join(",")
 }
 
 /// `redis://:secret@host/0` → `redis://***@host/0`.

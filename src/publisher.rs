@@ -197,10 +197,10 @@ pub async fn publish_keys(
         Ok(members
             .iter()
             .map(|&i| {
-                let value = if cluster { values.next() } else { None };
+                let answered = cluster || targets[i].is_some();
+                let value = if answered { values.next() } else { None };
                 targets[i].as_ref()?;
-                let value = value.or_else(|| values.next())?;
-                redis::from_redis_value::<String>(value).ok()?.parse().ok()
+                redis::from_redis_value::<String>(value?).ok()?.parse().ok()
             })
             .collect())
     };

@@ -124,19 +124,16 @@ impl Link {
 
     /// The link to `node` is up with `keys` keys subscribed.
     fn node_up(&self, node: &str, keys: usize) {
-        self.metrics
-            .redis_node_connected
+        let m = &self.metrics;
+        m.redis_node_connected.with_label_values(&[node]).set(1);
+        m.redis_node_subscribed_keys
             .with_label_values(&[node])
-            .set(1);
+            .set(keys as i64);
         // Shown from the start, at 0.
-        self.metrics
-            .redis_node_reconnects
-            .with_label_values(&[node])
-            .inc_by(0);
-        self.node_keys(node, keys);
+        m.redis_node_reconnects.with_label_values(&[node]).inc_by(0);
         // unwrap: see `set`.
         let mut state = self.state.lock().unwrap();
-        state
+        let status = state
             .nodes
             .entry(node.to_string())
             .or_insert_with(|| NodeStatus {
@@ -145,10 +142,8 @@ impl Link {
                 subscribed_keys: keys,
                 reconnects: 0,
             });
-        if let Some(status) = state.nodes.get_mut(node) {
-            status.connected = true;
-            status.subscribed_keys = keys;
-        }
+        status.connected = true;
+        status.subscribed_keys = keys;
     }
 
     fn node_keys(&self, node: &str, keys: usize) {

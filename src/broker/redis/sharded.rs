@@ -493,16 +493,12 @@ impl ShardedSubscriber {
     }
 
     async fn on_push(&mut self, id: u64, push: PushInfo) {
-        let Some(node) = self
-            .links
-            .iter()
-            .find(|(_, l)| l.id == id)
-            .map(|(n, _)| n.clone())
-        else {
-            return; // A link already dropped.
-        };
         match push.kind {
             PushKind::SMessage | PushKind::Message => {
+                // A link already dropped says nothing any more.
+                if !self.links.values().any(|l| l.id == id) {
+                    return;
+                }
                 let (Some(channel), Some(payload)) = (push.data.first(), push.data.get(1)) else {
                     return;
                 };
@@ -516,7 +512,9 @@ impl ShardedSubscriber {
                 self.relay.relay(pending, channel, payload).await;
             }
             PushKind::SUnsubscribe => {
-                let Some(channel) = push.data.first().and_then(bulk) else {
+                let (Some(node), Some(channel)) =
+                    (self.node_of(id), push.data.first().and_then(bulk))
+                else {
                     return;
                 };
                 let channel = String::from_utf8_lossy(channel);
@@ -540,9 +538,21 @@ impl ShardedSubscriber {
                     self.displaced.insert(key, Reason::Moved);
                 }
             }
-            PushKind::Disconnection => self.drop_link(&node, Reason::Failover, true),
+            PushKind::Disconnection => {
+                if let Some(node) = self.node_of(id) {
+                    self.drop_link(&node, Reason::Failover, true);
+                }
+            }
             _ => {}
         }
+    }
+
+    /// The node of the live link `id`.
+    fn node_of(&self, id: u64) -> Option<String> {
+        self.links
+            .iter()
+            .find(|(_, l)| l.id == id)
+            .map(|(n, _)| n.clone())
     }
 
     /// Every probe tick: each link must answer `PING`, and the slot map must be what
