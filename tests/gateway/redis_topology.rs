@@ -516,6 +516,16 @@ impl RedisCluster {
 
     /// For each master (in [`RedisCluster::masters`] order), a key `key(i)` that hashes to
     /// one of its slots: to spread sockets over all masters.
+    /// Facility names `{stem}{i}`, one whose broadcast key (under `prefix`, as in
+    /// `redis.prefix`) lives on each master.
+    pub async fn facilities_on_each_master(&self, prefix: Option<&str>, stem: &str) -> Vec<String> {
+        let p = prefix.map(|p| format!("{p}:")).unwrap_or_default();
+        let picks = self
+            .index_on_each_master(|i| format!("{p}broadcast:{stem}{i}"))
+            .await;
+        picks.into_iter().map(|i| format!("{stem}{i}")).collect()
+    }
+
     pub async fn key_on_each_master(&self, key: impl Fn(usize) -> String) -> Vec<String> {
         let picks = self.index_on_each_master(&key).await;
         picks.into_iter().map(key).collect()

@@ -662,17 +662,11 @@ async fn sharded_cluster_delivers_from_every_publisher() {
     let masters = cluster.masters().await;
     assert_eq!(masters.len(), 3);
     let plain: Vec<String> = cluster
-        .index_on_each_master(|i| format!("app:broadcast:sharded{i}"))
-        .await
-        .into_iter()
-        .map(|i| format!("sharded{i}"))
-        .collect();
+        .facilities_on_each_master(Some("app"), "sharded")
+        .await;
     let history: Vec<String> = cluster
-        .index_on_each_master(|i| format!("app:broadcast:feed/sharded{i}"))
-        .await
-        .into_iter()
-        .map(|i| format!("feed/sharded{i}"))
-        .collect();
+        .facilities_on_each_master(Some("app"), "feed/sharded")
+        .await;
     let publisher = cluster_publisher(&cluster.seed_list(), Some("app"), Mode::Sharded)
         .await
         .expect("a sharded publisher");
@@ -784,12 +778,7 @@ async fn sharded_cluster_delivers_from_every_publisher() {
 async fn classic_mode_takes_plain_publish() {
     let cluster = RedisCluster::shared().await;
     let gw = cluster_gateway(cluster, Some(Mode::Classic), &[]).await;
-    let facilities: Vec<String> = cluster
-        .index_on_each_master(|i| format!("broadcast:classic{i}"))
-        .await
-        .into_iter()
-        .map(|i| format!("classic{i}"))
-        .collect();
+    let facilities: Vec<String> = cluster.facilities_on_each_master(None, "classic").await;
     let publisher = cluster_publisher(&cluster.seed_list(), None, Mode::Classic)
         .await
         .expect("a classic publisher");
@@ -838,12 +827,7 @@ async fn master_failover_loses_nothing() {
     let slot = slot_of(&key);
     let master = cluster.owner_of_slot(slot).await;
     // A key on another master: its socket is not disturbed.
-    let others: Vec<String> = cluster
-        .index_on_each_master(|i| format!("broadcast:feed/other{i}"))
-        .await
-        .into_iter()
-        .map(|i| format!("feed/other{i}"))
-        .collect();
+    let others: Vec<String> = cluster.facilities_on_each_master(None, "feed/other").await;
     let masters = cluster.masters().await;
     let (other, _) = others
         .iter()
@@ -977,12 +961,7 @@ async fn two_gateways_share_a_cluster() {
         cluster_gateway(cluster, Some(Mode::Sharded), &[]).await,
         cluster_gateway(cluster, Some(Mode::Sharded), &[]).await,
     ];
-    let facilities: Vec<String> = cluster
-        .index_on_each_master(|i| format!("broadcast:pair{i}"))
-        .await
-        .into_iter()
-        .map(|i| format!("pair{i}"))
-        .collect();
+    let facilities: Vec<String> = cluster.facilities_on_each_master(None, "pair").await;
     let publisher = cluster_publisher(&cluster.seed_list(), None, Mode::Sharded)
         .await
         .expect("a sharded publisher");
