@@ -205,17 +205,8 @@ async fn connect_streams(
     base: Instant,
 ) -> (Fleet, f64) {
     let started = Instant::now();
-    let mut fleet = Fleet {
-        seen: Vec::new(),
-        paused: Vec::new(),
-        tasks: Vec::new(),
-        failed: 0,
-        handshake_us: Vec::new(),
-    };
-    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
-    let mut pending = Vec::with_capacity(n);
-    for i in 0..n {
-        let permit = sem.clone().acquire_owned().await.unwrap();
+    let mut fleet = Fleet::default();
+    let opened = open_concurrently(&mut fleet, n, concurrency, "stream", |i| {
         let cookie = cookie(i)
             .map(|c| format!("Cookie: {c}\r\n"))
             .unwrap_or_default();
@@ -223,48 +214,26 @@ async fn connect_streams(
             "GET {} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{cookie}\r\n",
             path(i)
         );
-        pending.push(tokio::spawn(async move {
-            let started = Instant::now();
-            let open = async {
-                let stream = connect_from(addr, i).await?;
-                let mut reader = EventReader::open(stream, &request).await?;
-                let mut buf = [0u8; 2048];
-                let mut subscribed = !wait_subscribed;
-                while !subscribed {
-                    reader.events(|e| {
-                        if let Event::Control(d) = e {
-                            subscribed |= d.windows(12).any(|w| w == b"\"subscribed\"");
-                        }
-                    });
-                    if !subscribed && !reader.fill(&mut buf).await {
-                        return Err("closed before subscribed".to_string());
+        async move {
+            let stream = connect_from(addr, i).await?;
+            let mut reader = EventReader::open(stream, &request).await?;
+            let mut buf = [0u8; 2048];
+            let mut subscribed = !wait_subscribed;
+            while !subscribed {
+                reader.events(|e| {
+                    if let Event::Control(d) = e {
+                        subscribed |= d.windows(12).any(|w| w == b"\"subscribed\"");
                     }
+                });
+                if !subscribed && !reader.fill(&mut buf).await {
+                    return Err("closed before subscribed".to_string());
                 }
-                Ok::<_, String>(reader)
-            };
-            let r = tokio::time::timeout(Duration::from_secs(10), open)
-                .await
-                .unwrap_or_else(|_| Err("stream open timed out (10 s)".into()));
-            drop(permit);
-            (
-                r,
-                started.elapsed().as_micros().min(u32::MAX as u128) as u32,
-            )
-        }));
-    }
-    for (i, p) in pending.into_iter().enumerate() {
-        let (r, took) = p.await.unwrap();
-        fleet.handshake_us.push(took);
-        let mut reader = match r {
-            Ok(reader) => reader,
-            Err(e) => {
-                if fleet.failed == 0 {
-                    println!("    stream {i} failed: {e}");
-                }
-                fleet.failed += 1;
-                continue;
             }
-        };
+            Ok::<_, String>(reader)
+        }
+    })
+    .await;
+    for mut reader in opened {
         let seen = Arc::new(Seen::default());
         let s = seen.clone();
         fleet.tasks.push(tokio::spawn(async move {
@@ -284,10 +253,7 @@ async fn connect_streams(
         fleet.seen.push(seen);
         fleet.paused.push(Arc::new(AtomicBool::new(false)));
     }
-    let rate = fleet.seen.len() as f64 / started.elapsed().as_secs_f64();
-    if fleet.failed > 0 {
-        println!("    {} of {n} streams failed", fleet.failed);
-    }
+    let rate = fleet.opened(n, "stream", started);
     (fleet, rate)
 }
 

@@ -480,6 +480,7 @@ impl Seen {
     }
 }
 
+#[derive(Default)]
 pub struct Fleet {
     pub seen: Vec<Arc<Seen>>,
     /// Sockets whose reader is paused (slow consumers).
@@ -492,6 +493,14 @@ pub struct Fleet {
 }
 
 impl Fleet {
+    /// Openings per second since `started`; says how many of `n` failed, if any.
+    pub fn opened(&self, n: usize, what: &str, started: Instant) -> f64 {
+        if self.failed > 0 {
+            println!("    {} of {n} {what}s failed", self.failed);
+        }
+        self.seen.len() as f64 / started.elapsed().as_secs_f64()
+    }
+
     pub fn total(&self) -> u64 {
         self.seen
             .iter()
@@ -584,43 +593,13 @@ pub async fn connect_fleet(
     base: Instant,
 ) -> (Fleet, f64) {
     let started = Instant::now();
-    let mut fleet = Fleet {
-        seen: Vec::new(),
-        paused: Vec::new(),
-        tasks: Vec::new(),
-        failed: 0,
-        handshake_us: Vec::new(),
-    };
-    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
-    let mut pending = Vec::new();
-    for i in 0..n {
-        let permit = sem.clone().acquire_owned().await.unwrap();
+    let mut fleet = Fleet::default();
+    let opened = open_concurrently(&mut fleet, n, concurrency, "socket", |i| {
         let (u, c) = (url(i), cookie(i));
-        pending.push(tokio::spawn(async move {
-            let started = Instant::now();
-            let r = tokio::time::timeout(Duration::from_secs(10), dial(addr, i, &u, c))
-                .await
-                .unwrap_or_else(|_| Err("handshake timed out (10 s)".into()));
-            drop(permit);
-            (
-                r,
-                started.elapsed().as_micros().min(u32::MAX as u128) as u32,
-            )
-        }));
-    }
-    for (i, p) in pending.into_iter().enumerate() {
-        let (r, took) = p.await.unwrap();
-        fleet.handshake_us.push(took);
-        let mut ws = match r {
-            Ok(ws) => ws,
-            Err(e) => {
-                if fleet.failed == 0 {
-                    println!("    socket {i} failed: {e}");
-                }
-                fleet.failed += 1;
-                continue;
-            }
-        };
+        async move { dial(addr, i, &u, c).await }
+    })
+    .await;
+    for mut ws in opened {
         let seen = Arc::new(Seen::default());
         let paused = Arc::new(AtomicBool::new(false));
         let (s, pz) = (seen.clone(), paused.clone());
@@ -650,11 +629,56 @@ pub async fn connect_fleet(
         fleet.seen.push(seen);
         fleet.paused.push(paused);
     }
-    let rate = fleet.seen.len() as f64 / started.elapsed().as_secs_f64();
-    if fleet.failed > 0 {
-        println!("    {} of {n} handshakes failed", fleet.failed);
-    }
+    let rate = fleet.opened(n, "socket", started);
     (fleet, rate)
+}
+
+/// Opens `n` connections with `open(i)`, at most `concurrency` at once, each within
+/// 10 s; records each one's opening time in `fleet.handshake_us` and counts failures in
+/// `fleet.failed` (the first is printed, named `what`). Returns the opened ones, in order.
+pub async fn open_concurrently<T, F, Fut>(
+    fleet: &mut Fleet,
+    n: usize,
+    concurrency: usize,
+    what: &str,
+    open: F,
+) -> Vec<T>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>> + Send + 'static,
+    T: Send + 'static,
+{
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let mut pending = Vec::with_capacity(n);
+    for i in 0..n {
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        let opening = open(i);
+        let timed_out = format!("{what} open timed out (10 s)");
+        pending.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let r = tokio::time::timeout(Duration::from_secs(10), opening)
+                .await
+                .unwrap_or(Err(timed_out));
+            drop(permit);
+            let took = started.elapsed().as_micros().min(u32::MAX as u128) as u32;
+            (r, took)
+        }));
+    }
+    let mut opened = Vec::with_capacity(n);
+    for (i, p) in pending.into_iter().enumerate() {
+        let (r, took) = p.await.unwrap();
+        fleet.handshake_us.push(took);
+        match r {
+            Ok(one) => opened.push(one),
+            Err(e) => {
+                if fleet.failed == 0 {
+                    println!("    {what} {i} failed: {e}");
+                }
+                fleet.failed += 1;
+            }
+        }
+    }
+    opened
 }
 
 /// How messages get to the target.
